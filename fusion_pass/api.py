@@ -1,0 +1,86 @@
+"""``optimize(model)``: the in-place one-liner, and ``report``/``restore`` around it."""
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+from torch import nn
+
+from patterns import select as select_families
+from fusion_pass.capture import capture
+from fusion_pass.install import alias_weight, install, is_installed, restore as _restore
+from fusion_pass.pipeline import empty_report, fuse_graph, record
+from fusion_pass.report import Report
+
+_REPORT_ATTR = "_fusion_pass_report"
+
+
+class NothingFused(RuntimeError):
+    """``strict=True`` and a selected pattern family fused nothing."""
+
+
+def optimize(model: nn.Module, *, patterns: Iterable[str] | None = None, strict: bool = False) -> nn.Module:
+    """Rewrite ``model`` in place to call fused kernels; returns the same object.
+
+    Captures each capturable module's forward (whole model first, else its children),
+    matches the pattern families (all, or those named in ``patterns``), and installs the
+    rewritten forward on the modules where something fused. Parameters, buffers, the
+    module tree and ``state_dict()`` are untouched. Safe to call twice (the second call
+    skips modules already optimized). ``strict=True`` raises :class:`NothingFused` when a
+    selected family found no site. The report is available as ``fusion_pass.report(model)``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize() expects a torch.nn.Module, got {type(model).__name__}")
+    families = _select(patterns)
+    start = time.perf_counter()
+    report = empty_report("optimize", families)
+    captured = capture(model, skip=is_installed)
+    report.already_optimized.extend(captured.skipped)
+    report.uncaptured.extend((u.path, u.reason) for u in captured.uncaptured)
+    for graph in captured.graphs:
+        result = fuse_graph(graph.graph, families, root=graph.module, path=graph.path)
+        record(report, result)
+        if not result.matches:
+            continue
+        report.graphs.append(graph.path or "<root>")
+        install(graph)
+        for match in result.matches:
+            for owner, attr in match.weight_owners:
+                alias_weight(graph.module.get_submodule(owner), attr)
+    report.seconds = time.perf_counter() - start
+    object.__setattr__(model, _REPORT_ATTR, report)
+    if strict:
+        _check_strict(report)
+    return model
+
+
+def report(model: nn.Module) -> Report:
+    """The report of the last ``optimize`` on ``model`` (raises if it was never optimized)."""
+    found = model.__dict__.get(_REPORT_ATTR)
+    if found is None:
+        raise LookupError("this model has not been through fusion_pass.optimize()")
+    return found
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo ``optimize``: every module runs its own forward again; returns ``model``."""
+    _restore(model)
+    model.__dict__.pop(_REPORT_ATTR, None)
+    return model
+
+
+def _select(names):
+    if isinstance(names, str):
+        names = [names]
+    return select_families(names)
+
+
+def _check_strict(report: Report) -> None:
+    empty = [name for name, fam in report.families.items() if fam.count == 0]
+    if empty:
+        reasons = "; ".join(
+            f"{name}: " + (report.families[name].near_misses[0].reason if report.families[name].near_misses
+                           else "no candidate found")
+            for name in empty
+        )
+        raise NothingFused(f"strict: nothing fused for {', '.join(empty)} ({reasons})")

@@ -1,0 +1,194 @@
+"""Stage 1, capture: turn the forward of each capturable module of a model into an FX graph.
+
+The model is never edited. For every module, starting at the root, we try
+``torch.fx`` symbolic tracing with a tracer that
+- treats library tensor functions that FX cannot see through (einops) as leaf calls,
+- makes a submodule a leaf when tracing *inside* it fails (for example a forward that
+  star-unpacks a proxy), and retries,
+- gives up on a module when its *own* forward cannot be traced (data-dependent control
+  flow), and then descends into its children.
+
+What to capture is decided only by what can be captured: no model, class or attribute
+names appear here. Each success yields a :class:`CapturedGraph` whose graph refers to
+submodules and parameters by their path *relative to that module*, so code generated
+from it can run with the module itself as ``self`` (see ``install.py``).
+
+Invariants (relied on by ``install.py`` and the tests):
+- tracing leaves the module exactly as it was: attributes the tracer adds (tensor
+  constants) are removed again, and a graph that would need them is refused;
+- a graph is specialised to the module's ``training`` flag at capture time, which is
+  recorded so the installed forward can fall back when the flag changes.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+#: Libraries whose functions FX cannot trace through but which are safe to call as opaque
+#: leaf functions (pure tensor-in, tensor-out). Imported lazily: each is optional.
+LEAF_FUNCTION_LIBRARIES = ("einops",)
+
+
+@dataclass
+class CapturedGraph:
+    """An FX graph of ``module.forward``; targets are relative to ``module``."""
+
+    path: str
+    module: nn.Module
+    graph: fx.Graph
+    training: bool
+    leaf_submodules: tuple[str, ...] = ()
+
+
+@dataclass
+class Uncaptured:
+    """A module whose own forward could not be traced (its children were tried instead)."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class CaptureResult:
+    graphs: list[CapturedGraph] = field(default_factory=list)
+    uncaptured: list[Uncaptured] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+class _FailedInside(Exception):
+    """Tracing failed inside the submodule at ``path`` (relative to the traced root)."""
+
+    def __init__(self, path: str, cause: BaseException):
+        super().__init__(f"{path}: {cause}")
+        self.path = path
+        self.cause = cause
+
+
+def _leaf_function_modules() -> tuple[ModuleType, ...]:
+    modules: list[ModuleType] = [math]
+    for name in LEAF_FUNCTION_LIBRARIES:
+        try:
+            modules.append(importlib.import_module(name))
+        except ImportError:
+            continue
+    return tuple(modules)
+
+
+class _LeafOnFailureTracer(fx.Tracer):
+    """An FX tracer that reports in which submodule a tracing failure happened."""
+
+    def __init__(self, extra_leaves: set[str]):
+        super().__init__(autowrap_modules=_leaf_function_modules())
+        self.extra_leaves = extra_leaves
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.extra_leaves:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        path = self.path_of_module(m)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except _FailedInside:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any tracing failure makes `m` a leaf
+            raise _FailedInside(path, exc) from exc
+
+
+def _trace(module: nn.Module) -> tuple[fx.Graph, tuple[str, ...]]:
+    """Trace ``module``, making failing submodules leaves. Raises when the module's own
+    forward is untraceable."""
+    leaves: set[str] = set()
+    while True:
+        tracer = _LeafOnFailureTracer(leaves)
+        attrs_before = set(vars(module))
+        try:
+            graph = tracer.trace(module)
+        except _FailedInside as failure:
+            if failure.path in leaves:  # pragma: no cover - defensive: no progress possible
+                raise failure.cause
+            leaves.add(failure.path)
+            continue
+        finally:
+            for added in set(vars(module)) - attrs_before:
+                delattr(module, added)
+        _refuse_tensor_constants(graph, module)
+        return graph, tuple(sorted(leaves))
+
+
+def _refuse_tensor_constants(graph: fx.Graph, module: nn.Module) -> None:
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        try:
+            _resolve_attr(module, node.target)
+        except AttributeError as exc:
+            raise RuntimeError(
+                f"forward creates tensor constant {node.target!r}; capturing it would add state to the module"
+            ) from exc
+
+
+def _resolve_attr(module: nn.Module, target: str):
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first}"[:200]
+
+
+def capture(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: False) -> CaptureResult:
+    """Capture graphs for ``model``: the whole module when possible, else its children,
+    recursively. Leaf submodules made during a successful trace are captured on their own
+    too (their insides may still hold patterns). Modules for which ``skip`` is true (and
+    their subtrees) are listed in ``result.skipped`` and not traced."""
+    result = CaptureResult()
+    _capture_into(model, "", result, skip)
+    return result
+
+
+def _capture_into(module: nn.Module, path: str, result: CaptureResult, skip) -> None:
+    if skip(module):
+        result.skipped.append(path)
+        return
+    if _is_plain_container(module):
+        for name, child in module.named_children():
+            _capture_into(child, _join(path, name), result, skip)
+        return
+    if _is_torch_builtin(module):
+        return  # e.g. nn.Linear: its forward is a single library call, nothing inside to fuse
+    try:
+        graph, leaves = _trace(module)
+    except Exception as exc:  # noqa: BLE001 - any failure: descend instead
+        result.uncaptured.append(Uncaptured(path, _describe(exc)))
+        for name, child in module.named_children():
+            _capture_into(child, _join(path, name), result, skip)
+        return
+    result.graphs.append(CapturedGraph(path, module, graph, module.training, leaves))
+    for leaf in leaves:
+        _capture_into(module.get_submodule(leaf), _join(path, leaf), result, skip)
+
+
+def _is_plain_container(module: nn.Module) -> bool:
+    return isinstance(module, (nn.ModuleList, nn.ModuleDict))
+
+
+def _is_torch_builtin(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__module__.startswith("torch.nn") and not isinstance(module, nn.Sequential)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name

@@ -1,0 +1,90 @@
+"""``torch.compile(model, backend="fusion_pass")``: rewrite each Dynamo graph with the same
+pattern families, then hand it to an inner compiler.
+
+Dynamo graphs are whole-model graphs (parameters arrive as placeholders, functions and
+methods as Dynamo spells them, shapes in ``example_value``), so residual gates chain into
+the *next* block's LayerNorm -> scale-shift across block boundaries, and shape guards apply.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable
+
+from torch import fx
+
+from patterns import select as select_families
+from fusion_pass.pipeline import empty_report, fuse_graph, record
+from fusion_pass.report import Report
+
+INNER_COMPILERS = ("inductor", "eager", "aot_eager")
+
+
+class FusionBackend:
+    """A ``torch.compile`` backend. ``report`` accumulates what was fused in every graph it
+    compiled (Dynamo may hand over several graphs, and more on recompiles)."""
+
+    def __init__(self, inner: str = "inductor", *, patterns: Iterable[str] | None = None, cudagraphs: bool = False):
+        if inner not in INNER_COMPILERS:
+            raise ValueError(f"inner compiler must be one of {INNER_COMPILERS}, got {inner!r}")
+        if cudagraphs and inner != "inductor":
+            raise ValueError("cudagraphs=True needs inner='inductor' (it captures Inductor's output)")
+        self.inner = inner
+        self.cudagraphs = cudagraphs
+        self.families = select_families(patterns)
+        self.report: Report = empty_report("backend", self.families)
+        self.graphs_compiled = 0
+
+    def __call__(self, gm: fx.GraphModule, example_inputs) -> Callable:
+        start = time.perf_counter()
+        result = fuse_graph(gm.graph, self.families, path="")
+        gm.recompile()
+        graph_report = empty_report("backend", self.families)
+        record(graph_report, result)
+        graph_report.graphs.append(f"dynamo graph {self.graphs_compiled}")
+        graph_report.seconds = time.perf_counter() - start
+        self.report.merge(graph_report)
+        self.graphs_compiled += 1
+        return self._compile_inner(gm, example_inputs)
+
+    def _compile_inner(self, gm, example_inputs):
+        if self.inner == "eager":
+            return gm.forward
+        if self.inner == "aot_eager":
+            from torch._dynamo.backends.registry import lookup_backend
+
+            return lookup_backend("aot_eager")(gm, example_inputs)
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = {"triton.cudagraphs": True} if self.cudagraphs else {}
+        return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def make_backend(inner: str = "inductor", *, patterns: Iterable[str] | None = None, cudagraphs: bool = False) -> FusionBackend:
+    """``torch.compile(model, backend=fusion_pass.backend(inner="eager"))``; keep the object
+    to read ``.report`` after the first call."""
+    return FusionBackend(inner, patterns=patterns, cudagraphs=cudagraphs)
+
+
+_registered = None
+
+
+def fusion_pass_backend(gm: fx.GraphModule, example_inputs):
+    """The backend registered as ``"fusion_pass"`` (entry point ``torch_dynamo_backends``):
+    the default inner compiler; its report is :func:`last_report`."""
+    global _registered
+    if _registered is None:
+        _registered = make_backend()
+    return _registered(gm, example_inputs)
+
+
+def last_report() -> Report | None:
+    """What the registered ``"fusion_pass"`` backend fused so far in this process."""
+    return None if _registered is None else _registered.report
+
+
+try:  # also register by name without the entry point (e.g. running from a source tree)
+    from torch._dynamo import register_backend
+
+    register_backend(name="fusion_pass")(fusion_pass_backend)
+except Exception:  # noqa: BLE001 - already registered through the entry point
+    pass

@@ -1,0 +1,233 @@
+"""Stage 2, normalize: rewrite a graph into one canonical spelling, so each pattern is written once.
+
+Every rewrite here is an identity of PyTorch semantics (same values, dtypes and shapes
+for every input the original accepts); it only changes how a computation is spelled.
+
+Canonical forms (what ``patterns/`` may assume):
+
+====================================================  ==========================================
+spellings accepted                                     canonical node
+====================================================  ==========================================
+``nn.LayerNorm`` module call (no hooks, exact type)    ``F.layer_norm(x, shape, weight, bias, eps)``
+``nn.RMSNorm`` module call (no hooks, exact type)      ``F.rms_norm(x, shape, weight, eps)``
+``F.rms_norm`` / ``F.layer_norm`` with kwargs          the same, all arguments positional
+``a.add(b)``, ``torch.add(a, b)``                      ``operator.add(a, b)``
+``a.mul(b)``, ``torch.mul(a, b)``                      ``operator.mul(a, b)``
+``torch.addcmul(a, b, c)`` (value 1)                   ``operator.add(a, operator.mul(b, c))``
+``s + 1``, ``s * 2`` (one operand a number)            number first: ``1 + s``, ``2 * s``
+``x.pow(2)``, ``torch.pow(x, 2)``, ``x.square()``      ``operator.pow(x, 2)``
+``x.mean(d, keepdim=k)``                               ``torch.mean(x, d, k)``
+``x.rsqrt()``                                          ``torch.rsqrt(x)``
+``x.float()/.half()/.bfloat16()/.double()``,           ``x.to(dtype)`` (call_method, dtype
+``x.type(dtype)``, ``x.to(dtype=d)``                   positional)
+``x[:, None, :]`` (full slices and one ``None``),      ``torch.unsqueeze(x, dim)``
+``x.unsqueeze(d)``
+``x.view(...)``, ``x.reshape(...)``                    ``torch.reshape(x, shape)``
+====================================================  ==========================================
+
+``view`` -> ``reshape`` changes only which inputs raise (reshape copies where view fails).
+Node ``meta`` (Dynamo's ``example_value``, the module stack) is carried to the new node.
+"""
+from __future__ import annotations
+
+import numbers
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+ADD, MUL, POW = operator.add, operator.mul, operator.pow
+MEAN, RSQRT = torch.mean, torch.rsqrt
+UNSQUEEZE, RESHAPE = torch.unsqueeze, torch.reshape
+LAYER_NORM, RMS_NORM = F.layer_norm, F.rms_norm
+CAST_METHOD = "to"
+
+_CAST_METHODS = {
+    "float": torch.float32,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "double": torch.float64,
+}
+_BINARY = {
+    ("call_method", "add"): ADD,
+    ("call_function", torch.add): ADD,
+    ("call_function", torch.Tensor.add): ADD,
+    ("call_method", "mul"): MUL,
+    ("call_function", torch.mul): MUL,
+    ("call_function", torch.Tensor.mul): MUL,
+    ("call_method", "pow"): POW,
+    ("call_function", torch.pow): POW,
+}
+_UNARY = {
+    ("call_method", "rsqrt"): RSQRT,
+    ("call_method", "unsqueeze"): UNSQUEEZE,
+}
+
+
+def normalize(graph: fx.Graph, root: nn.Module | None = None) -> int:
+    """Rewrite ``graph`` in place into canonical spelling. ``root`` resolves ``call_module``
+    targets (FX-captured graphs); Dynamo graphs have no module calls to resolve.
+    Returns the number of nodes respelled."""
+    changed = 0
+    for node in list(graph.nodes):
+        replacement = _canonical(node, root)
+        if replacement is None:
+            continue
+        new = _emit(graph, node, *replacement)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        changed += 1
+    changed += _numbers_first(graph)
+    graph.lint()
+    return changed
+
+
+def _emit(graph: fx.Graph, old: fx.Node, op: str, target, args, kwargs=None) -> fx.Node:
+    """Insert a node before ``old``; nested ``(op, target, args)`` tuples in ``args``
+    become nodes too (used for addcmul's inner product)."""
+    with graph.inserting_before(old):
+        args = tuple(_emit(graph, old, *a) if isinstance(a, _Nested) else a for a in args)
+        new = graph.create_node(op, target, args, kwargs or {})
+    new.meta = dict(old.meta)
+    return new
+
+
+class _Nested(tuple):
+    """An ``(op, target, args)`` triple to be emitted as its own node."""
+
+
+def _canonical(node: fx.Node, root: nn.Module | None):
+    """The canonical ``(op, target, args, kwargs)`` for ``node``, or None if it already is."""
+    if node.op == "call_module" and root is not None:
+        return _module_call(node, root)
+    key = (node.op, node.target)
+    args, kwargs = node.args, node.kwargs
+    if key in _BINARY and len(args) == 2 and not kwargs:
+        return ("call_function", _BINARY[key], args)
+    if key in _UNARY and not kwargs:
+        return ("call_function", _UNARY[key], args)
+    if key in {("call_method", "square"), ("call_function", torch.square)} and len(args) == 1:
+        return ("call_function", POW, (args[0], 2))
+    if key in {("call_function", torch.addcmul), ("call_method", "addcmul")}:
+        return _addcmul(args, kwargs)
+    if key == ("call_method", "mean") or (key == ("call_function", MEAN) and kwargs):
+        return _mean(args, kwargs)
+    if node.op == "call_method" and node.target in _CAST_METHODS and len(args) == 1 and not kwargs:
+        return ("call_method", CAST_METHOD, (args[0], _CAST_METHODS[node.target]))
+    if key == ("call_method", "type") and len(args) == 2 and isinstance(args[1], torch.dtype):
+        return ("call_method", CAST_METHOD, args)
+    if key == ("call_method", CAST_METHOD) and set(kwargs) == {"dtype"} and len(args) == 1:
+        return ("call_method", CAST_METHOD, (args[0], kwargs["dtype"]))
+    if key in {("call_method", "view"), ("call_method", "reshape"), ("call_function", RESHAPE)}:
+        return _reshape(args, kwargs, already_canonical=key == ("call_function", RESHAPE))
+    if key == ("call_function", operator.getitem):
+        return _index_as_unsqueeze(args)
+    if key == ("call_function", LAYER_NORM) and (kwargs or len(args) < 5):
+        return _layer_norm_call(args, kwargs)
+    if key == ("call_function", RMS_NORM) and (kwargs or len(args) < 4):
+        return _rms_norm_call(args, kwargs)
+    return None
+
+
+def _module_call(node: fx.Node, root: nn.Module):
+    module = root.get_submodule(node.target)
+    if module._forward_hooks or module._forward_pre_hooks or len(node.args) != 1 or node.kwargs:
+        return None  # hooks must keep firing: leave the module call alone
+    if type(module) is nn.LayerNorm:
+        return ("call_function", LAYER_NORM, (
+            node.args[0], tuple(module.normalized_shape),
+            _param(node, "weight", module), _param(node, "bias", module), module.eps,
+        ))
+    if type(module) is getattr(nn, "RMSNorm", None):
+        return ("call_function", RMS_NORM, (
+            node.args[0], tuple(module.normalized_shape), _param(node, "weight", module), module.eps,
+        ))
+    return None
+
+
+def _param(node: fx.Node, name: str, module: nn.Module):
+    """A ``get_attr`` node reading ``module.<name>`` live, or None when the module has none."""
+    if getattr(module, name, None) is None:
+        return None
+    with node.graph.inserting_before(node):
+        return node.graph.get_attr(f"{node.target}.{name}")
+
+
+def _addcmul(args, kwargs):
+    value = kwargs.get("value", args[3] if len(args) > 3 else 1)
+    if value != 1 or "out" in kwargs or len(args) < 3:
+        return None
+    product = _Nested(("call_function", MUL, (args[1], args[2])))
+    return ("call_function", ADD, (args[0], product))
+
+
+def _mean(args, kwargs):
+    if set(kwargs) - {"dim", "keepdim"} or len(args) > 3:
+        return None  # dtype= or out= change the computation: leave it
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+    if dim is None:
+        return None
+    return ("call_function", MEAN, (args[0], dim, keepdim))
+
+
+def _reshape(args, kwargs, already_canonical: bool):
+    if kwargs:
+        return None
+    shape = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else tuple(args[1:])
+    if not all(isinstance(size, (int, fx.Node)) for size in shape):
+        return None  # e.g. view(dtype): a reinterpretation, not a reshape
+    if already_canonical and isinstance(args[1], tuple):
+        return None
+    return ("call_function", RESHAPE, (args[0], tuple(shape)))
+
+
+def _index_as_unsqueeze(args):
+    source, index = args
+    if not isinstance(source, fx.Node) or not isinstance(index, tuple):
+        return None
+    full = slice(None, None, None)
+    nones = [i for i, item in enumerate(index) if item is None]
+    if len(nones) != 1 or any(item != full for i, item in enumerate(index) if i != nones[0]):
+        return None
+    return ("call_function", UNSQUEEZE, (source, nones[0]))
+
+
+_LAYER_NORM_PARAMS = ("input", "normalized_shape", "weight", "bias", "eps")
+_RMS_NORM_PARAMS = ("input", "normalized_shape", "weight", "eps")
+
+
+def _positional(params, defaults, args, kwargs):
+    values = dict(zip(params, args))
+    for name, value in kwargs.items():
+        if name not in params:
+            return None
+        values[name] = value
+    return tuple(values.get(name, defaults.get(name)) for name in params)
+
+
+def _layer_norm_call(args, kwargs):
+    full = _positional(_LAYER_NORM_PARAMS, {"weight": None, "bias": None, "eps": 1e-5}, args, kwargs)
+    return None if full is None else ("call_function", LAYER_NORM, full)
+
+
+def _rms_norm_call(args, kwargs):
+    full = _positional(_RMS_NORM_PARAMS, {"weight": None, "eps": None}, args, kwargs)
+    return None if full is None else ("call_function", RMS_NORM, full)
+
+
+def _numbers_first(graph: fx.Graph) -> int:
+    """``s + 1`` -> ``1 + s`` and ``s * 2`` -> ``2 * s`` (exact: IEEE add and mul commute)."""
+    changed = 0
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in (ADD, MUL) and len(node.args) == 2:
+            a, b = node.args
+            if isinstance(a, fx.Node) and _is_number(b):
+                node.args = (b, a)
+                changed += 1
+    return changed
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Number) and not isinstance(value, bool)

@@ -1,0 +1,121 @@
+"""The report of one pass run: per family, the sites fused and the near-misses with reasons.
+
+Nothing in the pass prints: ``optimize``, the compile backend and the CLI build a
+:class:`Report`, and the CLI/logs render it (``rich`` table or JSON).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+
+@dataclass(frozen=True)
+class Site:
+    where: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Miss:
+    where: str
+    reason: str
+
+
+@dataclass
+class FamilyReport:
+    name: str
+    math: str
+    fused_op: str
+    sites: list[Site] = field(default_factory=list)
+    near_misses: list[Miss] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.sites)
+
+
+@dataclass
+class Report:
+    """What one pass run did. ``source`` is ``"optimize"`` or ``"backend"``."""
+
+    source: str
+    families: dict[str, FamilyReport] = field(default_factory=dict)
+    graphs: list[str] = field(default_factory=list)           # module paths captured
+    uncaptured: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    already_optimized: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def counts(self) -> dict[str, int]:
+        return {name: fam.count for name, fam in self.families.items()}
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts().values())
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "seconds": round(self.seconds, 4),
+            "counts": self.counts(),
+            "families": {name: asdict(fam) | {"count": fam.count} for name, fam in self.families.items()},
+            "graphs": self.graphs,
+            "uncaptured": [{"where": w, "reason": r} for w, r in self.uncaptured],
+            "already_optimized": self.already_optimized,
+        }
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def merge(self, other: "Report") -> None:
+        """Fold another run's findings (e.g. one more Dynamo graph) into this report."""
+        for name, fam in other.families.items():
+            mine = self.families.setdefault(name, FamilyReport(fam.name, fam.math, fam.fused_op))
+            mine.sites.extend(fam.sites)
+            mine.near_misses.extend(fam.near_misses)
+        self.graphs.extend(other.graphs)
+        self.uncaptured.extend(other.uncaptured)
+        self.already_optimized.extend(other.already_optimized)
+        self.seconds += other.seconds
+
+    def __rich__(self):
+        return Group(*self.renderables())
+
+    def renderables(self, max_sites: int = 6):
+        summary = Table(title=f"fusion_pass ({self.source}): {self.total} sites fused in {self.seconds:.2f} s")
+        for column in ("family", "math", "fused op", "sites", "near-misses", "where (first sites)"):
+            summary.add_column(column, overflow="fold")
+        for fam in self.families.values():
+            summary.add_row(
+                fam.name, fam.math, fam.fused_op, str(fam.count), str(len(fam.near_misses)),
+                _abbreviate([s.where for s in fam.sites], max_sites),
+            )
+        parts = [summary]
+        misses = [(fam.name, m) for fam in self.families.values() for m in fam.near_misses]
+        if misses:
+            table = Table(title="near-misses (left unfused)")
+            for column in ("family", "where", "reason"):
+                table.add_column(column, overflow="fold")
+            for name, miss in misses:
+                table.add_row(name, miss.where, miss.reason)
+            parts.append(table)
+        if self.uncaptured:
+            grouped = Counter(reason for _, reason in self.uncaptured)
+            text = Text("not captured (run unchanged; their children were tried instead):\n", style="bold")
+            for reason, n in grouped.items():
+                first = next(w for w, r in self.uncaptured if r == reason) or "<root>"
+                text.append(f"  {n} x {first}{' ...' if n > 1 else ''}: {reason}\n")
+            parts.append(text)
+        if self.already_optimized:
+            parts.append(Text(f"already optimized, left as is: {len(self.already_optimized)} modules"))
+        return parts
+
+
+def _abbreviate(items: list[str], limit: int) -> str:
+    if len(items) <= limit:
+        return ", ".join(items)
+    return ", ".join(items[:limit]) + f", ... (+{len(items) - limit})"

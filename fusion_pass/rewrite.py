@@ -1,0 +1,131 @@
+"""Stage 4, rewrite: apply the families' matches to a normalized graph.
+
+For each family in registry order, every :class:`~fusion_pass.match.Match` it yields is
+applied at once (later candidates see the rewritten graph):
+
+1. the fused call is inserted after its last input and no earlier than just before its
+   first anchor; if a user of an anchor would then precede it, the match becomes a
+   near-miss ("ordering conflict") and the graph is left as it was;
+2. each anchor's uses are redirected to the fused result (a named field of it for
+   multi-output ops, cast back to the input dtype where the match asks for it);
+3. anchors and internal nodes that nothing uses any more are erased; internal nodes with
+   other users stay (so a shared ``1 + scale`` keeps feeding its other users).
+
+Invariants: every value a node outside the match could observe is unchanged (same
+values, dtypes, shapes); no node is erased while used; fake-tensor metadata, where the
+graph has it, is computed for new nodes by running the ops' fake implementations.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import fx
+
+from fusion_pass.match import Match, MatchContext, NearMiss, PatternFamily, tensor_meta
+from fusion_pass.registry import FUSED_OPS
+
+
+@dataclass
+class RewriteResult:
+    matches: list[Match] = field(default_factory=list)
+    near_misses: list[NearMiss] = field(default_factory=list)
+
+
+def rewrite(graph: fx.Graph, families: Iterable[PatternFamily], ctx: MatchContext) -> RewriteResult:
+    result = RewriteResult()
+    for family in families:
+        for item in family.find(graph, ctx):
+            if isinstance(item, NearMiss):
+                result.near_misses.append(item)
+                continue
+            conflict = apply_match(graph, item, ctx)
+            ctx.graph_changed()
+            if conflict is None:
+                result.matches.append(item)
+            else:
+                result.near_misses.append(NearMiss(item.family, item.where, conflict))
+    graph.lint()
+    return result
+
+
+def apply_match(graph: fx.Graph, match: Match, ctx: MatchContext) -> str | None:
+    """Apply ``match``; return a reason instead when no valid insertion point exists."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    nodes = list(graph.nodes)
+    inputs = [a for a in _flatten(match.args) if isinstance(a, fx.Node)]
+    matched = set(match.anchors) | set(match.internal)
+    point = max([order[a] for a in inputs] + [min(order[a] for a in match.anchors) - 1])
+    outside_users = [u for a in match.anchors for u in a.users if u not in matched]
+    if outside_users and min(order[u] for u in outside_users) <= point:
+        return "ordering conflict: a result is used before all inputs of the fused op exist"
+    fused_op = FUSED_OPS[match.op_key]
+    with graph.inserting_after(nodes[point]):
+        fused = graph.call_function(fused_op.op, tuple(match.args))
+    fused.meta = _meta_for(fused, dict(match.anchors[-1].meta))
+    cursor = fused
+    for anchor, field_name, cast_to in zip(match.anchors, match.output_fields, match.cast_outputs):
+        value = fused
+        if field_name is not None:
+            with graph.inserting_after(cursor):
+                value = graph.call_function(operator.getitem, (fused, fused_op.output_index(field_name)))
+            value.meta = _meta_for(value, dict(anchor.meta))
+            cursor = value
+        if cast_to is not None:
+            value, cursor = _cast_like(graph, value, cast_to, cursor, anchor)
+        anchor.replace_all_uses_with(value)
+    _erase_unused(graph, match, order, ctx)
+    return None
+
+
+def _cast_like(graph, value: fx.Node, like: fx.Node, cursor: fx.Node, anchor: fx.Node):
+    """``value.to(like.dtype)``: the dtype as a constant when the graph knows it."""
+    meta = tensor_meta(like)
+    with graph.inserting_after(cursor):
+        dtype = meta.dtype if meta is not None else graph.call_function(getattr, (like, "dtype"))
+    cursor = dtype if isinstance(dtype, fx.Node) else cursor
+    with graph.inserting_after(cursor):
+        cast = graph.call_method("to", (value, dtype))
+    cast.meta = dict(anchor.meta)
+    return cast, cast
+
+
+def _erase_unused(graph: fx.Graph, match: Match, order: dict, ctx: MatchContext) -> None:
+    for node in sorted(set(match.anchors) | set(match.internal), key=order.__getitem__, reverse=True):
+        if not node.users and node.op not in ("placeholder", "output"):
+            graph.erase_node(node)
+            ctx.erased.add(node)
+
+
+def _flatten(args) -> Iterable:
+    for arg in args:
+        if isinstance(arg, (tuple, list)):
+            yield from _flatten(arg)
+        else:
+            yield arg
+
+
+def _meta_for(node: fx.Node, base: dict) -> dict:
+    """Meta for a new node: the anchor's module stack, and a fake value computed by
+    running the node's target on its inputs' fake values, when they all have one."""
+    meta = {k: v for k, v in base.items() if k not in ("example_value", "val", "tensor_meta")}
+    fake_args = []
+    for arg in node.args:
+        if isinstance(arg, fx.Node):
+            value = arg.meta.get("example_value", arg.meta.get("val"))
+            if value is None:
+                return meta
+            fake_args.append(value)
+        else:
+            fake_args.append(arg)
+    mode = torch._guards.detect_fake_mode()  # the fake mode of the compile in progress
+    if mode is None:
+        return meta
+    try:
+        with mode:
+            meta["example_value"] = node.target(*fake_args)
+    except Exception:  # noqa: BLE001 - metadata is an aid for later passes, never required
+        pass
+    return meta

@@ -1,0 +1,34 @@
+"""Pattern families, one module each. The registry order is the matching order: the
+chained family runs first so it can claim residual/norm pairs before the single families
+take their halves. Adding a family: a module here and one line in ``FAMILIES``."""
+from __future__ import annotations
+
+from patterns.layernorm_modulate import LayerNormModulate
+from patterns.qk_rmsnorm import QKRMSNorm
+from patterns.residual_gate import ResidualGate
+from patterns.residual_norm_chain import ResidualNormChain
+
+FAMILIES = (
+    ResidualNormChain(),
+    LayerNormModulate(),
+    ResidualGate(),
+    QKRMSNorm(),
+)
+
+FAMILY_NAMES = tuple(family.name for family in FAMILIES)
+
+
+def select(names=None):
+    """The families named in ``names`` (all when None), in registry order. The chained
+    family comes along only when both of its halves are selected or it is named itself."""
+    if names is None:
+        return FAMILIES
+    names = set(names)
+    unknown = names - set(FAMILY_NAMES)
+    if unknown:
+        raise ValueError(f"unknown pattern famil{'y' if len(unknown) == 1 else 'ies'} "
+                         f"{sorted(unknown)}; choose from {list(FAMILY_NAMES)}")
+    halves = {"layernorm_modulate", "residual_gate"}
+    if halves <= names:
+        names.add("residual_layernorm_modulate")
+    return tuple(family for family in FAMILIES if family.name in names)

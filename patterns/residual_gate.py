@@ -1,0 +1,107 @@
+"""Residual plus gate.
+
+Matches    ``residual + gate * y`` where ``y`` (the branch) is computed from ``residual``:
+           the structural signature of a gated residual connection ``x + g * f(x)``.
+Accepts    any operand order of ``+`` and ``*``; ``torch.addcmul(residual, gate, y)``;
+           ``torch.add``/``Tensor.add``/``mul`` spellings; gate of any broadcastable shape.
+Refuses    (near-miss) a product also used elsewhere, a product whose operands do not
+           depend on the residual (e.g. the gate multiplies the residual, not the branch),
+           and (when the graph has shapes) a gate broadcast over the hidden dim or a
+           residual that is itself broadcast to the output's shape.
+Emits      ``fusion_pass::residual_gate(residual, y, gate)``.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Iterator
+
+from torch import fx
+
+from fusion_pass import normalize as canon
+from fusion_pass.match import (
+    Match, MatchContext, NearMiss, broadcasts_over_last_dim, depends_on, describe, is_call,
+    operand_orders, tensor_meta,
+)
+
+NAME = "residual_gate"
+
+
+@dataclass
+class ResidualGateSite:
+    """The nodes of one matched ``residual + gate * y``."""
+
+    result: fx.Node
+    product: fx.Node
+    residual: fx.Node
+    gate: fx.Node
+    y: fx.Node
+
+
+def match_site(node: fx.Node, ctx: MatchContext, order: dict[fx.Node, int]) -> ResidualGateSite | NearMiss | None:
+    """Match a gated residual whose final ``+`` is ``node`` (None: not a candidate)."""
+    if not is_call(node, canon.ADD):
+        return None
+    candidates = [
+        (residual, product) for residual, product in operand_orders(node)
+        if is_call(product, canon.MUL) and isinstance(residual, fx.Node)
+        and all(isinstance(arg, fx.Node) for arg in product.args)
+    ]
+    if not candidates:
+        return None
+    reasons = []
+    for residual, product in candidates:
+        if len(product.users) > 1:
+            user = next(u for u in product.users if u is not node)
+            reasons.append(f"gate * y is also used by {describe(user)}")
+            continue
+        branches = [b for b in product.args if depends_on(b, _producer(residual), order)]
+        if not branches:
+            if any(depends_on(residual, operand, order) for operand in product.args):
+                reasons.append("the gate multiplies the residual, not the branch computed from it")
+            continue  # otherwise a + b * c with no residual structure: not a candidate
+        y = branches[-1]
+        gate = product.args[0] if y is product.args[1] else product.args[1]
+        if broadcasts_over_last_dim(gate, node):
+            reasons.append("gate broadcasts over the hidden dim")
+            continue
+        res_meta, out_meta = tensor_meta(residual), tensor_meta(node)
+        if res_meta is not None and out_meta is not None and res_meta.shape != out_meta.shape:
+            reasons.append("residual is broadcast to the output's shape")
+            continue
+        return ResidualGateSite(node, product, residual, gate, y)
+    return NearMiss(NAME, ctx.where(node), reasons[0]) if reasons else None
+
+
+def _producer(value: fx.Node) -> fx.Node:
+    """The node that computed ``value``: for one field of a multi-output node (an earlier
+    fused op returning ``(residual, normed)``), the whole node, which its siblings share."""
+    if value.op == "call_function" and value.target is operator.getitem and isinstance(value.args[0], fx.Node):
+        return value.args[0]
+    return value
+
+
+class ResidualGate:
+    name = NAME
+    op_key = "residual_gate"
+    math = "residual + gate * y"
+
+    def find(self, graph: fx.Graph, ctx: MatchContext) -> Iterator[Match | NearMiss]:
+        for node in list(graph.nodes):
+            if not ctx.live(node):
+                continue
+            site = match_site(node, ctx, ctx.positions(graph))
+            if isinstance(site, ResidualGateSite):
+                yield self.to_match(site, ctx)
+            elif site is not None:
+                yield site
+
+    def to_match(self, site: ResidualGateSite, ctx: MatchContext) -> Match:
+        return Match(
+            family=self.name,
+            op_key=self.op_key,
+            args=(site.residual, site.y, site.gate),
+            anchors=(site.result,),
+            internal=(site.product,),
+            where=ctx.where(site.result),
+        )
