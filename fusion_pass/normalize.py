@@ -27,6 +27,7 @@ spellings accepted                                     canonical node
 
 ``view`` -> ``reshape`` changes only which inputs raise (reshape copies where view fails).
 Node ``meta`` (Dynamo's ``example_value``, the module stack) is carried to the new node.
+Finally, repeated casts, reshapes, unsqueezes and attribute reads of one value are merged.
 """
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ def normalize(graph: fx.Graph, root: nn.Module | None = None) -> int:
         graph.erase_node(node)
         changed += 1
     changed += _numbers_first(graph)
+    changed += _merge_duplicates(graph)
     graph.lint()
     return changed
 
@@ -227,6 +229,38 @@ def _numbers_first(graph: fx.Graph) -> int:
                 node.args = (b, a)
                 changed += 1
     return changed
+
+
+_DUPLICABLE = {
+    ("call_method", CAST_METHOD), ("call_function", getattr), ("call_function", UNSQUEEZE),
+    ("call_function", RESHAPE),
+}
+
+
+def _merge_duplicates(graph: fx.Graph) -> int:
+    """Merge repeated casts/reshapes/attribute reads of the same value (``x.float()``
+    written twice): pure, cheap nodes, so one result serves every user."""
+    seen: dict = {}
+    merged = 0
+    for node in list(graph.nodes):
+        if (node.op, node.target) not in _DUPLICABLE:
+            continue
+        key = (node.op, node.target, _hashable(node.args), _hashable(node.kwargs))
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            graph.erase_node(node)
+            merged += 1
+        else:
+            seen[key] = node
+    return merged
+
+
+def _hashable(value):
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, *(_hashable(v) for v in value))
+    return value
 
 
 def _is_number(value) -> bool:

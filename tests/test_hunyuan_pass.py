@@ -1,0 +1,251 @@
+"""The pass on the Hunyuan3D DiT: the official file (loaded by path, untouched) and our copy.
+
+Site counts come from the config (``DiTConfig.expected_sites``); chained residual->norm
+sites count toward both of their halves.
+"""
+import copy
+import io
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusion_pass
+from fusion_pass.install import graph_of, is_installed
+from fusion_pass.registry import FUSED_OPS
+from reference_models import CONFIGS, build_model, example_inputs, get_config, load_official
+
+BUILDERS = {"ours": build_model, "official": load_official}
+CHAIN = "residual_layernorm_modulate"
+
+
+def totals(counts: dict[str, int]) -> dict[str, int]:
+    """Per-family totals with chained sites counted toward both halves."""
+    return {
+        "layernorm_modulate": counts["layernorm_modulate"] + counts[CHAIN],
+        "residual_gate": counts["residual_gate"] + counts[CHAIN],
+        "qk_rmsnorm": counts["qk_rmsnorm"],
+    }
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def tiny(source="official", seed=0):
+    torch.manual_seed(seed)
+    return BUILDERS[source]("tiny")
+
+
+@pytest.mark.parametrize("source", sorted(BUILDERS))
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_every_site_is_fused_on_every_config(source, config):
+    model = BUILDERS[source](config, device="meta")
+    fusion_pass.optimize(model)
+    report = fusion_pass.report(model)
+    assert totals(report.counts()) == get_config(config).expected_sites()
+    assert all(not fam.near_misses for fam in report.families.values())
+
+
+def test_hunyuan3d_2_counts_are_97_96_64():
+    model = load_official("hunyuan3d-2", device="meta")
+    fusion_pass.optimize(model)
+    assert totals(fusion_pass.report(model).counts()) == {
+        "layernorm_modulate": 97, "residual_gate": 96, "qk_rmsnorm": 64,
+    }
+
+
+@pytest.mark.parametrize("source", sorted(BUILDERS))
+def test_optimized_tiny_model_matches_original_in_fp32(source):
+    model = tiny(source)
+    inputs = example_inputs("tiny", seed=1)
+    expected = inputs.call(model)
+    fusion_pass.optimize(model)
+    assert rel_err(inputs.call(model), expected) <= 1e-5
+
+
+def test_unfused_ops_are_gone_and_fused_ops_present():
+    model = tiny()
+    fusion_pass.optimize(model)
+    block_code = graph_of(model.double_blocks[0])
+    for name in FUSED_OPS:
+        assert f"torch.ops.fusion_pass.{name}.default" in block_code, name
+    assert "rsqrt" not in block_code and "layer_norm" not in block_code and "norm1(" not in block_code
+    single_code = graph_of(model.single_blocks[0])
+    assert "pre_norm(" not in single_code and "torch.mean" not in single_code
+
+
+def test_untraceable_parts_keep_running_as_before_and_are_reported():
+    model = tiny()
+    fusion_pass.optimize(model)
+    report = fusion_pass.report(model)
+    uncaptured = dict(report.uncaptured)
+    assert "" in uncaptured and "control flow" in uncaptured[""]  # top level: is_floating_point branch
+    assert any(path.endswith("img_mod") for path in uncaptured)  # star-unpacked chunk
+    assert not is_installed(model) and is_installed(model.double_blocks[0])
+
+
+def test_state_dict_and_parameters_are_unchanged():
+    model = tiny()
+    before = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
+    params = {name: p for name, p in model.named_parameters()}
+    modules = [(name, type(m).__name__) for name, m in model.named_modules()]
+    fusion_pass.optimize(model)
+    assert {k: (v.shape, v.dtype) for k, v in model.state_dict().items()} == before
+    assert all(p is params[name] for name, p in model.named_parameters())
+    assert [(name, type(m).__name__) for name, m in model.named_modules()] == modules
+
+
+def test_loading_new_weights_after_the_pass_changes_outputs_like_the_original():
+    original, optimized = tiny(seed=0), tiny(seed=0)
+    fusion_pass.optimize(optimized)
+    new_weights = tiny(seed=7).state_dict()
+    buffer = io.BytesIO()
+    torch.save(new_weights, buffer)
+    for model in (original, optimized):
+        buffer.seek(0)
+        model.load_state_dict(torch.load(buffer), strict=True)
+    inputs = example_inputs("tiny", seed=2)
+    assert rel_err(inputs.call(optimized), inputs.call(original)) <= 1e-5
+
+
+def test_scale_parameters_get_a_weight_alias_without_a_state_dict_key():
+    model = tiny()
+    keys = set(model.state_dict())
+    fusion_pass.optimize(model)
+    norm = model.double_blocks[0].img_attn.norm.query_norm
+    assert norm.weight is norm.scale
+    assert isinstance(norm, type(tiny().double_blocks[0].img_attn.norm.query_norm))
+    assert set(model.state_dict()) == keys
+
+
+def test_deepcopy_half_and_to_keep_working():
+    model = tiny()
+    inputs = example_inputs("tiny", seed=3)
+    fusion_pass.optimize(model)
+    expected = inputs.call(model)
+    clone = copy.deepcopy(model)
+    assert clone.double_blocks[0].forward.module is clone.double_blocks[0]
+    assert rel_err(inputs.call(clone), expected) <= 1e-6
+    clone.to(torch.float64)
+    x64 = example_inputs("tiny", seed=3, dtype=torch.float64)
+    assert inputs.call(model).dtype == torch.float32 and x64.call(clone).dtype == torch.float64
+    assert rel_err(x64.call(clone), expected) <= 1e-5
+
+
+def test_training_mode_change_falls_back_to_the_original_forward():
+    model = tiny().eval()
+    fusion_pass.optimize(model)
+    inputs = example_inputs("tiny", seed=4)
+    expected = inputs.call(model)
+    model.train()
+    assert rel_err(inputs.call(model), expected) <= 1e-6
+
+
+def test_running_the_pass_twice_changes_nothing_the_second_time():
+    model = tiny()
+    fusion_pass.optimize(model)
+    forwards = {name: m.__dict__.get("forward") for name, m in model.named_modules()}
+    fusion_pass.optimize(model)
+    report = fusion_pass.report(model)
+    assert report.total == 0 and report.already_optimized
+    assert forwards == {name: m.__dict__.get("forward") for name, m in model.named_modules()}
+
+
+def test_model_with_nothing_to_fuse_comes_back_unchanged_with_an_empty_report():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
+    assert fusion_pass.optimize(model) is model
+    report = fusion_pass.report(model)
+    assert report.total == 0 and not any(f.near_misses for f in report.families.values())
+    assert not any(is_installed(m) for m in model.modules())
+
+
+def test_restore_brings_back_the_original_forward_and_classes():
+    model = tiny()
+    cls = type(model.double_blocks[0].img_attn.norm.query_norm)
+    fusion_pass.optimize(model)
+    fusion_pass.restore(model)
+    assert not any(is_installed(m) for m in model.modules())
+    assert type(model.double_blocks[0].img_attn.norm.query_norm) is cls
+
+
+def test_non_module_input_gets_a_type_error():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        fusion_pass.optimize(lambda x: x)
+
+
+def test_strict_raises_when_a_selected_family_fused_nothing():
+    model = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 8))
+    with pytest.raises(fusion_pass.NothingFused, match="layernorm_modulate"):
+        fusion_pass.optimize(model, patterns=["layernorm_modulate"], strict=True)
+
+
+def test_pattern_selection_fuses_only_the_named_families():
+    model = tiny()
+    fusion_pass.optimize(model, patterns=["qk_rmsnorm"])
+    assert set(fusion_pass.report(model).families) == {"qk_rmsnorm"}
+    assert fusion_pass.report(model).counts()["qk_rmsnorm"] == get_config("tiny").expected_sites()["qk_rmsnorm"]
+
+
+def test_unknown_pattern_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown pattern"):
+        fusion_pass.optimize(tiny(), patterns=["layernorm_modulat"])
+
+
+@pytest.mark.parametrize("batch,latents", [(1, 16), (2, 32), (4, 5)])
+def test_no_recapture_when_batch_or_tokens_change(batch, latents):
+    model = tiny()
+    reference = copy.deepcopy(model)
+    fusion_pass.optimize(model)
+    forward = model.double_blocks[0].forward
+    inputs = example_inputs("tiny", batch=batch, latents=latents, seed=5)
+    assert rel_err(inputs.call(model), inputs.call(reference)) <= 1e-5
+    assert model.double_blocks[0].forward is forward
+
+
+def test_compile_backend_fuses_every_site_and_chains_across_blocks():
+    model = tiny()
+    inputs = example_inputs("tiny", seed=6)
+    expected = inputs.call(model)
+    backend = fusion_pass.backend(inner="eager")
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    assert rel_err(inputs.call(compiled), expected) <= 1e-5
+    counts = backend.report.counts()
+    assert totals(counts) == get_config("tiny").expected_sites()
+    # Within blocks: 2 chains per double block; across blocks: each double block's last
+    # gates feed the next double block's first norms; single blocks chain to the next.
+    config = get_config("tiny")
+    within = 2 * config.depth
+    across = 2 * (config.depth - 1) + (config.depth_single_blocks - 1)
+    assert counts[CHAIN] == within + across
+
+
+def test_compile_backend_is_registered_by_name():
+    model = tiny()
+    inputs = example_inputs("tiny", seed=8)
+    expected = inputs.call(model)
+    compiled = torch.compile(model, backend="fusion_pass", fullgraph=True)
+    assert rel_err(inputs.call(compiled), expected) <= 1e-5
+
+
+def test_optimized_model_compiles_with_dynamo():
+    model = tiny()
+    inputs = example_inputs("tiny", seed=9)
+    expected = inputs.call(model)
+    fusion_pass.optimize(model)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    assert rel_err(inputs.call(compiled), expected) <= 1e-5
+
+
+def test_no_monkey_patch_is_left_behind():
+    import einops
+
+    rearrange, module_call, getattr_ = einops.rearrange, torch.nn.Module.__call__, torch.nn.Module.__getattr__
+    model = tiny()
+    official_globals = dict(type(model.double_blocks[0]).forward.__globals__)
+    fusion_pass.optimize(model)
+    assert einops.rearrange is rearrange
+    assert torch.nn.Module.__call__ is module_call and torch.nn.Module.__getattr__ is getattr_
+    assert type(model.double_blocks[0]).forward.__globals__ == official_globals
+    assert F.layer_norm is torch.nn.functional.layer_norm and operator.add(1, 2) == 3
