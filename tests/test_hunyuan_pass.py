@@ -4,8 +4,10 @@ Site counts come from the config (``DiTConfig.expected_sites``); chained residua
 sites count toward both of their halves.
 """
 import copy
+import importlib
 import io
 import operator
+import os
 
 import pytest
 import torch
@@ -249,3 +251,24 @@ def test_no_monkey_patch_is_left_behind():
     assert torch.nn.Module.__call__ is module_call and torch.nn.Module.__getattr__ is getattr_
     assert type(model.double_blocks[0]).forward.__globals__ == official_globals
     assert F.layer_norm is torch.nn.functional.layer_norm and operator.add(1, 2) == 3
+
+
+def test_optimized_tiny_model_matches_with_triton_kernels_under_the_interpreter(monkeypatch):
+    from fusion_pass.ops import interpret_on_cpu
+
+    kernel_modules = [importlib.import_module(f"fusion_pass.ops.{name}") for name in ("layernorm_modulate", "qk_rmsnorm")]
+
+    assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    model = tiny()
+    inputs = example_inputs("tiny", seed=10)
+    expected = inputs.call(model)
+    fusion_pass.optimize(model)
+    launches = []
+    for module in kernel_modules:  # row_settings runs once per kernel launch
+        real = module.row_settings
+        monkeypatch.setattr(module, "row_settings", lambda *a, real=real: launches.append(a) or real(*a))
+    with interpret_on_cpu():
+        got = inputs.call(model)
+    assert rel_err(got, expected) <= 1e-5
+    config = get_config("tiny")
+    assert len(launches) == 8 * config.depth + 3 * config.depth_single_blocks + 1  # per stream: LN, chain, gate, q/k
