@@ -76,7 +76,8 @@ def _select(names):
 
 
 def _check_strict(report: Report) -> None:
-    empty = [name for name, fam in report.families.items() if fam.count == 0]
+    totals = report.totals()
+    empty = [name for name, total in totals.items() if total == 0]
     if empty:
         reasons = "; ".join(
             f"{name}: " + (report.families[name].near_misses[0].reason if report.families[name].near_misses

@@ -144,9 +144,10 @@ def _resolve_attr(module: nn.Module, target: str):
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(exc).__name__}: {first}"[:200]
+    """The exception's first sentence, e.g. "TraceError: Proxy object cannot be iterated"."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0].split(". ")[0].rstrip(".") if lines else ""
+    return f"{type(exc).__name__}: {first}"
 
 
 def capture(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: False) -> CaptureResult:

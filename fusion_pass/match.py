@@ -61,6 +61,7 @@ class PatternFamily(Protocol):
     name: str
     op_key: str
     math: str
+    covers: tuple[str, ...]  # families whose sites this one's sites also count as (chains)
 
     def find(self, graph: fx.Graph, ctx: "MatchContext") -> Iterator[Match | NearMiss]:
         """Yield matches and near-misses; called again after each applied match."""

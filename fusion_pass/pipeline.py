@@ -31,7 +31,9 @@ def empty_report(source: str, families: Sequence[PatternFamily]) -> Report:
 
     report = Report(source)
     for family in families:
-        report.families[family.name] = FamilyReport(family.name, family.math, FUSED_OPS[family.op_key].key)
+        report.families[family.name] = FamilyReport(
+            family.name, family.math, FUSED_OPS[family.op_key].key, covers=tuple(family.covers)
+        )
     return report
 
 

@@ -33,6 +33,7 @@ class FamilyReport:
     fused_op: str
     sites: list[Site] = field(default_factory=list)
     near_misses: list[Miss] = field(default_factory=list)
+    covers: tuple[str, ...] = ()  # a chained family: each site is also one site of these
 
     @property
     def count(self) -> int:
@@ -51,7 +52,16 @@ class Report:
     seconds: float = 0.0
 
     def counts(self) -> dict[str, int]:
+        """Sites per family as fused (a chained site counts once, under its chained family)."""
         return {name: fam.count for name, fam in self.families.items()}
+
+    def totals(self) -> dict[str, int]:
+        """Sites per elementary family, chained sites counted toward each family they cover."""
+        totals = {name: fam.count for name, fam in self.families.items() if not fam.covers}
+        for fam in self.families.values():
+            for covered in fam.covers:
+                totals[covered] = totals.get(covered, 0) + fam.count
+        return totals
 
     @property
     def total(self) -> int:
@@ -62,6 +72,7 @@ class Report:
             "source": self.source,
             "seconds": round(self.seconds, 4),
             "counts": self.counts(),
+            "totals": self.totals(),
             "families": {name: asdict(fam) | {"count": fam.count} for name, fam in self.families.items()},
             "graphs": self.graphs,
             "uncaptured": [{"where": w, "reason": r} for w, r in self.uncaptured],
@@ -74,7 +85,7 @@ class Report:
     def merge(self, other: "Report") -> None:
         """Fold another run's findings (e.g. one more Dynamo graph) into this report."""
         for name, fam in other.families.items():
-            mine = self.families.setdefault(name, FamilyReport(fam.name, fam.math, fam.fused_op))
+            mine = self.families.setdefault(name, FamilyReport(fam.name, fam.math, fam.fused_op, covers=fam.covers))
             mine.sites.extend(fam.sites)
             mine.near_misses.extend(fam.near_misses)
         self.graphs.extend(other.graphs)
@@ -85,16 +96,21 @@ class Report:
     def __rich__(self):
         return Group(*self.renderables())
 
-    def renderables(self, max_sites: int = 6):
-        summary = Table(title=f"fusion_pass ({self.source}): {self.total} sites fused in {self.seconds:.2f} s")
-        for column in ("family", "math", "fused op", "sites", "near-misses", "where (first sites)"):
+    def renderables(self, max_sites: int = 4):
+        title = f"fusion_pass ({self.source}): {self.total} fused calls in {self.seconds:.2f} s"
+        summary = Table(title=title)
+        for column in ("family", "sites", "near-misses", "where (first sites)"):
             summary.add_column(column, overflow="fold")
         for fam in self.families.values():
-            summary.add_row(
-                fam.name, fam.math, fam.fused_op, str(fam.count), str(len(fam.near_misses)),
-                _abbreviate([s.where for s in fam.sites], max_sites),
-            )
-        parts = [summary]
+            covers = f" (counts for {' + '.join(fam.covers)})" if fam.covers else ""
+            summary.add_row(fam.name + covers, str(fam.count), str(len(fam.near_misses)),
+                            _abbreviate([s.where for s in fam.sites], max_sites))
+        legend = Table(title="what each family fuses", show_header=True)
+        for column in ("family", "math", "fused op (fusion_pass::)"):
+            legend.add_column(column, overflow="fold")
+        for fam in self.families.values():
+            legend.add_row(fam.name, fam.math, fam.fused_op)
+        parts = [summary, legend]
         misses = [(fam.name, m) for fam in self.families.values() for m in fam.near_misses]
         if misses:
             table = Table(title="near-misses (left unfused)")
@@ -105,10 +121,10 @@ class Report:
             parts.append(table)
         if self.uncaptured:
             grouped = Counter(reason for _, reason in self.uncaptured)
-            text = Text("not captured (run unchanged; their children were tried instead):\n", style="bold")
+            text = Text("not traceable as a whole, so run as before while their children were captured:\n")
             for reason, n in grouped.items():
                 first = next(w for w, r in self.uncaptured if r == reason) or "<root>"
-                text.append(f"  {n} x {first}{' ...' if n > 1 else ''}: {reason}\n")
+                text.append(f"  {n} x {first}{' and similar' if n > 1 else ''}: {reason}\n")
             parts.append(text)
         if self.already_optimized:
             parts.append(Text(f"already optimized, left as is: {len(self.already_optimized)} modules"))

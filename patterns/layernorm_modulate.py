@@ -86,6 +86,7 @@ class LayerNormModulate:
     name = NAME
     op_key = "layernorm_scale_shift"
     math = "LN(x) * (1 + scale) + shift"
+    covers = ()
 
     def find(self, graph: fx.Graph, ctx: MatchContext) -> Iterator[Match | NearMiss]:
         for node in list(graph.nodes):

@@ -164,6 +164,7 @@ class QKRMSNorm:
     name = NAME
     op_key = "qk_rmsnorm"
     math = "q * rsqrt(mean(q^2) + eps) * w_q  and  k * rsqrt(mean(k^2) + eps) * w_k"
+    covers = ()
 
     def find(self, graph: fx.Graph, ctx: MatchContext) -> Iterator[Match | NearMiss]:
         sites = []

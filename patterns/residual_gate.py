@@ -85,6 +85,7 @@ class ResidualGate:
     name = NAME
     op_key = "residual_gate"
     math = "residual + gate * y"
+    covers = ()
 
     def find(self, graph: fx.Graph, ctx: MatchContext) -> Iterator[Match | NearMiss]:
         for node in list(graph.nodes):
@@ -103,5 +104,5 @@ class ResidualGate:
             args=(site.residual, site.y, site.gate),
             anchors=(site.result,),
             internal=(site.product,),
-            where=ctx.where(site.result),
+            where=ctx.where(site.y),
         )

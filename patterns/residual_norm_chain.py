@@ -26,6 +26,7 @@ NAME = "residual_layernorm_modulate"
 class ResidualNormChain:
     name = NAME
     op_key = "residual_gate_layernorm_scale_shift"
+    covers = (layernorm_modulate.NAME, residual_gate.NAME)  # each site is one site of each half
     math = "r = residual + gate * y;  LN(r) * (1 + scale) + shift"
 
     def find(self, graph: fx.Graph, ctx: MatchContext) -> Iterator[Match | NearMiss]:

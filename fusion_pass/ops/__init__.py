@@ -1,0 +1,34 @@
+"""Fused Triton ops of fusion_pass, registered under the `fusion_pass::` torch.library namespace.
+
+Importing this package registers every op; it imports no graph code. Each op module holds its
+kernel, the op with its fake impl and autograd, and `reference_<op>`, the plain PyTorch
+expression that is both the fallback (CPU, other dtypes, odd shapes) and the test oracle.
+"""
+
+from .launch import MAX_BLOCK, interpret_on_cpu, use_triton
+from .layernorm_modulate import (
+    ResidualNormOut,
+    layernorm_scale_shift,
+    reference_layernorm_scale_shift,
+    reference_residual_gate_layernorm_scale_shift,
+    residual_gate_layernorm_scale_shift,
+)
+from .qk_rmsnorm import QKNormOut, qk_rmsnorm, qk_rmsnorm_, reference_qk_rmsnorm
+from .residual_gate import reference_residual_gate, residual_gate
+
+__all__ = [
+    "MAX_BLOCK",
+    "QKNormOut",
+    "ResidualNormOut",
+    "interpret_on_cpu",
+    "layernorm_scale_shift",
+    "qk_rmsnorm",
+    "qk_rmsnorm_",
+    "reference_layernorm_scale_shift",
+    "reference_qk_rmsnorm",
+    "reference_residual_gate",
+    "reference_residual_gate_layernorm_scale_shift",
+    "residual_gate",
+    "residual_gate_layernorm_scale_shift",
+    "use_triton",
+]

@@ -1,0 +1,174 @@
+"""What every row-wise kernel of `fusion_pass.ops` shares: when to launch, how wide, over which rows.
+
+- `use_triton(*tensors)`: whether an op runs its Triton kernel or its PyTorch reference.
+  CUDA tensors (all on one device) take the kernel. CPU tensors take it only under the Triton
+  interpreter (`TRITON_INTERPRET=1`, which must be set before `fusion_pass.ops` is imported,
+  because `triton.jit` reads it when a kernel is defined) and inside `with interpret_on_cpu():`.
+- `row_settings(n_cols, elem_bytes)`: the one launch heuristic (Liger's `calculate_settings`):
+  a whole row in one block of `next_power_of_2(n_cols)` elements, and as many rows per program
+  as make a tile of at least `MIN_TILE` elements (narrow rows, such as 64-wide heads, would
+  otherwise leave each program too little work).
+- `row_layout(*tensors)`: the row index space and per-tensor strides of same-shape tensors
+  (broadcast operands included, stride 0), so kernels read every operand in place.
+- `rows_fit_kernel(x, *operands)`: the conditions every kernel shares; else ops use the reference.
+- `promoted_dtype(dtype, *operands)`: the dtype an elementwise expression over floats yields.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+
+MAX_BLOCK = 8192
+"""Widest row (elements) one program holds in registers. Each row-wise kernel keeps several
+fp32 operand rows live; past this they would spill, so ops with wider rows use the reference."""
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+"""Dtypes the kernels load and store; any other dtype makes an op use its reference."""
+
+MIN_TILE = 2048
+"""Elements per program below which narrow rows are stacked into one program."""
+
+_BYTES_PER_WARP = 512
+"""Tile bytes per warp: 32 threads x one 16-byte vector each."""
+
+_MAX_WARPS = 16
+
+_interpret_on_cpu: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "fusion_pass_interpret_on_cpu", default=False
+)
+
+
+class RowSettings(NamedTuple):
+    block_size: int  # columns per row block: next_power_of_2(n_cols)
+    block_rows: int  # rows per program (a power of two)
+    num_warps: int
+
+
+class RowLayout(NamedTuple):
+    """Rows of same-shape tensors `[..., D]` as a 2-level index space.
+
+    Row `r` of the `n_outer * n_inner` rows is `(r // n_inner, r % n_inner)`; tensor `i`'s
+    element `(outer, inner, col)` lies at `outer * strides[i][0] + inner * strides[i][1]
+    + col * strides[i][2]` elements from its data pointer.
+    """
+
+    n_outer: int
+    n_inner: int
+    strides: tuple[tuple[int, int, int], ...]  # per tensor: (outer, inner, col) strides
+
+    @property
+    def n_rows(self) -> int:
+        return self.n_outer * self.n_inner
+
+
+def row_settings(n_cols: int, elem_bytes: int) -> RowSettings:
+    """Block size, rows per program and warps for rows of `n_cols` elements of `elem_bytes` each.
+
+    Raises ValueError past `MAX_BLOCK`: ops check `fits_one_block` first and use their reference.
+    """
+    if not fits_one_block(n_cols):
+        raise ValueError(f"a row of {n_cols} elements exceeds MAX_BLOCK={MAX_BLOCK}")
+    block_size = 1 << (n_cols - 1).bit_length()
+    block_rows = max(MIN_TILE // block_size, 1)
+    tile_bytes = block_rows * block_size * elem_bytes
+    num_warps = min(max(tile_bytes // _BYTES_PER_WARP, 1), _MAX_WARPS)
+    return RowSettings(block_size, block_rows, num_warps)
+
+
+def fits_one_block(n_cols: int) -> bool:
+    return 0 < n_cols <= MAX_BLOCK
+
+
+@contextlib.contextmanager
+def interpret_on_cpu() -> Iterator[None]:
+    """Let CPU tensors take the Triton kernels (under `TRITON_INTERPRET=1`) in this context."""
+    token = _interpret_on_cpu.set(True)
+    try:
+        yield
+    finally:
+        _interpret_on_cpu.reset(token)
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when a kernel may run on `tensors`: all on one CUDA device, or all on the CPU
+    with the interpreter on and inside `interpret_on_cpu()`. Triton is a declared dependency
+    and the kernel modules import it, so it is importable whenever this is called."""
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        return False
+    device_type = devices.pop().type
+    if device_type == "cuda":
+        return True
+    return (
+        device_type == "cpu"
+        and os.environ.get("TRITON_INTERPRET") == "1"
+        and _interpret_on_cpu.get()
+    )
+
+
+def rows_fit_kernel(x: torch.Tensor, *operands: torch.Tensor) -> bool:
+    """Whether a row-wise kernel takes rows of `x` (`[..., D]`) with `operands`: one device
+    that `use_triton` accepts, kernel dtypes only, x non-empty with D <= MAX_BLOCK, and every
+    operand broadcasting into x's shape (an operand that adds dims makes the reference run)."""
+    tensors = (x, *operands)
+    return (
+        use_triton(*tensors)
+        and all(t.dtype in KERNEL_DTYPES for t in tensors)
+        and x.dim() >= 1
+        and x.numel() > 0
+        and fits_one_block(x.shape[-1])
+        and _broadcast_shape(*tensors) == x.shape
+    )
+
+
+def _broadcast_shape(*tensors: torch.Tensor) -> torch.Size | None:
+    """The broadcast shape of `tensors`, or None where they do not broadcast."""
+    try:
+        return torch.broadcast_shapes(*(t.shape for t in tensors))
+    except RuntimeError:
+        return None
+
+
+def promoted_dtype(dtype_with_dims: torch.dtype, *operands: torch.Tensor) -> torch.dtype:
+    """dtype of an elementwise expression over a tensor with dims of `dtype_with_dims` (x, r, q)
+    and floating `operands`, by PyTorch promotion: 0-d operands do not promote a tensor with
+    dims (`torch.result_type`'s categories), otherwise the widest float wins. Exact for floating
+    operands, the only ones the kernels take; other dtypes go to the references."""
+    with_dims = [t.dtype for t in operands if t.dim() > 0]
+    return functools.reduce(torch.promote_types, with_dims, dtype_with_dims)
+
+
+def row_layout(*tensors: torch.Tensor) -> RowLayout | None:
+    """Coalesce the leading dims of same-shape `tensors` into at most two row dims.
+
+    Rows are independent, so leading dims may be reordered: they are sorted by the first
+    tensor's strides (largest first) and neighbours merge where every tensor allows it
+    (`stride[outer] == stride[inner] * size[inner]`). A permuted `[B, H, L, D]` view of a qkv
+    projection thus becomes rows `(B * L, H)`, and `[B, L, D]` with a `[B, 1, D]` operand
+    becomes `(B, L)`. Returns None when more than two row dims remain (callers fall back).
+    """
+    shape = tensors[0].shape
+    lead = sorted(range(len(shape) - 1), key=lambda d: -tensors[0].stride(d))
+    merged: list[tuple[int, list[int]]] = []  # (size, per-tensor strides), outermost first
+    for dim in lead:
+        size, strides = shape[dim], [t.stride(dim) for t in tensors]
+        if size == 1:
+            continue
+        if merged and all(o == s * size for o, s in zip(merged[-1][1], strides)):
+            merged[-1] = (merged[-1][0] * size, strides)
+        else:
+            merged.append((size, strides))
+    if len(merged) > 2:
+        return None
+    while len(merged) < 2:
+        merged.insert(0, (1, [0] * len(tensors)))
+    (n_outer, outer), (n_inner, inner) = merged
+    col = [t.stride(-1) for t in tensors]
+    return RowLayout(n_outer, n_inner, tuple(zip(outer, inner, col)))

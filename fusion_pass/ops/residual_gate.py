@@ -1,0 +1,41 @@
+"""Gated residual: `fusion_pass::residual_gate(residual, y, gate) -> residual + gate * y`.
+
+residual, y: `[..., D]`; gate broadcasts to them, typically a `[B, 1, D]` chunk view of a
+`[B, 1, 6D]` modulation, read through strides. Shape and dtype are those of the unfused
+expression. The kernel is `layernorm_modulate`'s with NORMALIZE off (fp32 arithmetic, one
+rounding); other dtypes, an operand that adds dims, D > MAX_BLOCK or CPU tensors outside
+`interpret_on_cpu()` run the reference.
+"""
+
+import torch
+from torch import Tensor
+
+from .launch import promoted_dtype, rows_fit_kernel
+from .layernorm_modulate import launch_residual_norm_modulate
+from .reference_autograd import register_reference_autograd
+
+
+def reference_residual_gate(residual: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+    return residual + gate * y
+
+
+def _residual_gate(residual: Tensor, y: Tensor, gate: Tensor, launch: bool) -> Tensor:
+    if rows_fit_kernel(residual, y, gate):
+        r = torch.empty_like(residual, dtype=promoted_dtype(residual.dtype, gate, y))
+        if launch_residual_norm_modulate(residual, y=y, gate=gate, r_out=r, launch=launch):
+            return r
+    return reference_residual_gate(residual, y, gate)
+
+
+@torch.library.custom_op("fusion_pass::residual_gate", mutates_args=())
+def residual_gate(residual: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+    """`residual + gate * y` in one kernel."""
+    return _residual_gate(residual, y, gate, launch=True)
+
+
+@residual_gate.register_fake
+def _(residual, y, gate):
+    return _residual_gate(residual, y, gate, launch=False)
+
+
+register_reference_autograd(residual_gate, reference_residual_gate)
