@@ -493,7 +493,8 @@ PREPARE: dict[str, Callable[[Group], Prepared]] = {
 
 
 def _fusion_facts(report, cfg) -> dict[str, Any]:
-    """Sites fused per family, and per family the config predicts: fused (alone + chained) / expected."""
+    """Sites fused per family, and per family the config predicts: fused / expected (a chained
+    residual->norm site counts toward both halves: ``Report.totals()``)."""
     counts = report.counts()
     facts: dict[str, Any] = {"counts": counts, "pass_s": round(report.seconds, 3)}
     expected = getattr(cfg, "expected_sites", None)
@@ -554,7 +555,10 @@ def _measure(group: Group, mode: str) -> dict[str, Any]:
     record["err_vs_eager"] = _rel_err(out, group.ref_eager)
     record["err_vs_fp32"] = _rel_err(out, group.ref_fp32)
     if settings.profile:
-        record["profile"] = _profile(prepared.step, group.inputs, settings)
+        try:  # a profiler failure costs the kernel figures, not the timings
+            record["profile"] = _profile(prepared.step, group.inputs, settings)
+        except Exception as exc:  # noqa: BLE001
+            record["profile_error"] = _one_line(exc)
     record.update(prepared.extra)
     if prepared.after is not None:
         record.update(prepared.after())
@@ -1182,6 +1186,7 @@ def _environment(settings: Settings) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda_runtime": torch.version.cuda,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),  # "highest": the fp32 reference is fp32
         "platform": platform.platform(),
     }
     try:

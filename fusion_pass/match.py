@@ -107,6 +107,16 @@ def _clean_module_path(path: str) -> str:
     return path.strip(".")
 
 
+def scan(graph: fx.Graph, ctx: MatchContext, match_at) -> Iterator:
+    """``match_at(node)`` for every live node of a snapshot of ``graph``; yields the results
+    that are not None (a family's site or a NearMiss), so a family can rewrite as it goes."""
+    for node in list(graph.nodes):
+        if ctx.live(node):
+            found = match_at(node)
+            if found is not None:
+                yield found
+
+
 # --- reading canonical nodes ------------------------------------------------------------
 
 def is_call(node: Any, target) -> bool:

@@ -20,7 +20,7 @@ from torch import fx
 from fusion_pass import normalize as canon
 from fusion_pass.match import (
     Match, MatchContext, NearMiss, broadcasts_over_last_dim, describe, is_call, is_number,
-    only_user, other_operand,
+    only_user, other_operand, scan,
 )
 
 NAME = "layernorm_modulate"
@@ -89,14 +89,8 @@ class LayerNormModulate:
     covers = ()
 
     def find(self, graph: fx.Graph, ctx: MatchContext) -> Iterator[Match | NearMiss]:
-        for node in list(graph.nodes):
-            if not ctx.live(node):
-                continue
-            site = match_site(node, ctx)
-            if isinstance(site, LayerNormModulateSite):
-                yield self.to_match(site, ctx)
-            elif site is not None:
-                yield site
+        for site in scan(graph, ctx, lambda node: match_site(node, ctx)):
+            yield site if isinstance(site, NearMiss) else self.to_match(site, ctx)
 
     def to_match(self, site: LayerNormModulateSite, ctx: MatchContext) -> Match:
         return Match(

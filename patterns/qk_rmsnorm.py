@@ -27,7 +27,7 @@ from torch import fx
 from fusion_pass import normalize as canon
 from fusion_pass.match import (
     Match, MatchContext, NearMiss, is_call, is_cast, is_number, operand_orders, reduces_last_dim_only,
-    tensor_meta,
+    scan, tensor_meta,
 )
 
 NAME = "qk_rmsnorm"
@@ -168,13 +168,10 @@ class QKRMSNorm:
 
     def find(self, graph: fx.Graph, ctx: MatchContext) -> Iterator[Match | NearMiss]:
         sites = []
-        for node in list(graph.nodes):
-            if not ctx.live(node):
-                continue
-            site = match_rms_norm(node, ctx)
+        for site in scan(graph, ctx, lambda node: match_rms_norm(node, ctx)):
             if isinstance(site, NearMiss):
                 yield site
-            elif site is not None:
+            else:
                 sites.append(site)
         yield from self._pairs(sites, ctx)
 

@@ -21,7 +21,7 @@ from torch import fx
 from fusion_pass import normalize as canon
 from fusion_pass.match import (
     Match, MatchContext, NearMiss, broadcasts_over_last_dim, depends_on, describe, is_call,
-    operand_orders, tensor_meta,
+    operand_orders, scan, tensor_meta,
 )
 
 NAME = "residual_gate"
@@ -88,14 +88,8 @@ class ResidualGate:
     covers = ()
 
     def find(self, graph: fx.Graph, ctx: MatchContext) -> Iterator[Match | NearMiss]:
-        for node in list(graph.nodes):
-            if not ctx.live(node):
-                continue
-            site = match_site(node, ctx, ctx.positions(graph))
-            if isinstance(site, ResidualGateSite):
-                yield self.to_match(site, ctx)
-            elif site is not None:
-                yield site
+        for site in scan(graph, ctx, lambda node: match_site(node, ctx, ctx.positions(graph))):
+            yield site if isinstance(site, NearMiss) else self.to_match(site, ctx)
 
     def to_match(self, site: ResidualGateSite, ctx: MatchContext) -> Match:
         return Match(

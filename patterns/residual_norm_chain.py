@@ -17,7 +17,7 @@ from typing import Iterator
 
 from torch import fx
 
-from fusion_pass.match import Match, MatchContext, NearMiss
+from fusion_pass.match import Match, MatchContext, NearMiss, scan
 from patterns import layernorm_modulate, residual_gate
 
 NAME = "residual_layernorm_modulate"
@@ -30,10 +30,7 @@ class ResidualNormChain:
     math = "r = residual + gate * y;  LN(r) * (1 + scale) + shift"
 
     def find(self, graph: fx.Graph, ctx: MatchContext) -> Iterator[Match | NearMiss]:
-        for node in list(graph.nodes):
-            if not ctx.live(node):
-                continue
-            norm_site = layernorm_modulate.match_site(node, ctx)
+        for norm_site in scan(graph, ctx, lambda node: layernorm_modulate.match_site(node, ctx)):
             if not isinstance(norm_site, layernorm_modulate.LayerNormModulateSite):
                 continue
             gate_site = residual_gate.match_site(norm_site.x, ctx, ctx.positions(graph))

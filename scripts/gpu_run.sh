@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The one command for the H200 box (torch 2.11 + triton 3.6, python3.12, no package registry):
+#
+#     bash scripts/gpu_run.sh "$OUT" [extra `fusion-pass bench` options]
+#
+# with `.whl` in the device call's carry (it holds hy3dgen-*.whl, git-ignored). Stages, each
+# time-boxed so that the whole run ends inside 9.5 minutes:
+#   tests  python3 -m pytest -q -m gpu tests            -> $OUT/gpu_tests.txt
+#   ops    python3 benchmarks/ops_bench.py               -> $OUT/ops_bench.json, $OUT/ops_bench.md
+#   bench  python3 -m fusion_pass.cli bench --out $OUT   -> bench.json, bench.md, bench.png,
+#                                                           profile_eager.txt, profile_optimize.txt
+# That is 8 files, the most $OUT returns: nothing else may be written there. The bench gets the
+# time the first two stages left (--time-budget) and drops its most expendable compile modes to
+# fit; for the whole default bench alone: GPU_RUN_STAGES=bench bash scripts/gpu_run.sh "$OUT".
+# Environment: GPU_RUN_STAGES (default tests,ops,bench), GPU_RUN_DEADLINE (seconds, default 560).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${1:?usage: bash scripts/gpu_run.sh OUT_DIR [bench options...]}
+shift
+mkdir -p "$OUT"
+STAGES=${GPU_RUN_STAGES:-tests,ops,bench}
+DEADLINE=${GPU_RUN_DEADLINE:-560}
+TESTS_MAX=120
+OPS_MAX=120
+export PYTHONUNBUFFERED=1
+SUMMARY=()
+
+has_stage() { [[ ",$STAGES," == *",$1,"* ]]; }
+left() { echo $((DEADLINE - SECONDS)); }
+box() {  # box SECONDS: the smaller of SECONDS and the time left before the deadline (>= 1:
+  local l; l=$(left)   # `timeout 0` would mean no limit at all)
+  (( l < 1 )) && l=1
+  (( $1 < l )) && echo "$1" || echo "$l"
+}
+banner() { echo; echo "=== $* (t=${SECONDS}s, $(left)s left) ==="; }
+
+# --- set-up: hy3dgen (the official DiT file) from the carried wheel ------------------------
+SITE=/tmp/site
+WHEEL=$(ls .whl/hy3dgen-*.whl 2>/dev/null | head -n 1)
+if [[ -n "$WHEEL" ]]; then
+  python3 -m pip install -q --no-deps --no-index --no-compile --disable-pip-version-check \
+      --target "$SITE" "$WHEEL" 2>/dev/null \
+    || python3 -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" "$WHEEL" "$SITE" \
+    || echo "warning: could not install $WHEEL"
+  export PYTHONPATH=".:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+else
+  echo "warning: no .whl/hy3dgen-*.whl (carry .whl): the bench measures reference_models' twin"
+  export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+banner "machine"
+nvidia-smi || echo "warning: nvidia-smi failed"
+python3 - <<'EOF'
+import platform, torch
+try:
+    import triton; tv = triton.__version__
+except Exception as exc:
+    tv = f"missing ({exc})"
+try:
+    from reference_models import official_file; hy = official_file()
+except Exception as exc:
+    hy = f"missing ({exc})"
+print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {tv}")
+print(f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NONE'}; hy3dgen DiT: {hy}")
+EOF
+
+# --- stage 1: GPU tests ----------------------------------------------------------------------
+if has_stage tests; then
+  banner "tests: pytest -m gpu"
+  start=$SECONDS
+  timeout -k 10 "$(box $TESTS_MAX)" python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 \
+    | tee "$OUT/gpu_tests.txt"
+  rc=$?
+  (( rc == 124 )) && echo "gpu tests stopped at their time box" | tee -a "$OUT/gpu_tests.txt"
+  SUMMARY+=("tests rc=$rc ($((SECONDS - start)) s)")
+fi
+
+# --- stage 2: kernel micro-benchmarks ---------------------------------------------------------
+if has_stage ops; then
+  banner "ops: benchmarks/ops_bench.py"
+  start=$SECONDS
+  if [[ -f benchmarks/ops_bench.py ]]; then
+    OPS_OUT=$(mktemp -d /tmp/ops_bench.XXXXXX)  # only its two files are copied into $OUT
+    timeout -k 10 "$(box $OPS_MAX)" python3 benchmarks/ops_bench.py --out "$OPS_OUT" 2>&1
+    rc=$?
+    for f in ops_bench.json ops_bench.md; do
+      [[ -f "$OPS_OUT/$f" ]] && cp "$OPS_OUT/$f" "$OUT/$f"
+    done
+    SUMMARY+=("ops rc=$rc ($((SECONDS - start)) s)")
+  else
+    echo "benchmarks/ops_bench.py does not exist yet: skipped"
+    SUMMARY+=("ops absent")
+  fi
+fi
+
+# --- stage 3: the bench (its summary tables are the last thing printed) -----------------------
+if has_stage bench; then
+  # python start-up and writing the files come on top of the budget the bench plans with
+  budget=$(( $(left) - 30 ))
+  banner "bench: --time-budget ${budget}s"
+  start=$SECONDS
+  if (( budget < 60 )); then
+    echo "not enough time left for the bench"
+    SUMMARY+=("bench skipped (no time)")
+  else
+    if [[ -f fusion_pass/cli.py ]] && grep -q '"bench"' fusion_pass/cli.py; then
+      BENCH=(python3 -m fusion_pass.cli bench)
+    else
+      BENCH=(python3 -m fusion_pass.bench)
+    fi
+    # SIGTERM at the deadline: the bench writes what it measured, then exits 124
+    timeout -k 20 "$(box $((budget + 25)))" "${BENCH[@]}" --out "$OUT" --time-budget "$budget" "$@" 2>&1
+    rc=$?
+    SUMMARY+=("bench rc=$rc ($((SECONDS - start)) s)")
+  fi
+fi
+
+n=$(find "$OUT" -type f | wc -l)
+echo "gpu_run: ${SUMMARY[*]:-nothing run}; total ${SECONDS} s; $n files in \$OUT$( (( n > 8 )) && echo ' (MORE THAN 8: some will not come back)')"

@@ -1,0 +1,321 @@
+"""The ``fusion-pass`` command line: ``inspect`` on built-in configs and factory files, its
+JSON, its exit statuses and one-line errors, and the lazily imported ``bench`` subcommand.
+
+Runs ``fusion_pass.cli.main`` in-process (capsys), and once as ``python -m fusion_pass.cli``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+
+from fusion_pass import cli
+from reference_models import CONFIGS, DiTConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HUNYUAN3D_2_SITES = {"layernorm_modulate": 97, "residual_gate": 96, "qk_rmsnorm": 64}
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    status = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_one_line_error(err: str, *pieces: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("fusion-pass: error: ")
+    assert "Traceback" not in err
+    for piece in pieces:
+        assert piece in lines[0]
+
+
+def fused_totals(data: dict) -> dict[str, int]:
+    """Per family of expected_sites(), fused sites with chained ones counted toward both halves."""
+    counts = data["counts"]
+    chained = counts.get("residual_layernorm_modulate", 0)
+    return {
+        "layernorm_modulate": counts["layernorm_modulate"] + chained,
+        "residual_gate": counts["residual_gate"] + chained,
+        "qk_rmsnorm": counts["qk_rmsnorm"],
+    }
+
+
+def write_factory(tmp_path: Path, body: str, name: str = "factory.py") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+# A user model outside reference_models: one adaLN-modulated LayerNorm (shift, scale from a
+# [B, D] condition, spelled with [:, None]) and the inputs --check needs.
+ADALN_FACTORY = """
+    import torch
+    from torch import nn
+
+    class AdaLN(nn.Module):
+        def __init__(self, dim=16):
+            super().__init__()
+            self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.mod = nn.Linear(dim, 2 * dim)
+
+        def forward(self, x, c):
+            shift, scale = self.mod(c).chunk(2, dim=-1)
+            return self.norm(x) * (1 + scale[:, None]) + shift[:, None]
+
+    def make_model():
+        return AdaLN()
+
+    def example_inputs():
+        generator = torch.Generator().manual_seed(0)
+        return torch.randn(2, 5, 16, generator=generator), torch.randn(2, 16, generator=generator)
+"""
+
+
+# --- built-in configs ---------------------------------------------------------------------
+
+def test_inspect_tiny_prints_the_report_and_one_line_per_expected_family(capsys):
+    status, out, err = run(capsys, "inspect", "tiny")
+    assert status == cli.EXIT_OK, err
+    assert "fusion_pass (optimize)" in out
+    assert "on meta" in out  # built-in configs default to the meta device
+    assert "expected sites for tiny" in out
+    expected = CONFIGS["tiny"].expected_sites()
+    for family, count in expected.items():
+        line = next(line for line in out.splitlines() if line.strip().startswith(family + " "))
+        assert f"{count} / {count}" in line and "ok" in line
+    assert "Traceback" not in err
+
+
+def test_inspect_hunyuan3d_2_on_meta_fuses_every_expected_site(capsys):
+    status, out, err = run(capsys, "inspect", "hunyuan3d-2", "--json")
+    assert status == cli.EXIT_OK, err
+    data = json.loads(out)
+    assert CONFIGS["hunyuan3d-2"].expected_sites() == HUNYUAN3D_2_SITES
+    assert fused_totals(data) == HUNYUAN3D_2_SITES
+    assert {family: row["fused"] for family, row in data["expected"].items()} == HUNYUAN3D_2_SITES
+    assert all(row["ok"] for row in data["expected"].values())
+    assert data["model"]["device"] == "meta" and data["model"]["parameters"] > 1_000_000_000
+
+
+def test_inspect_official_tiny_fuses_every_expected_site(capsys):
+    status, out, err = run(capsys, "inspect", "tiny", "--official", "--json")
+    assert status == cli.EXIT_OK, err
+    data = json.loads(out)
+    assert "official" in data["model"]["label"]
+    assert fused_totals(data) == CONFIGS["tiny"].expected_sites()
+
+
+def test_json_output_is_one_json_document_and_nothing_else(capsys):
+    status, out, err = run(capsys, "inspect", "tiny", "--json")
+    assert status == cli.EXIT_OK, err
+    data = json.loads(out)  # raises on anything but exactly one document
+    assert {"source", "counts", "families", "graphs", "uncaptured", "expected", "model"} <= set(data)
+    assert data["source"] == "optimize"
+
+
+def test_check_runs_tiny_before_and_after_and_prints_the_relative_error(capsys):
+    status, out, err = run(capsys, "inspect", "tiny", "--device", "cpu", "--check")
+    assert status == cli.EXIT_OK, err
+    assert "max relative error" in out and "on cpu" in out
+
+    status, out, err = run(capsys, "inspect", "tiny", "--device", "cpu", "--check", "--json")
+    assert status == cli.EXIT_OK, err
+    check = json.loads(out)["check"]
+    assert check["ok"] and 0 <= check["max_rel_error"] <= check["tolerance"]
+
+
+def test_check_above_tolerance_exits_1_with_one_line(capsys):
+    status, out, err = run(capsys, "inspect", "tiny", "--device", "cpu", "--check", "--tolerance", "-1")
+    assert status == cli.EXIT_SHORTFALL
+    assert_one_line_error(err, "--check", "tolerance")
+    assert "fusion_pass (optimize)" in out  # the report is still shown
+
+
+def test_check_on_the_meta_device_is_refused(capsys):
+    status, out, err = run(capsys, "inspect", "tiny", "--check")
+    assert status == cli.EXIT_USAGE
+    assert_one_line_error(err, "meta", "--device cpu")
+    assert out == ""
+
+
+def test_patterns_limit_the_families_and_the_expected_comparison(capsys):
+    status, out, err = run(capsys, "inspect", "tiny", "--json", "--patterns", "qk_rmsnorm")
+    assert status == cli.EXIT_OK, err
+    data = json.loads(out)
+    assert data["counts"] == {"qk_rmsnorm": CONFIGS["tiny"].expected_sites()["qk_rmsnorm"]}
+    assert set(data["expected"]) == {"qk_rmsnorm"}
+
+
+def test_unknown_pattern_family_is_one_line_naming_the_valid_ones(capsys):
+    status, out, err = run(capsys, "inspect", "tiny", "--patterns", "layernorm_modulate,nope")
+    assert status == cli.EXIT_USAGE
+    assert_one_line_error(err, "nope", "qk_rmsnorm")
+
+
+def test_counts_below_expected_exit_1_with_one_line(capsys, monkeypatch):
+    real = DiTConfig.expected_sites
+    monkeypatch.setattr(DiTConfig, "expected_sites", lambda self: {k: v + 1 for k, v in real(self).items()})
+    status, out, err = run(capsys, "inspect", "tiny")
+    assert status == cli.EXIT_SHORTFALL
+    assert_one_line_error(err, "fewer sites", "qk_rmsnorm 6/7")
+    assert "BELOW EXPECTED" in out
+
+
+def test_unknown_model_name_exits_2_listing_the_valid_names(capsys):
+    status, out, err = run(capsys, "inspect", "hunyuan3d-3")
+    assert status == cli.EXIT_USAGE
+    assert_one_line_error(err, "hunyuan3d-3", *CONFIGS, "file.py:FUNCTION")
+    assert out == ""
+
+
+def test_unknown_model_name_from_a_subprocess_is_one_line_without_traceback():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-m", "fusion_pass.cli", "inspect", "no-such-model"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == cli.EXIT_USAGE
+    assert done.stdout == ""
+    assert_one_line_error(done.stderr, "no-such-model", "tiny")
+
+
+# --- factories ----------------------------------------------------------------------------
+
+def test_factory_returning_a_module_is_inspected_on_the_cpu(capsys, tmp_path):
+    path = write_factory(tmp_path, ADALN_FACTORY)
+    status, out, err = run(capsys, "inspect", f"{path}:make_model", "--json")
+    assert status == cli.EXIT_OK, err
+    data = json.loads(out)
+    assert data["counts"]["layernorm_modulate"] == 1
+    assert data["model"]["device"] == "cpu"
+    assert "expected" not in data  # only built-in configs have expected counts
+
+
+def test_factory_with_example_inputs_supports_check_and_strict_on_its_families(capsys, tmp_path):
+    path = write_factory(tmp_path, ADALN_FACTORY)
+    status, out, err = run(capsys, "inspect", f"{path}:make_model", "--check", "--strict",
+                           "--patterns", "layernorm_modulate")
+    assert status == cli.EXIT_OK, err
+    assert "max relative error" in out
+
+
+def test_factory_building_one_of_our_models_imports_from_its_own_folder(capsys, tmp_path):
+    write_factory(tmp_path, "CONFIG = 'tiny'\n", name="settings_for_factory.py")
+    path = write_factory(tmp_path, """
+        from settings_for_factory import CONFIG
+        from reference_models import build_model
+
+        def make_model():
+            return build_model(CONFIG)
+    """)
+    status, out, err = run(capsys, "inspect", f"{path}:make_model", "--json")
+    assert status == cli.EXIT_OK, err
+    assert fused_totals(json.loads(out)) == CONFIGS["tiny"].expected_sites()
+
+
+def test_factory_returning_a_non_module_exits_2(capsys, tmp_path):
+    path = write_factory(tmp_path, "def make_model():\n    return 42\n")
+    status, out, err = run(capsys, "inspect", f"{path}:make_model")
+    assert status == cli.EXIT_USAGE
+    assert_one_line_error(err, "returned int", "torch.nn.Module")
+
+
+def test_factory_file_with_a_syntax_error_exits_2(capsys, tmp_path):
+    path = write_factory(tmp_path, "def make_model(:\n    pass\n")
+    status, out, err = run(capsys, "inspect", f"{path}:make_model")
+    assert status == cli.EXIT_USAGE
+    assert_one_line_error(err, "cannot import", "SyntaxError")
+
+
+def test_factory_file_without_the_function_exits_2_naming_what_it_defines(capsys, tmp_path):
+    path = write_factory(tmp_path, "def build():\n    pass\n")
+    status, out, err = run(capsys, "inspect", f"{path}:make_model")
+    assert status == cli.EXIT_USAGE
+    assert_one_line_error(err, "no function 'make_model'", "build")
+
+
+def test_factory_that_raises_exits_2_with_its_message(capsys, tmp_path):
+    path = write_factory(tmp_path, "def make_model():\n    raise ValueError('needs a checkpoint')\n")
+    status, out, err = run(capsys, "inspect", f"{path}:make_model")
+    assert status == cli.EXIT_USAGE
+    assert_one_line_error(err, "ValueError: needs a checkpoint")
+
+
+def test_missing_factory_file_and_missing_function_name_exit_2(capsys, tmp_path):
+    status, _, err = run(capsys, "inspect", f"{tmp_path / 'absent.py'}:make_model")
+    assert status == cli.EXIT_USAGE
+    assert_one_line_error(err, "does not exist")
+    status, _, err = run(capsys, "inspect", str(write_factory(tmp_path, "")))
+    assert status == cli.EXIT_USAGE
+    assert_one_line_error(err, ":make_model")
+
+
+def test_strict_with_a_model_that_has_nothing_to_fuse_exits_1(capsys, tmp_path):
+    path = write_factory(tmp_path, """
+        from torch import nn
+
+        def make_model():
+            return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    """)
+    status, out, err = run(capsys, "inspect", f"{path}:make_model")
+    assert status == cli.EXIT_OK, err  # without --strict an empty report is still a report
+    status, out, err = run(capsys, "inspect", f"{path}:make_model", "--strict")
+    assert status == cli.EXIT_SHORTFALL
+    assert_one_line_error(err, "nothing fused")
+    assert "fusion_pass (optimize): 0 fused calls" in out
+
+
+# --- help and bench -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [["--help"], ["inspect", "--help"]])
+def test_help_describes_the_model_forms_and_examples(capsys, argv):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "fusion-pass inspect hunyuan3d-2" in out
+    if argv[0] == "inspect":
+        assert "path/to/file.py:make_model" in out and "meta" in out and "exit status" in out
+    else:
+        assert "inspect" in out and "bench" in out
+
+
+def test_inspect_does_not_import_the_bench_module(capsys, monkeypatch):
+    monkeypatch.delitem(sys.modules, "fusion_pass.bench", raising=False)
+    status, _, err = run(capsys, "inspect", "tiny", "--patterns", "qk_rmsnorm")
+    assert status == cli.EXIT_OK, err
+    assert "fusion_pass.bench" not in sys.modules
+
+
+def test_bench_without_its_module_is_one_line(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fusion_pass.bench", None)  # import fails as if absent
+    status, _, err = run(capsys, "bench")
+    assert status == cli.EXIT_USAGE
+    assert_one_line_error(err, "bench", "not available")
+
+
+def test_bench_parses_its_options_with_the_bench_module_and_returns_its_status(capsys, monkeypatch):
+    seen = {}
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--steps", type=int, default=1, help="timed steps")
+
+    def run_bench(args: argparse.Namespace) -> int:
+        seen["steps"] = args.steps
+        return 3
+
+    fake = types.ModuleType("fusion_pass.bench")
+    fake.add_arguments, fake.run = add_arguments, run_bench
+    monkeypatch.setitem(sys.modules, "fusion_pass.bench", fake)
+    assert cli.main(["bench", "--steps", "7"]) == 3
+    assert seen == {"steps": 7}
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    assert "timed steps" in capsys.readouterr().out
