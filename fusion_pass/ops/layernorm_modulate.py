@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import promoted_dtype, row_layout, row_settings, rows_fit_kernel
+from .launch import on_device_of, promoted_dtype, row_layout, row_settings, rows_fit_kernel, strided_args
 from .reference_autograd import register_reference_autograd
 from .row_access import load_row_f32, row_offsets, row_tile, store_row
 
@@ -106,39 +106,36 @@ def launch_residual_norm_modulate(
     eps: float = 0.0,
     launch: bool = True,
 ) -> bool:
-    """Run the kernel over rows of `x` (`[..., D]`); operands broadcast to x's shape.
+    """Run the kernel over rows of `x` (`[..., D]`); operands broadcast into x's shape.
 
     Pass y, gate and r_out for the gated residual; shift, scale and out (weight, bias optional)
     for the modulated LayerNorm. With `launch=False` (fake tensors) only checks the layout.
-    Returns False, launching nothing, when the rows do not coalesce into two row dims.
+    Returns False, launching nothing, when an operand does not broadcast into x's shape or the
+    rows do not coalesce into two row dims (`row_layout`).
     """
     slots = (x, y, gate, shift, scale, weight, bias, r_out, out)
-    present = [t.expand(x.shape) for t in slots if t is not None]
-    layout = row_layout(*present)
+    layout = row_layout(x.shape, *(t for t in slots if t is not None))
     if layout is None:
         return False
     if not launch:
         return True
-    strides = iter(layout.strides)
-    args = []
-    for t in slots:
-        args += [t, *next(strides)] if t is not None else [None, 0, 0, 0]
     n_cols = x.shape[-1]
     settings = row_settings(n_cols, x.element_size())
-    _residual_norm_modulate_kernel[(triton.cdiv(layout.n_rows, settings.block_rows),)](
-        *args,
-        layout.n_rows,
-        layout.n_inner,
-        n_cols,
-        eps,
-        BLOCK_ROWS=settings.block_rows,
-        BLOCK_D=settings.block_size,
-        HAS_RESIDUAL=y is not None,
-        NORMALIZE=out is not None,
-        HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None,
-        num_warps=settings.num_warps,
-    )
+    with on_device_of(x):
+        _residual_norm_modulate_kernel[(triton.cdiv(layout.n_rows, settings.block_rows),)](
+            *strided_args(slots, layout),
+            layout.n_rows,
+            layout.n_inner,
+            n_cols,
+            eps,
+            BLOCK_ROWS=settings.block_rows,
+            BLOCK_D=settings.block_size,
+            HAS_RESIDUAL=y is not None,
+            NORMALIZE=out is not None,
+            HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None,
+            num_warps=settings.num_warps,
+        )
     return True
 
 
@@ -170,9 +167,8 @@ def _fits(x: Tensor, operands: tuple[Tensor, ...], weight: Tensor | None, bias: 
     )
 
 
-def _layernorm_scale_shift(
-    x: Tensor, shift: Tensor, scale: Tensor, eps: float, weight: Tensor | None, bias: Tensor | None, launch: bool
-) -> Tensor:
+def _layernorm_scale_shift(x, shift, scale, eps, weight, bias, launch: bool) -> Tensor:
+    """The op's body (`launch=True`) and fake impl (`launch=False`): kernel or reference."""
     if _fits(x, (shift, scale), weight, bias, x.dtype):
         out = torch.empty_like(x, dtype=promoted_dtype(x.dtype, scale, shift))
         operands = dict(shift=shift, scale=scale, weight=weight, bias=bias, out=out)
@@ -181,17 +177,8 @@ def _layernorm_scale_shift(
     return reference_layernorm_scale_shift(x, shift, scale, eps, weight, bias)
 
 
-def _residual_gate_layernorm_scale_shift(
-    residual: Tensor,
-    y: Tensor,
-    gate: Tensor,
-    shift: Tensor,
-    scale: Tensor,
-    eps: float,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    launch: bool,
-) -> tuple[Tensor, Tensor]:
+def _residual_gate_layernorm_scale_shift(residual, y, gate, shift, scale, eps, weight, bias, launch: bool):
+    """The op's body (`launch=True`) and fake impl (`launch=False`): kernel or reference."""
     r_dtype = promoted_dtype(residual.dtype, gate, y)
     if _fits(residual, (y, gate, shift, scale), weight, bias, r_dtype):
         r = torch.empty_like(residual, dtype=r_dtype)

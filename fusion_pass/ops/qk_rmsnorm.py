@@ -14,7 +14,8 @@ q, k: `[..., D]` of any rank >= 1, typically `[B, H, L, D]` views
 Weights broadcast to their tensor (usually `[D]`). Out dtype = `torch.result_type(n, w)`;
 `eps=None` means `torch.finfo(x.dtype).eps` (F.rms_norm's convention). q and k may differ in
 shape, D and dtype. The in-place form requires out dtype == input dtype. fp16/bf16/fp32 with
-D <= MAX_BLOCK on CUDA (or the CPU interpreter) take the kernel, the rest the reference.
+D <= MAX_BLOCK on CUDA (or the CPU interpreter) take the kernel, the rest the reference (which,
+like the official `x.float()`, normalises fp64 inputs in fp32).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import RowLayout, promoted_dtype, row_layout, row_settings, rows_fit_kernel
+from .launch import on_device_of, promoted_dtype, row_layout, row_settings, rows_fit_kernel, strided_args
 from .reference_autograd import register_reference_autograd
 from .row_access import load_row_f32, row_offsets, row_tile, store_row
 
@@ -101,37 +102,33 @@ def _out_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     return promoted_dtype(x.dtype, weight)
 
 
-def _rows(x: Tensor, weight: Tensor, out: Tensor) -> RowLayout | None:
-    return row_layout(x, weight.expand(x.shape), out)
-
-
 def _launch(q, k, q_weight, k_weight, q_out, k_out, eps: float | None, launch: bool) -> bool:
-    """Run the kernel writing q_out, k_out; False (nothing launched) if rows do not coalesce."""
-    q_layout, k_layout = _rows(q, q_weight, q_out), _rows(k, k_weight, k_out)
+    """Run the kernel writing q_out, k_out. False, launching nothing, where a weight does not
+    broadcast into its tensor or rows do not coalesce (`row_layout`)."""
+    q_layout, k_layout = row_layout(q.shape, q, q_weight, q_out), row_layout(k.shape, k, k_weight, k_out)
     if q_layout is None or k_layout is None:
         return False
     if not launch:
         return True
     settings = row_settings(max(q.shape[-1], k.shape[-1]), max(q.element_size(), k.element_size()))
-    q_args = [arg for t, s in zip((q, q_weight, q_out), q_layout.strides) for arg in (t, *s)]
-    k_args = [arg for t, s in zip((k, k_weight, k_out), k_layout.strides) for arg in (t, *s)]
     q_programs = triton.cdiv(q_layout.n_rows, settings.block_rows)
-    _qk_rmsnorm_kernel[(q_programs + triton.cdiv(k_layout.n_rows, settings.block_rows),)](
-        *q_args,
-        *k_args,
-        q_programs,
-        q_layout.n_rows,
-        k_layout.n_rows,
-        q_layout.n_inner,
-        k_layout.n_inner,
-        q.shape[-1],
-        k.shape[-1],
-        _default_eps(q, eps),
-        _default_eps(k, eps),
-        BLOCK_ROWS=settings.block_rows,
-        BLOCK_D=settings.block_size,
-        num_warps=settings.num_warps,
-    )
+    with on_device_of(q):
+        _qk_rmsnorm_kernel[(q_programs + triton.cdiv(k_layout.n_rows, settings.block_rows),)](
+            *strided_args((q, q_weight, q_out), q_layout),
+            *strided_args((k, k_weight, k_out), k_layout),
+            q_programs,
+            q_layout.n_rows,
+            k_layout.n_rows,
+            q_layout.n_inner,
+            k_layout.n_inner,
+            q.shape[-1],
+            k.shape[-1],
+            _default_eps(q, eps),
+            _default_eps(k, eps),
+            BLOCK_ROWS=settings.block_rows,
+            BLOCK_D=settings.block_size,
+            num_warps=settings.num_warps,
+        )
     return True
 
 
@@ -140,6 +137,7 @@ def _kernel_fits(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor) -> bo
 
 
 def _qk_rmsnorm(q, k, q_weight, k_weight, eps, launch: bool) -> tuple[Tensor, Tensor]:
+    """The op's body (`launch=True`) and fake impl (`launch=False`): kernel or reference."""
     if _kernel_fits(q, k, q_weight, k_weight):
         q_out = torch.empty_like(q, dtype=_out_dtype(q, q_weight))
         k_out = torch.empty_like(k, dtype=_out_dtype(k, k_weight))

@@ -20,6 +20,7 @@ def reference_residual_gate(residual: Tensor, y: Tensor, gate: Tensor) -> Tensor
 
 
 def _residual_gate(residual: Tensor, y: Tensor, gate: Tensor, launch: bool) -> Tensor:
+    """The op's body (`launch=True`) and fake impl (`launch=False`): kernel or reference."""
     if rows_fit_kernel(residual, y, gate):
         r = torch.empty_like(residual, dtype=promoted_dtype(residual.dtype, gate, y))
         if launch_residual_norm_modulate(residual, y=y, gate=gate, r_out=r, launch=launch):

@@ -1,0 +1,78 @@
+"""Fixtures of the fused-op tests. Without a GPU the kernels run under the Triton interpreter,
+which `triton.jit` reads when `fusion_pass.ops` defines its kernels: so TRITON_INTERPRET is
+set here, before that import (setdefault: harmless if tests/conftest.py set it first)."""
+
+import os
+import shutil
+
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from importlib import import_module  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fusion_pass.ops import interpret_on_cpu  # noqa: E402
+
+# `fusion_pass.ops.qk_rmsnorm` is the op (the package exports it under its module's name):
+# import_module returns the module itself.
+KERNELS = (
+    (import_module("fusion_pass.ops.layernorm_modulate"), "_residual_norm_modulate_kernel"),
+    (import_module("fusion_pass.ops.qk_rmsnorm"), "_qk_rmsnorm_kernel"),
+)
+
+
+class LaunchCounter:
+    """Stands in for a Triton kernel object: records each `kernel[grid]` launch, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.grids = []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+class KernelLaunches:
+    def __init__(self, counters):
+        self._counters = counters
+
+    @property
+    def count(self) -> int:
+        return sum(len(c.grids) for c in self._counters)
+
+
+@pytest.fixture
+def launches(monkeypatch) -> KernelLaunches:
+    """Counts the launches of every fused-op kernel during the test."""
+    counters = []
+    for module, name in KERNELS:
+        counter = LaunchCounter(getattr(module, name))
+        monkeypatch.setattr(module, name, counter)
+        counters.append(counter)
+    return KernelLaunches(counters)
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch) -> None:
+    """Fill every floating `torch.empty_like` allocation with NaN, so an output element a kernel
+    fails to write shows up as NaN."""
+    empty_like = torch.empty_like
+
+    def poisoned(*args, **kwargs):
+        out = empty_like(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty_like", poisoned)
+
+
+@pytest.fixture
+def interpreted(launches, poisoned_outputs) -> KernelLaunches:
+    """Run the test's CPU ops through the Triton kernels (interpreter), outputs poisoned with NaN;
+    returns the launch count so the test can prove the kernel ran."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton interpreter is off (a GPU is present): see the gpu tests")
+    with interpret_on_cpu():
+        yield launches

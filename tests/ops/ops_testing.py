@@ -1,0 +1,207 @@
+"""Inputs and accuracy checks shared by the fused-op tests.
+
+Accuracy is measured against a float64 evaluation of the same math, in units of
+`eps(dtype) * max|truth|` (one unit is about one ulp of the largest output), and the fused
+kernel must be no less accurate than the unfused PyTorch reference (it rounds fewer times).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import fusion_pass.ops as ops
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+TOLERANCE_UNITS = {torch.float32: 8.0, torch.float16: 2.0, torch.bfloat16: 2.0}
+"""Error allowed against float64, in units of eps(dtype) * max|truth|. fp32 leaves room for
+the summation order of mean and variance over up to 1000 columns."""
+
+INTERPRETER_BF16_UNITS = 1.0
+"""The Triton interpreter truncates bf16 casts instead of rounding: one more ulp."""
+
+OPERAND_LAYOUTS = ("chunk", "shared", "vector", "full", "over_d")
+"""How shift/scale/gate broadcast to x `[B, ..., D]`: `chunk`: `[B, 1.., D]` non-contiguous
+chunks of one `[B, 1.., 6D]` tensor, as the model's Modulation makes them; `shared`:
+`[1, .., 1, D]`; `vector`: `[D]`; `full`: x's shape; `over_d`: `[B, .., 1]`."""
+
+ROW_CASES = [
+    ((2, 8, 64), "chunk"),
+    ((2, 8, 100), "chunk"),
+    ((2, 4, 1000), "chunk"),
+    ((3, 1, 100), "chunk"),  # L = 1
+    ((1, 16, 100), "chunk"),  # batch 1
+    ((12, 100), "chunk"),  # 2-D x with [B, D] operands
+    ((2, 3, 4, 100), "chunk"),  # 4-D x
+    ((2, 8, 100), "shared"),
+    ((2, 8, 100), "vector"),
+    ((2, 8, 100), "full"),
+    ((2, 8, 100), "over_d"),
+]
+"""(x shape, operand layout) pairs the row-wise ops are tested on: awkward D, L = 1, batch 1,
+2-D and 4-D x, and every operand layout."""
+
+
+def randn(*shape: int, dtype: torch.dtype, scale: float = 1.0, mean: float = 0.0, device="cpu") -> torch.Tensor:
+    return (torch.randn(*shape, device=device) * scale + mean).to(dtype)
+
+
+def modulation_operands(x_shape, layout: str, dtype: torch.dtype, count: int, device="cpu") -> list[torch.Tensor]:
+    """`count` operands (shift, scale, gate, ...) laid out as `layout` (see OPERAND_LAYOUTS)."""
+    *lead, d = x_shape
+    if layout == "chunk":
+        modulation = randn(lead[0], *[1] * (len(lead) - 1), 6 * d, dtype=dtype, scale=0.5, device=device)
+        return list(modulation.chunk(6, dim=-1)[:count])
+    shapes = {
+        "shared": (*[1] * len(lead), d),
+        "vector": (d,),
+        "full": tuple(x_shape),
+        "over_d": (*lead, 1),
+    }
+    return [randn(*shapes[layout], dtype=dtype, scale=0.5, device=device) for _ in range(count)]
+
+
+def layernorm_params(d: int, dtype: torch.dtype, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Random LayerNorm (weight, bias), away from the identity."""
+    return randn(d, dtype=dtype, scale=0.5, mean=1.0, device=device), randn(d, dtype=dtype, scale=0.5, device=device)
+
+
+def as_float64(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [None if t is None else t.double() for t in tensors]
+
+
+def layout(t: torch.Tensor) -> tuple[int, ...]:
+    """Strides of the dims that have more than one element (the others' strides are arbitrary)."""
+    return tuple(stride for size, stride in zip(t.shape, t.stride()) if size > 1)
+
+
+def assert_accurate(
+    actual: torch.Tensor,
+    reference: torch.Tensor,
+    truth: torch.Tensor,
+    dtype: torch.dtype,
+    *,
+    interpreted: bool,
+) -> None:
+    """`actual` (fused) matches `reference` (unfused) in shape, dtype and layout, is within
+    TOLERANCE_UNITS of the float64 `truth`, and, in fp16/bf16, is no less accurate than
+    `reference` but for one unit (plus the interpreter's bf16 truncation), since it rounds
+    once where the unfused ops round after each step. `dtype` is the precision computed in."""
+    assert (actual.shape, actual.dtype, layout(actual)) == (reference.shape, reference.dtype, layout(reference))
+    interpreter_units = INTERPRETER_BF16_UNITS if interpreted and dtype == torch.bfloat16 else 0.0
+    unit = torch.finfo(dtype).eps * truth.abs().max().item()
+    allowed = (TOLERANCE_UNITS[dtype] + interpreter_units) * unit
+    torch.testing.assert_close(actual.double(), truth, rtol=0.0, atol=allowed)
+    torch.testing.assert_close(reference.double(), truth, rtol=0.0, atol=TOLERANCE_UNITS[dtype] * unit)
+    if dtype == torch.float32:
+        return  # both compute in fp32: they differ by summation order, not by roundings
+    fused_error = (actual.double() - truth).abs().max().item()
+    reference_error = (reference.double() - truth).abs().max().item()
+    assert fused_error <= reference_error + (1.0 + interpreter_units) * unit, (fused_error, reference_error)
+
+
+def outputs(result) -> tuple[torch.Tensor, ...]:
+    """An op's result as a tuple of tensors (named tuples are tuples already)."""
+    return result if isinstance(result, tuple) else (result,)
+
+
+def qkv_views(q_shape, dtype: torch.dtype, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Strided q, k of shape `q_shape = [B, H, L, D]`, cut from one qkv projection output
+    `[B, L, 3 * H * D]` the way the model's rearrange does (last dim stride 1, others not)."""
+    b, h, length, d = q_shape
+    qkv = randn(b, length, 3 * h * d, dtype=dtype, scale=2.0, mean=0.5, device=device)
+    q, k, _ = qkv.reshape(b, length, 3, h, d).permute(2, 0, 3, 1, 4)
+    return q, k
+
+
+def rmsnorm_float64(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+
+
+@dataclass(frozen=True)
+class OpCase:
+    """A fused op with what the generic tests need to call and judge it."""
+
+    op: Callable  # Python-level function (named-tuple wrapper where the op has several outputs)
+    reference: Callable  # the unfused PyTorch expression
+    make_args: Callable  # (x_shape, dtype, layout, device) -> positional args, eps included
+    truth: Callable  # float64 evaluation of the math on the same args
+    x_shape: tuple[int, ...]  # a small shape of the first argument for generic tests
+    model_shape: Callable[[int], tuple[int, ...]]  # first argument's shape at L tokens (Hunyuan3D-2)
+    broadcast_operand: int  # index in the args of an operand that broadcasts (shift, gate, weight)
+
+
+def _layernorm_args(x_shape, dtype, layout="chunk", device="cpu", affine=False):
+    x = randn(*x_shape, dtype=dtype, scale=3.0, mean=1.0, device=device)
+    shift, scale = modulation_operands(x_shape, layout, dtype, 2, device)
+    weight, bias = layernorm_params(x_shape[-1], dtype, device) if affine else (None, None)
+    return x, shift, scale, 1e-6, weight, bias
+
+
+def _residual_norm_args(x_shape, dtype, layout="chunk", device="cpu", affine=False):
+    residual, shift, scale, eps, weight, bias = _layernorm_args(x_shape, dtype, layout, device, affine)
+    y = randn(*x_shape, dtype=dtype, scale=2.0, device=device)
+    (gate,) = modulation_operands(x_shape, layout, dtype, 1, device)
+    return residual, y, gate, shift, scale, eps, weight, bias
+
+
+def _residual_gate_args(x_shape, dtype, layout="chunk", device="cpu"):
+    residual, y, gate = _residual_norm_args(x_shape, dtype, layout, device)[:3]
+    return residual, y, gate
+
+
+def _qk_args(q_shape, dtype, layout="unused", device="cpu"):
+    q, k = qkv_views(q_shape, dtype, device)
+    q_weight, k_weight = (randn(q_shape[-1], dtype=dtype, scale=0.5, mean=1.0, device=device) for _ in "qk")
+    return q, k, q_weight, k_weight, 1e-6
+
+
+def _on_float64(reference: Callable) -> Callable:
+    return lambda *args: reference(*(a.double() if isinstance(a, torch.Tensor) else a for a in args))
+
+
+def _row_case(op: Callable, reference: Callable, make_args: Callable, broadcast_operand: int) -> OpCase:
+    """An op over `[B, L, D]` rows whose reference is exact when evaluated in float64."""
+    return OpCase(op, reference, make_args, _on_float64(reference), (2, 8, 100), lambda length: (2, length, 1024),
+                  broadcast_operand)
+
+
+OP_CASES = {
+    "layernorm_scale_shift": _row_case(
+        ops.layernorm_scale_shift, ops.reference_layernorm_scale_shift, _layernorm_args, broadcast_operand=1
+    ),
+    "residual_gate": _row_case(
+        ops.residual_gate, ops.reference_residual_gate, _residual_gate_args, broadcast_operand=2
+    ),
+    "residual_gate_layernorm_scale_shift": _row_case(
+        ops.residual_gate_layernorm_scale_shift,
+        ops.reference_residual_gate_layernorm_scale_shift,
+        _residual_norm_args,
+        broadcast_operand=2,
+    ),
+    "qk_rmsnorm": OpCase(
+        op=ops.qk_rmsnorm,
+        reference=ops.reference_qk_rmsnorm,
+        make_args=_qk_args,
+        truth=lambda q, k, q_weight, k_weight, eps: (rmsnorm_float64(q, q_weight, eps), rmsnorm_float64(k, k_weight, eps)),
+        x_shape=(2, 2, 4, 64),
+        model_shape=lambda length: (2, 16, length, 64),
+        broadcast_operand=2,
+    ),
+}
+"""Every functional fused op; the generic tests (fallbacks, opcheck, gradcheck, compile, GPU)
+run over these. Row-wise numerics also run over `ROW_CASES` (all but qk_rmsnorm)."""
+
+ROW_OPS = ["layernorm_scale_shift", "residual_gate", "residual_gate_layernorm_scale_shift"]
+
+
+def assert_op_accurate(case: OpCase, args, dtype: torch.dtype, *, interpreted: bool) -> None:
+    """Every output of `case.op(*args)` passes `assert_accurate` against reference and truth."""
+    fused = outputs(case.op(*args))
+    reference = outputs(case.reference(*args))
+    truth = outputs(case.truth(*args))
+    assert len(fused) == len(reference) == len(truth)
+    for actual, expected, exact in zip(fused, reference, truth):
+        assert_accurate(actual, expected, exact, dtype, interpreted=interpreted)

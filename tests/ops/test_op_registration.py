@@ -1,0 +1,98 @@
+"""torch.library registration of the fused ops: schema, fake impls, autograd, torch.compile."""
+
+import pytest
+import torch
+
+import fusion_pass.ops as ops
+from ops_testing import OP_CASES, outputs
+
+
+def overload(name: str) -> torch._ops.OpOverload:
+    return getattr(torch.ops.fusion_pass, name).default
+
+
+def small_args(name: str, dtype: torch.dtype, requires_grad: bool = False) -> list:
+    """Tiny inputs with LayerNorm weight and bias where the op takes them."""
+    case = OP_CASES[name]
+    shape = (2, 2, 3, 8) if name == "qk_rmsnorm" else (2, 3, 8)
+    affine = {"affine": True} if "layernorm" in name else {}
+    args = list(case.make_args(shape, dtype, "chunk", **affine))
+    # Leaves: views into one modulation tensor would share gradients.
+    return [a.detach().clone().requires_grad_(requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("name", OP_CASES)
+def test_opcheck_on_reference_path(name, dtype):
+    torch.library.opcheck(overload(name), small_args(name, dtype, requires_grad=True))
+
+
+@pytest.mark.parametrize("name", OP_CASES)
+def test_opcheck_on_kernel_path(interpreted, name):
+    torch.library.opcheck(overload(name), small_args(name, torch.float32))
+    assert interpreted.count > 0
+
+
+def test_opcheck_in_place_qk_rmsnorm(interpreted):
+    torch.library.opcheck(overload("qk_rmsnorm_"), small_args("qk_rmsnorm", torch.float32))
+    assert interpreted.count > 0
+
+
+GRADCHECK_TOLERANCES = {"qk_rmsnorm": {"eps": 1e-3, "atol": 1e-3, "rtol": 1e-3}}
+"""The official RMSNorm computes in fp32 (`x.float()`) even for fp64 inputs, so its finite
+differences need fp32-sized steps and tolerances."""
+
+
+@pytest.mark.parametrize("name", OP_CASES)
+def test_gradcheck_in_float64(name):
+    args = small_args(name, torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(OP_CASES[name].op, args, **GRADCHECK_TOLERANCES.get(name, {}))
+
+
+@pytest.mark.parametrize("name", OP_CASES)
+def test_gradients_equal_autograd_through_reference(name):
+    case = OP_CASES[name]
+    args = small_args(name, torch.float64, requires_grad=True)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    grad_outputs = [torch.randn_like(out) for out in outputs(case.reference(*args))]
+    fused_grads = torch.autograd.grad(outputs(case.op(*args)), tensors, grad_outputs)
+    reference_grads = torch.autograd.grad(outputs(case.reference(*args)), tensors, grad_outputs)
+    for fused, reference in zip(fused_grads, reference_grads):
+        torch.testing.assert_close(fused, reference, rtol=0.0, atol=0.0)
+
+
+def call_every_op(x, y, modulation, q, k, head_weight):
+    shift, scale, gate = modulation.chunk(3, dim=-1)
+    normed = ops.layernorm_scale_shift(x, shift, scale, 1e-6)
+    r = ops.residual_gate(x, normed, gate)
+    chained = ops.residual_gate_layernorm_scale_shift(r, y, gate, shift, scale, 1e-6)
+    q_out, k_out = ops.qk_rmsnorm(q, k, head_weight, head_weight, 1e-6)
+    ops.qk_rmsnorm_(q, k, head_weight, head_weight, None)
+    return chained.residual, chained.normed, q_out, k_out, q, k
+
+
+def every_op_inputs() -> tuple:
+    qkv = torch.randn(2, 4, 3 * 2 * 8)
+    q, k, _ = qkv.reshape(2, 4, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    return torch.randn(2, 4, 8), torch.randn(2, 4, 8), torch.randn(2, 1, 24), q, k, torch.randn(8)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_torch_compile_fullgraph_traces_every_op(backend):
+    torch._dynamo.reset()
+    compiled = torch.compile(call_every_op, fullgraph=True, backend=backend)
+    inputs = every_op_inputs()
+    expected = call_every_op(*[t.clone() for t in inputs])
+    for actual, reference in zip(compiled(*inputs), expected):
+        torch.testing.assert_close(actual, reference)
+
+
+def test_torch_compile_runs_kernels_behind_fake_impls(interpreted):
+    torch._dynamo.reset()
+    compiled = torch.compile(call_every_op, fullgraph=True, backend="aot_eager")
+    inputs = every_op_inputs()
+    with ops.interpret_on_cpu():
+        expected = call_every_op(*[t.clone() for t in inputs])
+    for actual, reference in zip(compiled(*inputs), expected):
+        torch.testing.assert_close(actual, reference)
+    assert interpreted.count == 10  # four functional ops and one in-place op, twice each
