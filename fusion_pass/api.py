@@ -8,6 +8,7 @@ from torch import nn
 
 from patterns import select as select_families
 from fusion_pass.capture import capture
+from fusion_pass.cuda_graphs import new_pool
 from fusion_pass.install import alias_weight, install, is_installed, restore as _restore
 from fusion_pass.pipeline import empty_report, fuse_graph, record
 from fusion_pass.report import Report
@@ -19,7 +20,9 @@ class NothingFused(RuntimeError):
     """``strict=True`` and a selected pattern family fused nothing."""
 
 
-def optimize(model: nn.Module, *, patterns: Iterable[str] | None = None, strict: bool = False) -> nn.Module:
+def optimize(
+    model: nn.Module, *, patterns: Iterable[str] | None = None, strict: bool = False, cuda_graphs: bool = False
+) -> nn.Module:
     """Rewrite ``model`` in place to call fused kernels; returns the same object.
 
     Captures each capturable module's forward (whole model first, else its children),
@@ -27,7 +30,10 @@ def optimize(model: nn.Module, *, patterns: Iterable[str] | None = None, strict:
     rewritten forward on the modules where something fused. Parameters, buffers, the
     module tree and ``state_dict()`` are untouched. Safe to call twice (the second call
     skips modules already optimized). ``strict=True`` raises :class:`NothingFused` when a
-    selected family found no site. The report is available as ``fusion_pass.report(model)``.
+    selected family found no site. ``cuda_graphs=True`` replays each optimized module as a
+    CUDA graph on CUDA inputs with autograd off (one launch per module; outputs are reused
+    buffers, as with ``mode="reduce-overhead"``: see ``fusion_pass.cuda_graphs``). The report
+    is available as ``fusion_pass.report(model)``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() expects a torch.nn.Module, got {type(model).__name__}")
@@ -35,6 +41,7 @@ def optimize(model: nn.Module, *, patterns: Iterable[str] | None = None, strict:
     start = time.perf_counter()
     report = empty_report("optimize", families)
     captured = capture(model, skip=is_installed)
+    pool = new_pool() if cuda_graphs else None
     report.already_optimized.extend(captured.skipped)
     report.uncaptured.extend((u.path, u.reason) for u in captured.uncaptured)
     for graph in captured.graphs:
@@ -43,7 +50,7 @@ def optimize(model: nn.Module, *, patterns: Iterable[str] | None = None, strict:
         if not result.matches:
             continue
         report.graphs.append(graph.path or "<root>")
-        install(graph)
+        install(graph, pool)
         for match in result.matches:
             for owner, attr in match.weight_owners:
                 alias_weight(graph.module.get_submodule(owner), attr)

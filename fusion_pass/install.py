@@ -18,21 +18,26 @@ from __future__ import annotations
 from torch import nn
 
 from fusion_pass.capture import CapturedGraph
+from fusion_pass.cuda_graphs import GraphReplay
 
 
 class FusedForward:
-    """The installed forward: runs the rewritten graph code with ``module`` as ``self``."""
+    """The installed forward: runs the rewritten graph code with ``module`` as ``self``,
+    through CUDA-graph replay when ``graphs`` is set (see ``cuda_graphs.py``)."""
 
-    def __init__(self, module: nn.Module, code, training: bool, source: str):
+    def __init__(self, module: nn.Module, code, training: bool, source: str, graphs: GraphReplay | None = None):
         self.module = module
         self.code = code
         self.training = training
         self.source = source  # generated Python, for debugging (FUSION_PASS_DUMP)
+        self.graphs = graphs
 
     def __call__(self, *args, **kwargs):
         module = self.module
         if module.training != self.training:
             return type(module).forward(module, *args, **kwargs)
+        if self.graphs is not None:
+            return self.graphs(*args, **kwargs)
         return self.code(module, *args, **kwargs)
 
 
@@ -40,13 +45,16 @@ def is_installed(module: nn.Module) -> bool:
     return isinstance(module.__dict__.get("forward"), FusedForward)
 
 
-def install(captured: CapturedGraph) -> FusedForward:
-    """Set ``captured.module.forward`` to the code of ``captured.graph``."""
+def install(captured: CapturedGraph, graph_pool=None) -> FusedForward:
+    """Set ``captured.module.forward`` to the code of ``captured.graph``; with a
+    ``graph_pool`` (``cuda_graphs.new_pool()``), replayed as CUDA graphs where possible."""
     code = captured.graph.python_code(root_module="self")
     namespace = dict(code.globals)
     label = captured.path or type(captured.module).__name__
     exec(compile(code.src, f"<fusion_pass {label}>", "exec"), namespace)  # noqa: S102 - FX codegen
-    fused = FusedForward(captured.module, namespace["forward"], captured.training, code.src)
+    forward = namespace["forward"]
+    graphs = GraphReplay(captured.module, forward, graph_pool) if graph_pool is not None else None
+    fused = FusedForward(captured.module, forward, captured.training, code.src, graphs)
     captured.module.forward = fused
     return fused
 
