@@ -14,8 +14,9 @@ submodules and parameters by their path *relative to that module*, so code gener
 from it can run with the module itself as ``self`` (see ``install.py``).
 
 Invariants (relied on by ``install.py`` and the tests):
-- tracing leaves the module exactly as it was: attributes the tracer adds (tensor
-  constants) are removed again, and a graph that would need them is refused;
+- tracing leaves every module's attributes exactly as they were: a forward that assigns
+  module attributes is refused (the graph would lose that side effect), and a graph that
+  needs tensor constants the tracer registered is refused;
 - a graph is specialised to the module's ``training`` flag at capture time, which is
   recorded so the installed forward can fall back when the flag changes.
 """
@@ -105,11 +106,11 @@ class _LeafOnFailureTracer(fx.Tracer):
 
 def _trace(module: nn.Module) -> tuple[fx.Graph, tuple[str, ...]]:
     """Trace ``module``, making failing submodules leaves. Raises when the module's own
-    forward is untraceable."""
+    forward is untraceable or assigns module attributes (a side effect the graph would lose)."""
     leaves: set[str] = set()
     while True:
         tracer = _LeafOnFailureTracer(leaves)
-        attrs_before = set(vars(module))
+        before = _attribute_snapshot(module)
         try:
             graph = tracer.trace(module)
         except _FailedInside as failure:
@@ -118,10 +119,33 @@ def _trace(module: nn.Module) -> tuple[fx.Graph, tuple[str, ...]]:
             leaves.add(failure.path)
             continue
         finally:
-            for added in set(vars(module)) - attrs_before:
-                delattr(module, added)
+            changed = _restore_attributes(module, before)
+        if changed:
+            raise RuntimeError(f"forward assigns module attributes ({', '.join(changed)})")
         _refuse_tensor_constants(graph, module)
         return graph, tuple(sorted(leaves))
+
+
+def _attribute_snapshot(module: nn.Module) -> dict[nn.Module, dict]:
+    return {m: dict(vars(m)) for m in module.modules()}
+
+
+def _restore_attributes(module: nn.Module, before: dict[nn.Module, dict]) -> list[str]:
+    """Put every module's ``__dict__`` back as it was; return the attributes that had changed
+    (tensor constants FX registers under ``_tensor_constant*`` are expected and not reported)."""
+    changed = []
+    for m, attrs in before.items():
+        current = vars(m)
+        for name in set(current) | set(attrs):
+            if current.get(name, _MISSING) is not attrs.get(name, _MISSING):
+                if not name.startswith("_tensor_constant"):
+                    changed.append(name)
+        current.clear()
+        current.update(attrs)
+    return changed
+
+
+_MISSING = object()
 
 
 def _refuse_tensor_constants(graph: fx.Graph, module: nn.Module) -> None:

@@ -80,7 +80,7 @@ def normalize(graph: fx.Graph, root: nn.Module | None = None) -> int:
         graph.erase_node(node)
         changed += 1
     changed += _numbers_first(graph)
-    changed += _merge_duplicates(graph)
+    changed += _merge_duplicates(graph, root)
     graph.lint()
     return changed
 
@@ -178,8 +178,8 @@ def _reshape(args, kwargs, already_canonical: bool):
     if kwargs:
         return None
     shape = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else tuple(args[1:])
-    if not all(isinstance(size, (int, fx.Node)) for size in shape):
-        return None  # e.g. view(dtype): a reinterpretation, not a reshape
+    if not all(isinstance(size, int) for size in shape):
+        return None  # view(dtype) reinterprets; a traced size may be a whole torch.Size: leave both
     if already_canonical and isinstance(args[1], tuple):
         return None
     return ("call_function", RESHAPE, (args[0], tuple(shape)))
@@ -237,9 +237,12 @@ _DUPLICABLE = {
 }
 
 
-def _merge_duplicates(graph: fx.Graph) -> int:
+def _merge_duplicates(graph: fx.Graph, root: nn.Module | None) -> int:
     """Merge repeated casts/reshapes/attribute reads of the same value (``x.float()``
-    written twice): pure, cheap nodes, so one result serves every user."""
+    written twice): pure, cheap nodes, so one result serves every user. Not done in a graph
+    with in-place operations, where two equal-looking reads may see different values."""
+    if any(_mutates(node, root) for node in graph.nodes):
+        return 0
     seen: dict = {}
     merged = 0
     for node in list(graph.nodes):
@@ -253,6 +256,21 @@ def _merge_duplicates(graph: fx.Graph) -> int:
         else:
             seen[key] = node
     return merged
+
+
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
+
+
+def _mutates(node: fx.Node, root: nn.Module | None) -> bool:
+    """Whether ``node`` may modify a tensor in place (conservatively: user modules may)."""
+    if node.op == "call_module":
+        return root is None or not type(root.get_submodule(node.target)).__module__.startswith("torch.nn")
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    if node.op == "call_function":
+        schema_mutates = getattr(getattr(node.target, "_schema", None), "is_mutable", False)
+        return node.target in _IN_PLACE_OPERATORS or schema_mutates or getattr(node.target, "__name__", "").endswith("_")
+    return False
 
 
 def _hashable(value):

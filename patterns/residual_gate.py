@@ -19,6 +19,7 @@ from typing import Iterator
 from torch import fx
 
 from fusion_pass import normalize as canon
+from fusion_pass.registry import FUSED_OPS
 from fusion_pass.match import (
     Match, MatchContext, NearMiss, broadcasts_over_last_dim, depends_on, describe, is_call,
     operand_orders, scan, tensor_meta,
@@ -74,11 +75,16 @@ def match_site(node: fx.Node, ctx: MatchContext, order: dict[fx.Node, int]) -> R
 
 
 def _producer(value: fx.Node) -> fx.Node:
-    """The node that computed ``value``: for one field of a multi-output node (an earlier
-    fused op returning ``(residual, normed)``), the whole node, which its siblings share."""
-    if value.op == "call_function" and value.target is operator.getitem and isinstance(value.args[0], fx.Node):
-        return value.args[0]
+    """The node that computed ``value``: for a field of an earlier fused op returning
+    ``(residual, normed)``, the fused call itself, from which ``normed`` is computed too.
+    (Other multi-output nodes, such as ``chunk``, are not unwrapped: chunks are siblings.)"""
+    source = value.args[0] if value.op == "call_function" and value.target is operator.getitem else None
+    if isinstance(source, fx.Node) and source.target in _FUSED_TARGETS:
+        return source
     return value
+
+
+_FUSED_TARGETS = {fused.op for fused in FUSED_OPS.values() if fused.outputs}
 
 
 class ResidualGate:
