@@ -8,10 +8,20 @@
   a whole row in one block of `next_power_of_2(n_cols)` elements, and as many rows per program
   as make a tile of at least `MIN_TILE` elements (narrow rows, such as 64-wide heads, would
   otherwise leave each program too little work).
-- `row_layout(shape, *tensors)`: the row index space and per-tensor strides of tensors of
-  (or broadcasting into) one shape, stride 0 on broadcast dims, so kernels read operands in place.
-- `rows_fit_kernel(x, *operands)`: the conditions every kernel shares; else ops use the reference.
+- `row_layout(shape, *tensors)`: the row index space and per-tensor strides of tensors (their
+  `TensorMeta`s) of (or broadcasting into) one shape, stride 0 on broadcast dims, so kernels
+  read operands in place.
+- `rows_fit_kernel(cpu_kernels, x, *operands)`: the conditions every kernel shares; else ops use
+  the reference.
 - `promoted_dtype(dtype, *operands)`: the dtype an elementwise expression over floats yields.
+
+Launch plans. An op's host path runs once per call (225 calls per Hunyuan3D-2 step), so what
+it decides from its operands' metadata alone (kernel or reference, output dtypes, row layout)
+is computed by a pure function of `tensor_key`s, memoised with a bounded `functools.lru_cache`
+(`PLAN_CACHE_SIZE` signatures, far more than a model has): the steady state builds the key
+(`x.shape`, `x.stride()`, ... ~0.3 us a tensor) and looks it up. The helpers below therefore take
+`TensorMeta`s (shape, stride, dtype, device), not tensors. Fake tensors of a dynamic-shape trace
+carry SymInts, which do not hash: fake impls call the planners uncached (`.__wrapped__`).
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 import os
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -37,6 +48,9 @@ MIN_TILE = 1024
 H200 (fp16, 2 x 3072 and 8 x 4442 tokens): 16 rows of 64 per program run q/k RMSNorm at
 4.1 TB/s, one row per program at 0.4 TB/s; 1024-wide LayerNorm rows run fastest one a program."""
 
+PLAN_CACHE_SIZE = 256
+"""Call signatures (operand shapes, strides, dtypes, devices) whose launch plan each planner keeps."""
+
 _BYTES_PER_WARP = 1024
 """Tile bytes per warp (32 threads x two 16-byte vectors): 2 warps for a 1024-wide fp16 row,
 within 5 % of the best of 1 to 16 warps on the H200 for every op."""
@@ -52,6 +66,10 @@ class RowSettings(NamedTuple):
     block_size: int  # columns per row block: next_power_of_2(n_cols)
     block_rows: int  # rows per program (a power of two)
     num_warps: int
+
+    def programs(self, n_rows: int) -> int:
+        """Programs that cover `n_rows` rows (`triton.cdiv`, whose host call costs a few us)."""
+        return -(-n_rows // self.block_rows)
 
 
 class RowLayout(NamedTuple):
@@ -71,6 +89,33 @@ class RowLayout(NamedTuple):
         return self.n_outer * self.n_inner
 
 
+class TensorMeta(NamedTuple):
+    """What a launch plan depends on, of one tensor: `TensorMeta(*tensor_key(t))`."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+
+def tensor_key(t: torch.Tensor | None) -> tuple | None:
+    """`t`'s shape, stride, dtype and device as a plain tuple (None for an absent optional
+    operand): a planner's argument, cheap to build and to hash."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+def tensor_meta(key: tuple | None) -> TensorMeta | None:
+    """The named view of a `tensor_key`, for the planners' (uncached) bodies."""
+    return None if key is None else TensorMeta(*key)
+
+
+def plan_cache(planner):
+    """Memoise a planner (a pure function of hashable metadata) over `PLAN_CACHE_SIZE` signatures;
+    `planner.__wrapped__` stays the uncached function."""
+    return functools.lru_cache(maxsize=PLAN_CACHE_SIZE)(planner)
+
+
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
 def row_settings(n_cols: int, elem_bytes: int) -> RowSettings:
     """Block size, rows per program and warps for rows of `n_cols` elements of `elem_bytes` each.
 
@@ -99,27 +144,26 @@ def interpret_on_cpu() -> Iterator[None]:
         _interpret_on_cpu.reset(token)
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """True when a kernel may run on `tensors`: all on one CUDA device, or all on the CPU
-    with the interpreter on and inside `interpret_on_cpu()`. Triton is a declared dependency
-    and the kernel modules import it, so it is importable whenever this is called."""
-    devices = {t.device for t in tensors}
+def cpu_kernels_enabled() -> bool:
+    """Whether CPU tensors may take the kernels here: inside `interpret_on_cpu()`, with the
+    interpreter on. Not metadata of a tensor, so ops pass it to their planners as an argument
+    (computed only for CPU tensors: `x.is_cpu and cpu_kernels_enabled()`)."""
+    return _interpret_on_cpu.get() and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def devices_take_kernel(devices: set[torch.device], cpu_kernels: bool) -> bool:
+    """All of `devices` one CUDA device, or the CPU where `cpu_kernels`. Triton is a declared
+    dependency and the kernel modules import it, so it is importable whenever this is called."""
     if len(devices) != 1:
         return False
-    device_type = devices.pop().type
-    if device_type == "cuda":
-        return True
-    return device_type == "cpu" and _interpret_on_cpu.get() and os.environ.get("TRITON_INTERPRET") == "1"
+    device_type = next(iter(devices)).type
+    return device_type == "cuda" or (device_type == "cpu" and cpu_kernels)
 
 
-def strided_args(slots: tuple[torch.Tensor | None, ...], layout: RowLayout) -> list:
-    """Kernel arguments `tensor, s_outer, s_inner, s_col` for each slot, taking `layout.strides`
-    in the order of the present tensors; an absent slot (None) passes `None, 0, 0, 0`."""
-    strides = iter(layout.strides)
-    args: list = []
-    for t in slots:
-        args += [t, *next(strides)] if t is not None else [None, 0, 0, 0]
-    return args
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when a kernel may run on `tensors`: all on one CUDA device, or all on the CPU
+    with the interpreter on and inside `interpret_on_cpu()`."""
+    return devices_take_kernel({t.device for t in tensors}, cpu_kernels_enabled())
 
 
 def on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -130,32 +174,31 @@ def on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def rows_fit_kernel(x: torch.Tensor, *operands: torch.Tensor) -> bool:
+def rows_fit_kernel(cpu_kernels: bool, x: TensorMeta, *operands: TensorMeta) -> bool:
     """Whether a row-wise kernel may take rows of `x` (`[..., D]`) with `operands`: one device
-    that `use_triton` accepts, kernel dtypes only, x non-empty with D <= MAX_BLOCK. That the
-    operands broadcast into x's shape (one that adds dims makes the reference run) is left to
-    `row_layout`, which the launch needs anyway."""
+    that `devices_take_kernel` accepts, kernel dtypes only, x non-empty with D <= MAX_BLOCK.
+    That the operands broadcast into x's shape (one that adds dims makes the reference run) is
+    left to `row_layout`, which the launch needs anyway."""
     tensors = (x, *operands)
     return (
-        use_triton(*tensors)
+        devices_take_kernel({t.device for t in tensors}, cpu_kernels)
         and all(t.dtype in KERNEL_DTYPES for t in tensors)
-        and x.dim() >= 1
-        and x.numel() > 0
+        and len(x.shape) >= 1
+        and math.prod(x.shape) > 0
         and fits_one_block(x.shape[-1])
     )
 
 
-def broadcast_strides(t: torch.Tensor, shape: torch.Size) -> tuple[int, ...] | None:
+def broadcast_strides(t: TensorMeta, shape: tuple[int, ...]) -> tuple[int, ...] | None:
     """Strides of `t` expanded to `shape` (0 on broadcast dims), or None where `t` does not
-    broadcast into `shape`. Plain integers: cheaper than `expand` and `torch.broadcast_shapes`
-    on the per-call path."""
+    broadcast into `shape`."""
     if t.shape == shape:
-        return t.stride()
-    pad = len(shape) - t.dim()
+        return t.stride
+    pad = len(shape) - len(t.shape)
     if pad < 0:
         return None
     strides = [0] * pad
-    for size, stride, target in zip(t.shape, t.stride(), shape[pad:]):
+    for size, stride, target in zip(t.shape, t.stride, shape[pad:]):
         if size == target:
             strides.append(stride)
         elif size == 1:
@@ -165,16 +208,17 @@ def broadcast_strides(t: torch.Tensor, shape: torch.Size) -> tuple[int, ...] | N
     return tuple(strides)
 
 
-def promoted_dtype(dtype_with_dims: torch.dtype, *operands: torch.Tensor) -> torch.dtype:
+def promoted_dtype(dtype_with_dims: torch.dtype, *operands: TensorMeta | torch.Tensor) -> torch.dtype:
     """dtype of an elementwise expression over a tensor with dims of `dtype_with_dims` (x, r, q)
-    and floating `operands`, by PyTorch promotion: 0-d operands do not promote a tensor with
-    dims (`torch.result_type`'s categories), otherwise the widest float wins. Exact for floating
-    operands, the only ones the kernels take; other dtypes go to the references."""
-    with_dims = [t.dtype for t in operands if t.dim() > 0]
+    and floating `operands` (tensors or their `TensorMeta`), by PyTorch promotion: 0-d operands
+    do not promote a tensor with dims (`torch.result_type`'s categories), otherwise the widest
+    float wins. Exact for floating operands, the only ones the kernels take; other dtypes go to
+    the references."""
+    with_dims = [t.dtype for t in operands if len(t.shape) > 0]
     return functools.reduce(torch.promote_types, with_dims, dtype_with_dims)
 
 
-def row_layout(shape: torch.Size, *tensors: torch.Tensor) -> RowLayout | None:
+def row_layout(shape: tuple[int, ...], *tensors: TensorMeta) -> RowLayout | None:
     """Coalesce the leading dims of `shape` (`[..., D]`) into at most two row dims for
     `tensors`, each of `shape` or broadcasting into it (stride 0 on broadcast dims).
 

@@ -19,6 +19,8 @@ reference. `residual_gate.py` reuses the kernel with NORMALIZE off.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
@@ -27,7 +29,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import on_device_of, promoted_dtype, row_layout, row_settings, rows_fit_kernel, strided_args
+from .launch import (
+    cpu_kernels_enabled,
+    on_device_of,
+    plan_cache,
+    promoted_dtype,
+    row_layout,
+    row_settings,
+    rows_fit_kernel,
+    tensor_key,
+    tensor_meta,
+)
 from .reference_autograd import register_reference_autograd
 from .row_access import load_row_f32, row_offsets, row_tile, store_row
 
@@ -39,25 +51,39 @@ class ResidualNormOut(NamedTuple):
 
 @triton.jit
 def _residual_norm_modulate_kernel(
-    X, x_s0, x_s1, x_sc,  # [rows, D] x, or the residual when HAS_RESIDUAL
-    Y, y_s0, y_s1, y_sc,  # [rows, D] y of r = x + gate * y (read when HAS_RESIDUAL)
-    GATE, g_s0, g_s1, g_sc,  # gate broadcast to [rows, D], stride 0 where broadcast
-    SHIFT, sh_s0, sh_s1, sh_sc,  # shift broadcast to [rows, D] (read when NORMALIZE)
-    SCALE, sc_s0, sc_s1, sc_sc,  # scale broadcast to [rows, D] (read when NORMALIZE)
-    W, w_s0, w_s1, w_sc,  # LayerNorm weight [D] broadcast to [rows, D] (HAS_WEIGHT)
-    B, b_s0, b_s1, b_sc,  # LayerNorm bias [D] broadcast to [rows, D] (HAS_BIAS)
-    R_OUT, r_s0, r_s1, r_sc,  # [rows, D] r, written when HAS_RESIDUAL
-    OUT, o_s0, o_s1, o_sc,  # [rows, D] modulated LayerNorm, written when NORMALIZE
+    X,  # [rows, D] x, or the residual when HAS_RESIDUAL
+    Y,  # [rows, D] y of r = x + gate * y (read when HAS_RESIDUAL)
+    GATE,  # gate broadcast to [rows, D] (read when HAS_RESIDUAL)
+    SHIFT,  # shift broadcast to [rows, D] (read when NORMALIZE)
+    SCALE,  # scale broadcast to [rows, D] (read when NORMALIZE)
+    W,  # LayerNorm weight [D] (read when HAS_WEIGHT)
+    B,  # LayerNorm bias [D] (read when HAS_BIAS)
+    R_OUT,  # [rows, D] r, written when HAS_RESIDUAL
+    OUT,  # [rows, D] modulated LayerNorm, written when NORMALIZE
+    eps,  # LayerNorm epsilon
     n_rows,  # rows in all
     n_inner,  # rows per outer index: row r is (r // n_inner, r % n_inner)
     n_cols,  # D
-    eps,  # LayerNorm epsilon
-    BLOCK_ROWS: tl.constexpr,  # rows per program
-    BLOCK_D: tl.constexpr,  # next_power_of_2(D)
+    x_s0, x_s1,  # (outer, inner) strides of X; likewise for Y, GATE, SHIFT, SCALE: 0 on a
+    y_s0, y_s1,  # broadcast dim, None for an absent operand. W and B are [D]: no row strides.
+    g_s0, g_s1,
+    sh_s0, sh_s1,
+    sc_s0, sc_s1,
+    o_s0, o_s1,  # (outer, inner) strides of R_OUT and OUT, both empty_like(x): one layout
+    x_sc: tl.constexpr,  # column strides, constexpr: 1 but for odd views (0: an operand [..., 1])
+    y_sc: tl.constexpr,
+    g_sc: tl.constexpr,
+    sh_sc: tl.constexpr,
+    sc_sc: tl.constexpr,
+    w_sc: tl.constexpr,
+    b_sc: tl.constexpr,
+    o_sc: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,  # x := x + gate * y first, and store it to R_OUT
     NORMALIZE: tl.constexpr,  # compute and store the modulated LayerNorm
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,  # rows per program
+    BLOCK_D: tl.constexpr,  # next_power_of_2(D)
 ):
     """BLOCK_ROWS rows per program, each:
 
@@ -74,7 +100,7 @@ def _residual_norm_modulate_kernel(
         y = load_row_f32(Y, row_offsets(outer, inner, y_s0, y_s1, y_sc, cols), mask)
         gate = load_row_f32(GATE, row_offsets(outer, inner, g_s0, g_s1, g_sc, cols), mask)
         x = x + gate * y
-        store_row(R_OUT, row_offsets(outer, inner, r_s0, r_s1, r_sc, cols), mask, x)
+        store_row(R_OUT, row_offsets(outer, inner, o_s0, o_s1, o_sc, cols), mask, x)
         # Normalise r as stored, like the unfused layer_norm(r) does.
         x = x.to(R_OUT.dtype.element_ty).to(tl.float32)
     if NORMALIZE:
@@ -84,15 +110,74 @@ def _residual_norm_modulate_kernel(
         rstd = 1.0 / tl.sqrt(var + eps)
         normed = diff * rstd
         if HAS_WEIGHT:
-            normed = normed * load_row_f32(W, row_offsets(outer, inner, w_s0, w_s1, w_sc, cols), mask)
+            normed = normed * load_row_f32(W, row_offsets(outer, inner, 0, 0, w_sc, cols), mask)
         if HAS_BIAS:
-            normed = normed + load_row_f32(B, row_offsets(outer, inner, b_s0, b_s1, b_sc, cols), mask)
+            normed = normed + load_row_f32(B, row_offsets(outer, inner, 0, 0, b_sc, cols), mask)
         shift = load_row_f32(SHIFT, row_offsets(outer, inner, sh_s0, sh_s1, sh_sc, cols), mask)
         scale = load_row_f32(SCALE, row_offsets(outer, inner, sc_s0, sc_s1, sc_sc, cols), mask)
         store_row(OUT, row_offsets(outer, inner, o_s0, o_s1, o_sc, cols), mask, normed * (1.0 + scale) + shift)
 
 
-def launch_residual_norm_modulate(
+class _OutputDtypes(NamedTuple):
+    r: torch.dtype | None  # r = x + gate * y (HAS_RESIDUAL), else None
+    out: torch.dtype | None  # the modulated LayerNorm (NORMALIZE), else None
+
+
+class _LaunchPlan(NamedTuple):
+    """What a launch takes from the call signature alone."""
+
+    n_rows: int
+    n_cols: int
+    elem_bytes: int  # of x, for `row_settings`
+    args: tuple  # the kernel's arguments from n_rows to o_s1
+    constexprs: Mapping[str, object]  # column strides and the HAS_*/NORMALIZE switches
+
+
+@plan_cache
+def _output_dtypes(cpu_kernels, x, y, gate, shift, scale, weight, bias) -> _OutputDtypes | None:
+    """Output dtypes of the kernel on operands with these `tensor_key`s (None where absent), or
+    None where the reference must run: the kernel conditions (`rows_fit_kernel`) and
+    F.layer_norm's, weight and bias `[D]` in the normalised dtype (x's, or r's)."""
+    x, y, gate, shift, scale, weight, bias = map(tensor_meta, (x, y, gate, shift, scale, weight, bias))
+    r_dtype = promoted_dtype(x.dtype, gate, y) if y is not None else None
+    norm_dtype = x.dtype if r_dtype is None else r_dtype
+    operands = [t for t in (y, gate, shift, scale) if t is not None]
+    params = [p for p in (weight, bias) if p is not None]
+    if not (
+        rows_fit_kernel(cpu_kernels, x, *operands, *params)
+        and all(p.shape == x.shape[-1:] and p.dtype == norm_dtype for p in params)
+    ):
+        return None
+    out_dtype = promoted_dtype(norm_dtype, scale, shift) if shift is not None else None
+    return _OutputDtypes(r_dtype, out_dtype)
+
+
+@plan_cache
+def _launch_plan(key: tuple, out_stride: tuple[int, ...]) -> _LaunchPlan | None:
+    """The launch on operands with `_output_dtypes` key `key` and outputs of `out_stride`, or
+    None where the rows do not coalesce into two row dims (`row_layout`)."""
+    _, *tensor_keys = key
+    x, y, gate, shift, scale, weight, bias = map(tensor_meta, tensor_keys)
+    slots = (x, y, gate, shift, scale, weight, bias, x._replace(stride=out_stride))
+    layout = row_layout(x.shape, *(t for t in slots if t is not None))
+    if layout is None:
+        return None
+    present = iter(layout.strides)
+    x_s, y_s, g_s, sh_s, sc_s, w_s, b_s, o_s = (next(present) if t is not None else (None,) * 3 for t in slots)
+    row_strides = (*x_s[:2], *y_s[:2], *g_s[:2], *sh_s[:2], *sc_s[:2], *o_s[:2])
+    n_cols = x.shape[-1]
+    constexprs = dict(
+        x_sc=x_s[2], y_sc=y_s[2], g_sc=g_s[2], sh_sc=sh_s[2], sc_sc=sc_s[2], w_sc=w_s[2], b_sc=b_s[2], o_sc=o_s[2],
+        HAS_RESIDUAL=y is not None,
+        NORMALIZE=shift is not None,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+    )
+    args = (layout.n_rows, layout.n_inner, n_cols, *row_strides)
+    return _LaunchPlan(layout.n_rows, n_cols, x.dtype.itemsize, args, MappingProxyType(constexprs))
+
+
+def run_residual_norm_modulate(
     x: Tensor,
     *,
     y: Tensor | None = None,
@@ -101,42 +186,41 @@ def launch_residual_norm_modulate(
     scale: Tensor | None = None,
     weight: Tensor | None = None,
     bias: Tensor | None = None,
-    r_out: Tensor | None = None,
-    out: Tensor | None = None,
     eps: float = 0.0,
     launch: bool = True,
-) -> bool:
-    """Run the kernel over rows of `x` (`[..., D]`); operands broadcast into x's shape.
+) -> ResidualNormOut | None:
+    """The kernel's outputs over rows of `x` (`[..., D]`), or None, launching nothing, where
+    the reference must run; operands broadcast into x's shape.
 
-    Pass y, gate and r_out for the gated residual; shift, scale and out (weight, bias optional)
-    for the modulated LayerNorm. With `launch=False` (fake tensors) only checks the layout.
-    Returns False, launching nothing, when an operand does not broadcast into x's shape or the
-    rows do not coalesce into two row dims (`row_layout`).
+    Pass y and gate for the gated residual (`.residual`); shift and scale (weight, bias
+    optional) for the modulated LayerNorm (`.normed`); the other output is None. With `launch=False` (the fake impls)
+    allocates the outputs without launching, and plans uncached (fake shapes may be SymInts).
     """
-    slots = (x, y, gate, shift, scale, weight, bias, r_out, out)
-    layout = row_layout(x.shape, *(t for t in slots if t is not None))
-    if layout is None:
-        return False
-    if not launch:
-        return True
-    n_cols = x.shape[-1]
-    settings = row_settings(n_cols, x.element_size())
-    with on_device_of(x):
-        _residual_norm_modulate_kernel[(triton.cdiv(layout.n_rows, settings.block_rows),)](
-            *strided_args(slots, layout),
-            layout.n_rows,
-            layout.n_inner,
-            n_cols,
-            eps,
-            BLOCK_ROWS=settings.block_rows,
-            BLOCK_D=settings.block_size,
-            HAS_RESIDUAL=y is not None,
-            NORMALIZE=out is not None,
-            HAS_WEIGHT=weight is not None,
-            HAS_BIAS=bias is not None,
-            num_warps=settings.num_warps,
-        )
-    return True
+    key = (
+        x.is_cpu and cpu_kernels_enabled(),
+        tensor_key(x), tensor_key(y), tensor_key(gate), tensor_key(shift), tensor_key(scale),
+        tensor_key(weight), tensor_key(bias),
+    )
+    dtypes = (_output_dtypes if launch else _output_dtypes.__wrapped__)(*key)
+    if dtypes is None:
+        return None
+    r = torch.empty_like(x, dtype=dtypes.r) if dtypes.r is not None else None
+    out = torch.empty_like(x, dtype=dtypes.out) if dtypes.out is not None else None
+    plan = (_launch_plan if launch else _launch_plan.__wrapped__)(key, (out if r is None else r).stride())
+    if plan is None:
+        return None
+    if launch:
+        settings = row_settings(plan.n_cols, plan.elem_bytes)
+        with on_device_of(x):
+            _residual_norm_modulate_kernel[(settings.programs(plan.n_rows),)](
+                x, y, gate, shift, scale, weight, bias, r, out, eps,
+                *plan.args,
+                **plan.constexprs,
+                BLOCK_ROWS=settings.block_rows,
+                BLOCK_D=settings.block_size,
+                num_warps=settings.num_warps,
+            )
+    return ResidualNormOut(r, out)
 
 
 def reference_layernorm_scale_shift(
@@ -159,33 +243,20 @@ def reference_residual_gate_layernorm_scale_shift(
     return r, reference_layernorm_scale_shift(r, shift, scale, eps, weight, bias)
 
 
-def _fits(x: Tensor, operands: tuple[Tensor, ...], weight: Tensor | None, bias: Tensor | None, norm_dtype: torch.dtype) -> bool:
-    """Kernel conditions plus F.layer_norm's: weight/bias `[D]` in the normalised dtype."""
-    params = [p for p in (weight, bias) if p is not None]
-    return rows_fit_kernel(x, *operands, *params) and all(
-        p.shape == x.shape[-1:] and p.dtype == norm_dtype for p in params
-    )
-
-
 def _layernorm_scale_shift(x, shift, scale, eps, weight, bias, launch: bool) -> Tensor:
     """The op's body (`launch=True`) and fake impl (`launch=False`): kernel or reference."""
-    if _fits(x, (shift, scale), weight, bias, x.dtype):
-        out = torch.empty_like(x, dtype=promoted_dtype(x.dtype, scale, shift))
-        operands = dict(shift=shift, scale=scale, weight=weight, bias=bias, out=out)
-        if launch_residual_norm_modulate(x, **operands, eps=eps, launch=launch):
-            return out
+    outputs = run_residual_norm_modulate(x, shift=shift, scale=scale, weight=weight, bias=bias, eps=eps, launch=launch)
+    if outputs is not None:
+        return outputs.normed
     return reference_layernorm_scale_shift(x, shift, scale, eps, weight, bias)
 
 
 def _residual_gate_layernorm_scale_shift(residual, y, gate, shift, scale, eps, weight, bias, launch: bool):
     """The op's body (`launch=True`) and fake impl (`launch=False`): kernel or reference."""
-    r_dtype = promoted_dtype(residual.dtype, gate, y)
-    if _fits(residual, (y, gate, shift, scale), weight, bias, r_dtype):
-        r = torch.empty_like(residual, dtype=r_dtype)
-        normed = torch.empty_like(residual, dtype=promoted_dtype(r_dtype, scale, shift))
-        operands = dict(y=y, gate=gate, shift=shift, scale=scale, weight=weight, bias=bias, r_out=r, out=normed)
-        if launch_residual_norm_modulate(residual, **operands, eps=eps, launch=launch):
-            return r, normed
+    operands = dict(y=y, gate=gate, shift=shift, scale=scale, weight=weight, bias=bias)
+    outputs = run_residual_norm_modulate(residual, **operands, eps=eps, launch=launch)
+    if outputs is not None:
+        return outputs.residual, outputs.normed
     return reference_residual_gate_layernorm_scale_shift(residual, y, gate, shift, scale, eps, weight, bias)
 
 

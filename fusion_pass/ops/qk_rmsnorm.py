@@ -20,6 +20,8 @@ like the official `x.float()`, normalises fp64 inputs in fp32).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
@@ -27,7 +29,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import on_device_of, promoted_dtype, row_layout, row_settings, rows_fit_kernel, strided_args
+from .launch import (
+    TensorMeta,
+    cpu_kernels_enabled,
+    on_device_of,
+    plan_cache,
+    promoted_dtype,
+    row_layout,
+    row_settings,
+    rows_fit_kernel,
+    tensor_key,
+    tensor_meta,
+)
 from .reference_autograd import register_reference_autograd
 from .row_access import load_row_f32, row_offsets, row_tile, store_row
 
@@ -60,17 +73,29 @@ def _rmsnorm_tile(
 
 @triton.jit
 def _qk_rmsnorm_kernel(
-    Q, q_s0, q_s1, q_sc,  # [q_rows, Dq] queries
-    QW, qw_s0, qw_s1, qw_sc,  # q weight broadcast to q's shape
-    Q_OUT, qo_s0, qo_s1, qo_sc,  # [q_rows, Dq] normed queries
-    K, k_s0, k_s1, k_sc,  # [k_rows, Dk] keys
-    KW, kw_s0, kw_s1, kw_sc,  # k weight broadcast to k's shape
-    K_OUT, ko_s0, ko_s1, ko_sc,  # [k_rows, Dk] normed keys
+    Q,  # [q_rows, Dq] queries
+    QW,  # q weight broadcast to q's shape
+    Q_OUT,  # [q_rows, Dq] normed queries
+    K,  # [k_rows, Dk] keys
+    KW,  # k weight broadcast to k's shape
+    K_OUT,  # [k_rows, Dk] normed keys
     q_programs,  # programs [0, q_programs) norm q tiles, the rest k tiles
+    q_eps, k_eps,
     q_rows, k_rows,
     q_inner, k_inner,  # rows per outer index of q and of k
     q_cols, k_cols,  # Dq, Dk
-    q_eps, k_eps,
+    q_s0, q_s1,  # (outer, inner) strides of Q; likewise for the others (0 where broadcast)
+    qw_s0, qw_s1,
+    qo_s0, qo_s1,
+    k_s0, k_s1,
+    kw_s0, kw_s1,
+    ko_s0, ko_s1,
+    q_sc: tl.constexpr,  # column strides, constexpr: 1 but for odd views
+    qw_sc: tl.constexpr,
+    qo_sc: tl.constexpr,
+    k_sc: tl.constexpr,
+    kw_sc: tl.constexpr,
+    ko_sc: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,  # rows per program
     BLOCK_D: tl.constexpr,  # next_power_of_2(max(Dq, Dk))
 ):
@@ -84,7 +109,7 @@ def _qk_rmsnorm_kernel(
                       K_OUT, ko_s0, ko_s1, ko_sc, k_inner, k_cols, k_eps, BLOCK_ROWS, BLOCK_D)
 
 
-def _default_eps(x: Tensor, eps: float | None) -> float:
+def _default_eps(x: Tensor | TensorMeta, eps: float | None) -> float:
     return torch.finfo(x.dtype).eps if eps is None else eps
 
 
@@ -102,47 +127,94 @@ def _out_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     return promoted_dtype(x.dtype, weight)
 
 
-def _launch(q, k, q_weight, k_weight, q_out, k_out, eps: float | None, launch: bool) -> bool:
-    """Run the kernel writing q_out, k_out. False, launching nothing, where a weight does not
-    broadcast into its tensor or rows do not coalesce (`row_layout`)."""
-    q_layout, k_layout = row_layout(q.shape, q, q_weight, q_out), row_layout(k.shape, k, k_weight, k_out)
+class _OutputDtypes(NamedTuple):
+    q: torch.dtype
+    k: torch.dtype
+
+
+class _LaunchPlan(NamedTuple):
+    """What a launch takes from the call signature alone."""
+
+    q_rows: int
+    k_rows: int
+    n_cols: int  # max(Dq, Dk), for `row_settings`
+    elem_bytes: int  # the wider of q's and k's element sizes, for `row_settings`
+    args: tuple  # the kernel's arguments from q_eps to ko_s1
+    constexprs: Mapping[str, int]  # column strides
+
+
+@plan_cache
+def _output_dtypes(cpu_kernels, q, k, q_weight, k_weight) -> _OutputDtypes | None:
+    """Output dtypes of the kernel on operands with these `tensor_key`s, or None where the
+    reference must run (`rows_fit_kernel` for each norm, q and k on one device)."""
+    q, k, q_weight, k_weight = map(tensor_meta, (q, k, q_weight, k_weight))
+    if not (rows_fit_kernel(cpu_kernels, q, q_weight) and rows_fit_kernel(cpu_kernels, k, k_weight) and q.device == k.device):
+        return None
+    return _OutputDtypes(promoted_dtype(q.dtype, q_weight), promoted_dtype(k.dtype, k_weight))
+
+
+@plan_cache
+def _launch_plan(
+    key: tuple, q_out_stride: tuple[int, ...], k_out_stride: tuple[int, ...], eps: float | None
+) -> _LaunchPlan | None:
+    """The launch on operands with `_output_dtypes` key `key`, outputs of these strides and
+    `eps`, or None where a weight does not broadcast into its tensor or rows do not coalesce."""
+    _, *tensor_keys = key
+    q, k, q_weight, k_weight = map(tensor_meta, tensor_keys)
+    q_layout = row_layout(q.shape, q, q_weight, q._replace(stride=q_out_stride))
+    k_layout = row_layout(k.shape, k, k_weight, k._replace(stride=k_out_stride))
     if q_layout is None or k_layout is None:
-        return False
-    if not launch:
-        return True
-    settings = row_settings(max(q.shape[-1], k.shape[-1]), max(q.element_size(), k.element_size()))
-    q_programs = triton.cdiv(q_layout.n_rows, settings.block_rows)
-    with on_device_of(q):
-        _qk_rmsnorm_kernel[(q_programs + triton.cdiv(k_layout.n_rows, settings.block_rows),)](
-            *strided_args((q, q_weight, q_out), q_layout),
-            *strided_args((k, k_weight, k_out), k_layout),
-            q_programs,
-            q_layout.n_rows,
-            k_layout.n_rows,
-            q_layout.n_inner,
-            k_layout.n_inner,
-            q.shape[-1],
-            k.shape[-1],
-            _default_eps(q, eps),
-            _default_eps(k, eps),
-            BLOCK_ROWS=settings.block_rows,
-            BLOCK_D=settings.block_size,
-            num_warps=settings.num_warps,
-        )
-    return True
+        return None
+    (q_s, qw_s, qo_s), (k_s, kw_s, ko_s) = q_layout.strides, k_layout.strides
+    eps_q, eps_k = _default_eps(q, eps), _default_eps(k, eps)
+    args = (
+        eps_q, eps_k,
+        q_layout.n_rows, k_layout.n_rows,
+        q_layout.n_inner, k_layout.n_inner,
+        q.shape[-1], k.shape[-1],
+        *q_s[:2], *qw_s[:2], *qo_s[:2], *k_s[:2], *kw_s[:2], *ko_s[:2],
+    )
+    constexprs = dict(q_sc=q_s[2], qw_sc=qw_s[2], qo_sc=qo_s[2], k_sc=k_s[2], kw_sc=kw_s[2], ko_sc=ko_s[2])
+    n_cols, elem_bytes = max(q.shape[-1], k.shape[-1]), max(q.dtype.itemsize, k.dtype.itemsize)
+    return _LaunchPlan(q_layout.n_rows, k_layout.n_rows, n_cols, elem_bytes, args, MappingProxyType(constexprs))
 
 
-def _kernel_fits(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor) -> bool:
-    return rows_fit_kernel(q, q_weight) and rows_fit_kernel(k, k_weight) and q.device == k.device
+def _run_kernel(q, k, q_weight, k_weight, eps, *, in_place: bool, launch: bool) -> tuple[Tensor, Tensor] | None:
+    """The kernel's `(q_out, k_out)` (q and k themselves `in_place`), or None, launching
+    nothing, where the reference must run. With `launch=False` (the fake impls) allocates the
+    outputs without launching, and plans uncached (fake shapes may be SymInts)."""
+    key = (q.is_cpu and cpu_kernels_enabled(), tensor_key(q), tensor_key(k), tensor_key(q_weight), tensor_key(k_weight))
+    dtypes = (_output_dtypes if launch else _output_dtypes.__wrapped__)(*key)
+    if dtypes is None:
+        return None
+    if in_place:
+        q_out, k_out = q, k
+    else:
+        q_out, k_out = torch.empty_like(q, dtype=dtypes.q), torch.empty_like(k, dtype=dtypes.k)
+    plan = (_launch_plan if launch else _launch_plan.__wrapped__)(key, q_out.stride(), k_out.stride(), eps)
+    if plan is None:
+        return None
+    if launch:
+        settings = row_settings(plan.n_cols, plan.elem_bytes)
+        q_programs = settings.programs(plan.q_rows)
+        with on_device_of(q):
+            _qk_rmsnorm_kernel[(q_programs + settings.programs(plan.k_rows),)](
+                q, q_weight, q_out, k, k_weight, k_out,
+                q_programs,
+                *plan.args,
+                **plan.constexprs,
+                BLOCK_ROWS=settings.block_rows,
+                BLOCK_D=settings.block_size,
+                num_warps=settings.num_warps,
+            )
+    return q_out, k_out
 
 
 def _qk_rmsnorm(q, k, q_weight, k_weight, eps, launch: bool) -> tuple[Tensor, Tensor]:
     """The op's body (`launch=True`) and fake impl (`launch=False`): kernel or reference."""
-    if _kernel_fits(q, k, q_weight, k_weight):
-        q_out = torch.empty_like(q, dtype=_out_dtype(q, q_weight))
-        k_out = torch.empty_like(k, dtype=_out_dtype(k, k_weight))
-        if _launch(q, k, q_weight, k_weight, q_out, k_out, eps, launch):
-            return q_out, k_out
+    outputs = _run_kernel(q, k, q_weight, k_weight, eps, in_place=False, launch=launch)
+    if outputs is not None:
+        return outputs
     return reference_qk_rmsnorm(q, k, q_weight, k_weight, eps)
 
 
@@ -178,7 +250,7 @@ def qk_rmsnorm_(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: f
     """`qk_rmsnorm` written into q and k. No autograd: PyTorch's custom ops take autograd
     formulas only for functional ops; use `qk_rmsnorm` where gradients are needed."""
     _check_in_place(q, k, q_weight, k_weight)
-    if _kernel_fits(q, k, q_weight, k_weight) and _launch(q, k, q_weight, k_weight, q, k, eps, launch=True):
+    if _run_kernel(q, k, q_weight, k_weight, eps, in_place=True, launch=True) is not None:
         return
     q_out, k_out = reference_qk_rmsnorm(q, k, q_weight, k_weight, eps)
     q.copy_(q_out)

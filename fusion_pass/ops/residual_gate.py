@@ -10,8 +10,7 @@ rounding); other dtypes, an operand that adds dims, D > MAX_BLOCK or CPU tensors
 import torch
 from torch import Tensor
 
-from .launch import promoted_dtype, rows_fit_kernel
-from .layernorm_modulate import launch_residual_norm_modulate
+from .layernorm_modulate import run_residual_norm_modulate
 from .reference_autograd import register_reference_autograd
 
 
@@ -21,10 +20,9 @@ def reference_residual_gate(residual: Tensor, y: Tensor, gate: Tensor) -> Tensor
 
 def _residual_gate(residual: Tensor, y: Tensor, gate: Tensor, launch: bool) -> Tensor:
     """The op's body (`launch=True`) and fake impl (`launch=False`): kernel or reference."""
-    if rows_fit_kernel(residual, y, gate):
-        r = torch.empty_like(residual, dtype=promoted_dtype(residual.dtype, gate, y))
-        if launch_residual_norm_modulate(residual, y=y, gate=gate, r_out=r, launch=launch):
-            return r
+    outputs = run_residual_norm_modulate(residual, y=y, gate=gate, launch=launch)
+    if outputs is not None:
+        return outputs.residual
     return reference_residual_gate(residual, y, gate)
 
 

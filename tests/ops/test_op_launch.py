@@ -1,4 +1,8 @@
-"""The launch helpers every row-wise kernel shares: dispatch, block settings, row layouts, dtypes."""
+"""The launch helpers every row-wise kernel shares: dispatch, block settings, row layouts, dtypes,
+and the launch plans memoised per call signature."""
+
+import os
+from importlib import import_module
 
 import pytest
 import torch
@@ -7,13 +11,25 @@ from hypothesis import strategies as st
 
 from fusion_pass.ops.launch import (
     MAX_BLOCK,
+    PLAN_CACHE_SIZE,
     interpret_on_cpu,
     promoted_dtype,
     row_layout,
     row_settings,
+    tensor_key,
+    tensor_meta,
     use_triton,
 )
-from ops_testing import FLOAT_DTYPES, qkv_views
+from ops_testing import FLOAT_DTYPES, OP_CASES, ROW_OPS, assert_op_accurate, outputs, qkv_views
+
+# The op modules (the package exports `qk_rmsnorm` the op under its module's name).
+layernorm_modulate = import_module("fusion_pass.ops.layernorm_modulate")
+qk_rmsnorm = import_module("fusion_pass.ops.qk_rmsnorm")
+
+
+def layout_of(*tensors: torch.Tensor):
+    """`row_layout` of tensors broadcasting into the first one's shape."""
+    return row_layout(tensors[0].shape, *(tensor_meta(tensor_key(t)) for t in tensors))
 
 
 def test_block_is_the_next_power_of_two_and_warps_grow_with_it():
@@ -44,7 +60,7 @@ def test_cpu_tensors_take_kernels_only_inside_interpret_on_cpu_with_the_interpre
 
 def test_permuted_head_view_coalesces_to_batch_times_length_by_heads():
     q, _ = qkv_views((2, 4, 5, 8), torch.float32)  # [B, H, L, D] view of [B, L, 3 * H * D]
-    layout = row_layout(q.shape, q, torch.empty_like(q))
+    layout = layout_of(q, torch.empty_like(q))
     assert (layout.n_outer, layout.n_inner) == (2 * 5, 4)
     assert layout.strides == ((3 * 4 * 8, 8, 1), (4 * 8, 8, 1))
 
@@ -52,27 +68,27 @@ def test_permuted_head_view_coalesces_to_batch_times_length_by_heads():
 def test_chunk_operand_keeps_batch_and_length_apart():
     x = torch.randn(2, 5, 8)
     shift = torch.randn(2, 1, 6 * 8)[..., 8:16]
-    layout = row_layout(x.shape, x, shift)
+    layout = layout_of(x, shift)
     assert (layout.n_outer, layout.n_inner) == (2, 5)
     assert layout.strides == ((5 * 8, 8, 1), (6 * 8, 0, 1))
 
 
 def test_shared_operand_lets_all_rows_merge():
     x = torch.randn(2, 5, 8)
-    layout = row_layout(x.shape, x, torch.randn(8))
+    layout = layout_of(x, torch.randn(8))
     assert (layout.n_outer, layout.n_inner) == (1, 10)
     assert layout.strides == ((0, 8, 1), (0, 0, 1))
 
 
 def test_operand_that_does_not_broadcast_has_no_layout():
     x = torch.randn(2, 5, 8)
-    assert row_layout(x.shape, x, torch.randn(3, 1, 8)) is None
-    assert row_layout(x.shape, x, torch.randn(1, 2, 5, 8)) is None
+    assert layout_of(x, torch.randn(3, 1, 8)) is None
+    assert layout_of(x, torch.randn(1, 2, 5, 8)) is None
 
 
 def test_three_unmergeable_row_dims_have_no_layout():
     x = torch.randn(400).as_strided((2, 3, 4, 1), (200, 50, 10, 1))
-    assert row_layout(x.shape, x) is None
+    assert layout_of(x) is None
 
 
 dtype_with_dims = st.tuples(st.sampled_from(FLOAT_DTYPES), st.booleans())
@@ -85,3 +101,49 @@ def test_promoted_dtype_is_the_unfused_expression_dtype(x_dtype, scale, shift):
 
     x, scale_t, shift_t = torch.ones(3, 4, dtype=x_dtype), operand(*scale), operand(*shift)
     assert promoted_dtype(x_dtype, scale_t, shift_t) == (x * (1 + scale_t) + shift_t).dtype
+
+
+PLANNERS = (
+    layernorm_modulate._output_dtypes,
+    layernorm_modulate._launch_plan,
+    qk_rmsnorm._output_dtypes,
+    qk_rmsnorm._launch_plan,
+)
+
+
+def test_planners_keep_a_bounded_number_of_signatures():
+    assert all(planner.cache_info().maxsize == PLAN_CACHE_SIZE for planner in PLANNERS)
+
+
+@pytest.mark.parametrize("name", OP_CASES)
+def test_repeated_call_signature_reuses_its_launch_plan(interpreted, name):
+    case = OP_CASES[name]
+    shape = (3, 5, 7, 24) if name == "qk_rmsnorm" else (3, 7, 24)
+    case.op(*case.make_args(shape, torch.float32, "chunk"))
+    misses = [planner.cache_info().misses for planner in PLANNERS]
+    # Fresh tensors of the same shapes, strides, dtypes and device: the planners are not run again.
+    assert_op_accurate(case, case.make_args(shape, torch.float32, "chunk"), torch.float32, interpreted=True)
+    assert [planner.cache_info().misses for planner in PLANNERS] == misses
+    assert interpreted.count == 2
+
+
+@pytest.mark.parametrize("name", ROW_OPS)
+def test_same_shapes_with_other_strides_get_their_own_plan(interpreted, name):
+    case = OP_CASES[name]
+    for layout in ("chunk", "full", "shared", "chunk"):
+        assert_op_accurate(case, case.make_args((2, 6, 40), torch.float16, layout), torch.float16, interpreted=True)
+    assert interpreted.count == 4
+
+
+@pytest.mark.parametrize("name", OP_CASES)
+def test_leaving_interpret_on_cpu_runs_the_reference_for_a_planned_signature(launches, name):
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton interpreter is off (a GPU is present)")
+    case = OP_CASES[name]
+    args = case.make_args(case.x_shape, torch.float32, "chunk")
+    with interpret_on_cpu():
+        case.op(*args)
+    assert launches.count == 1
+    for fused, reference in zip(outputs(case.op(*args)), outputs(case.reference(*args))):
+        torch.testing.assert_close(fused, reference, rtol=0.0, atol=0.0)
+    assert launches.count == 1
