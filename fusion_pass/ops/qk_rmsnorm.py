@@ -14,8 +14,9 @@ q, k: `[..., D]` of any rank >= 1, typically `[B, H, L, D]` views
 Weights broadcast to their tensor (usually `[D]`). Out dtype = `torch.result_type(n, w)`;
 `eps=None` means `torch.finfo(x.dtype).eps` (F.rms_norm's convention). q and k may differ in
 shape, D and dtype. The in-place form requires out dtype == input dtype. fp16/bf16/fp32 with
-D <= MAX_BLOCK on CUDA (or the CPU interpreter) take the kernel, the rest the reference (which,
-like the official `x.float()`, normalises fp64 inputs in fp32).
+D <= MAX_BLOCK on CUDA (or the CPU interpreter) take the kernel, the rest the reference, which
+normalises in fp32, or in fp64 for fp64 inputs: never less precise than the spelling it replaces
+(the official `x.float()` would round fp64 to fp32; spellings without an upcast keep fp64).
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def _default_eps(x: Tensor | TensorMeta, eps: float | None) -> float:
 
 
 def reference_rmsnorm(x: Tensor, weight: Tensor, eps: float | None) -> Tensor:
-    x_float = x.float()
+    x_float = x.to(torch.promote_types(x.dtype, torch.float32))  # fp64 stays fp64
     rms_inv = torch.rsqrt(torch.mean(x_float**2, dim=-1, keepdim=True) + _default_eps(x, eps))
     return (x_float * rms_inv).to(x.dtype) * weight
 

@@ -38,7 +38,7 @@ def test_opcheck_in_place_qk_rmsnorm(interpreted):
     assert interpreted.count > 0
 
 
-GRADCHECK_TOLERANCES = {"qk_rmsnorm": {"eps": 1e-3, "atol": 1e-3, "rtol": 1e-3}}
+GRADCHECK_TOLERANCES: dict = {}
 """The official RMSNorm computes in fp32 (`x.float()`) even for fp64 inputs, so its finite
 differences need fp32-sized steps and tolerances."""
 
