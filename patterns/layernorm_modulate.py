@@ -37,7 +37,7 @@ class LayerNormModulateSite:
     shift: fx.Node
     scale: fx.Node
     one_plus_scale: fx.Node
-    eps: float
+    eps: float | fx.Node
     weight: fx.Node | None
     bias: fx.Node | None
 
@@ -61,7 +61,7 @@ def match_site(norm: fx.Node, ctx: MatchContext) -> LayerNormModulateSite | Near
         return miss(f"LayerNorm output is also used by {others}")
     if not isinstance(shape, (tuple, list)) or len(shape) != 1:
         return miss(f"LayerNorm normalizes over {shape}, not just the last dim")
-    if not isinstance(x, fx.Node) or not is_number(eps):
+    if not isinstance(x, fx.Node) or not (is_number(eps) or isinstance(eps, fx.Node)):
         return miss("LayerNorm input or eps is not a plain tensor/number")
     product = products[0]
     one_plus = other_operand(product, norm)
@@ -79,7 +79,12 @@ def match_site(norm: fx.Node, ctx: MatchContext) -> LayerNormModulateSite | Near
     for operand, label in ((shift, "shift"), (scale, "scale")):
         if broadcasts_over_last_dim(operand, x):
             return miss(f"{label} broadcasts over the hidden dim")
-    return LayerNormModulateSite(norm, product, result, x, shift, scale, one_plus, float(eps), weight, bias)
+    eps = eps if isinstance(eps, fx.Node) else float(eps)  # a node: Dynamo's symbolic float (dynamic=True)
+    return LayerNormModulateSite(norm, product, result, x, shift, scale, one_plus, eps, weight, bias)
+
+
+def describe_eps(eps: float | fx.Node) -> str:
+    return f"eps={eps:g}" if isinstance(eps, float) else "eps=symbolic"
 
 
 class LayerNormModulate:
@@ -100,6 +105,6 @@ class LayerNormModulate:
             anchors=(site.result,),
             internal=site.internal,
             where=ctx.where(site.norm),
-            detail=f"eps={site.eps:g}" + (", affine" if site.weight is not None else ""),
+            detail=describe_eps(site.eps) + (", affine" if site.weight is not None else ""),
         )
 

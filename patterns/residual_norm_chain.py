@@ -45,7 +45,7 @@ class ResidualNormChain:
             anchors=(gate.result, norm.result),
             internal=(gate.product, *norm.internal),
             where=ctx.where(norm.norm),
-            detail=f"eps={norm.eps:g}",
+            detail=layernorm_modulate.describe_eps(norm.eps),
             output_fields=("residual", "normed"),
             cast_outputs=(None, None),
         )
