@@ -10,7 +10,7 @@ spellings accepted                                     canonical node
 ====================================================  ==========================================
 ``nn.LayerNorm`` module call (no hooks, exact type)    ``F.layer_norm(x, shape, weight, bias, eps)``
 ``nn.RMSNorm`` module call (no hooks, exact type)      ``F.rms_norm(x, shape, weight, eps)``
-``F.rms_norm`` / ``F.layer_norm`` with kwargs          the same, all arguments positional
+``F.rms_norm`` / ``torch.rms_norm`` / ``F.layer_norm``  the same, all arguments positional
 ``a.add(b)``, ``torch.add(a, b)``                      ``operator.add(a, b)``
 ``a.mul(b)``, ``torch.mul(a, b)``                      ``operator.mul(a, b)``
 ``torch.addcmul(a, b, c)`` (value 1)                   ``operator.add(a, operator.mul(b, c))``
@@ -127,7 +127,9 @@ def _canonical(node: fx.Node, root: nn.Module | None):
         return _index_as_unsqueeze(args)
     if key == ("call_function", LAYER_NORM) and (kwargs or len(args) < 5):
         return _layer_norm_call(args, kwargs)
-    if key == ("call_function", RMS_NORM) and (kwargs or len(args) < 4):
+    if key in {("call_function", RMS_NORM), ("call_function", torch.rms_norm)} and (
+        kwargs or len(args) < 4 or node.target is not RMS_NORM
+    ):
         return _rms_norm_call(args, kwargs)
     return None
 

@@ -139,10 +139,16 @@ def _attention_roles(site: RMSNormSite) -> set[tuple[fx.Node, int]]:
             for user in value.users:
                 if is_call(user, _ATTENTION):
                     roles.update((user, i) for i, arg in enumerate(user.args[:2]) if arg is value)
-                elif _is_view_like(user):
+                elif _is_view_like(user) and _carries(user, value):
                     following.append(user)
         frontier = following
     return roles
+
+
+def _carries(user: fx.Node, value: fx.Node) -> bool:
+    """Whether ``user``'s result holds ``value``'s data (``q.to(v)`` carries q, not v)."""
+    data = user.args[0] if user.args else None
+    return data is value or (isinstance(data, (list, tuple)) and any(item is value for item in data))
 
 
 def _is_view_like(node: fx.Node) -> bool:

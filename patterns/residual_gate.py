@@ -52,20 +52,20 @@ def match_site(node: fx.Node, ctx: MatchContext, order: dict[fx.Node, int]) -> R
         return None
     reasons = []
     for residual, product in candidates:
+        branches = [b for b in product.args if depends_on(b, _producer(residual), order)]
+        if not branches:
+            if any(depends_on(residual, _producer(operand), order) for operand in product.args):
+                reasons.append("the gate multiplies the residual, not the branch computed from it")
+            continue  # otherwise a + b * c with no residual structure: not a candidate
         if len(product.users) > 1:
             user = next(u for u in product.users if u is not node)
             reasons.append(f"gate * y is also used by {describe(user)}")
             continue
-        branches = [b for b in product.args if depends_on(b, _producer(residual), order)]
-        if not branches:
-            if any(depends_on(residual, operand, order) for operand in product.args):
-                reasons.append("the gate multiplies the residual, not the branch computed from it")
-            continue  # otherwise a + b * c with no residual structure: not a candidate
-        y = branches[-1]
-        gate = product.args[0] if y is product.args[1] else product.args[1]
-        if broadcasts_over_last_dim(gate, node):
+        if any(broadcasts_over_last_dim(operand, node) for operand in product.args):
             reasons.append("gate broadcasts over the hidden dim")
             continue
+        y = branches[-1]
+        gate = product.args[0] if y is product.args[1] else product.args[1]
         res_meta, out_meta = tensor_meta(residual), tensor_meta(node)
         if res_meta is not None and out_meta is not None and res_meta.shape != out_meta.shape:
             reasons.append("residual is broadcast to the output's shape")
