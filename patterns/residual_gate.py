@@ -4,6 +4,8 @@ Matches    ``residual + gate * y`` where ``y`` (the branch) is computed from ``r
            the structural signature of a gated residual connection ``x + g * f(x)``.
 Accepts    any operand order of ``+`` and ``*``; ``torch.addcmul(residual, gate, y)``;
            ``torch.add``/``Tensor.add``/``mul`` spellings; gate of any broadcastable shape.
+Skips      products with a raw norm output as an operand (``shift + s * LN(x)`` is a
+           modulation, left to the LayerNorm family even when it refused it).
 Refuses    (near-miss) a product also used elsewhere, a product whose operands do not
            depend on the residual (e.g. the gate multiplies the residual, not the branch),
            and (when the graph has shapes) a gate broadcast over the hidden dim or a
@@ -47,6 +49,7 @@ def match_site(node: fx.Node, ctx: MatchContext, order: dict[fx.Node, int]) -> R
         (residual, product) for residual, product in operand_orders(node)
         if is_call(product, canon.MUL) and isinstance(residual, fx.Node)
         and all(isinstance(arg, fx.Node) for arg in product.args)
+        and not any(is_call(arg, canon.LAYER_NORM) or is_call(arg, canon.RMS_NORM) for arg in product.args)
     ]
     if not candidates:
         return None

@@ -434,6 +434,7 @@ def test_a_hooked_layernorm_keeps_its_hook_and_is_not_mistaken_for_a_gate():
     }
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_a_torchscript_module_is_reported_uncaptured_and_left_alone():
     torch.manual_seed(0)
     module = Modulated()
