@@ -18,7 +18,6 @@ it keeps one process-wide report (``fusion_pass.dynamo_backend.last_report()``).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
@@ -27,19 +26,15 @@ from rich.console import Console
 
 import fusion_pass
 from fusion_pass.dynamo_backend import INNER_COMPILERS, last_report
-from reference_models import CONFIGS, build_model, example_inputs, get_config, load_official
+from common import DTYPES, build, model_parser
+from reference_models import example_inputs, get_config
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # max|compiled - eager| / max|eager| allowed per dtype (fused kernels keep fp32 statistics).
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="tiny", choices=tuple(CONFIGS), help="model config (default: %(default)s)")
-    parser.add_argument("--official", action="store_true", help="build the official hy3dgen file instead of ours")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: %(default)s)")
-    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="(default: %(default)s)")
+    parser = model_parser(__doc__)
     parser.add_argument("--inner", choices=INNER_COMPILERS,
                         help='compiler the fused graph goes to (default: "inductor" on CUDA, "eager" on the CPU, '
                              "where Inductor takes ~30 s to compile even the tiny model)")
@@ -81,8 +76,7 @@ def main(argv=None) -> int:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     config = get_config(args.config)
 
-    torch.manual_seed(0)
-    model = (load_official if args.official else build_model)(args.config, device=device, dtype=dtype).eval()
+    model = build(args)
     inputs = example_inputs(config, dtype=dtype, device=device, seed=0)
     with torch.no_grad():
         expected = inputs.call(model)  # eager, unfused

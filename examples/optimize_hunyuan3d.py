@@ -10,7 +10,6 @@ real checkpoint, load it before or after ``optimize`` -- the state_dict is the s
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import io
 import sys
@@ -19,20 +18,16 @@ import torch
 from rich.console import Console
 
 import fusion_pass
-from reference_models import CONFIGS, build_model, example_inputs, load_official
+from common import DTYPES, build, model_parser
+from reference_models import example_inputs
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # max|optimized - original| / max|original| allowed per dtype: the fused kernels keep their
 # statistics in fp32 where eager PyTorch rounds every intermediate to the model's dtype.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="tiny", choices=tuple(CONFIGS), help="model config (default: %(default)s)")
-    parser.add_argument("--official", action="store_true", help="build the official hy3dgen file instead of ours")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: %(default)s)")
-    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="(default: %(default)s)")
+    parser = model_parser(__doc__)
     parser.add_argument("--batch", type=int, default=2, help="batch size; 2 is classifier-free guidance (default: %(default)s)")
     return parser.parse_args(argv)
 
@@ -46,10 +41,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     console = Console()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    build = load_official if args.official else build_model
-
-    torch.manual_seed(0)
-    model = build(args.config, device=device, dtype=dtype).eval()
+    model = build(args)
     original = copy.deepcopy(model)  # an unoptimized twin with the same weights
 
     # The one line: rewrite the model's forward to call fused kernels, in place.
@@ -72,7 +64,7 @@ def main(argv=None) -> int:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)
-    fresh = build(args.config, device=device, dtype=dtype).eval()
+    fresh = build(args)  # same seed, but the weights come from the checkpoint below
     fresh.load_state_dict(torch.load(buffer, map_location=device), strict=True)
     with torch.inference_mode():
         reloaded = inputs.call(fresh)

@@ -21,7 +21,6 @@ The loop is hy3dgen 2.0.2's (``hy3dgen/shapegen/``), minus the image encoder and
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
@@ -30,9 +29,9 @@ import torch
 from rich.console import Console
 
 import fusion_pass
-from reference_models import CONFIGS, DiTConfig, build_model, get_config, load_official
+from common import DTYPES, build, model_parser
+from reference_models import DiTConfig, get_config
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # max|optimized - original| / max|original| of the final latents allowed per dtype. Larger
 # than for one call: per-step differences add up, and CFG multiplies the difference between
 # the conditional and unconditional predictions by the guidance scale.
@@ -41,11 +40,7 @@ GUIDANCE_SCALE = 5.0
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="tiny", choices=tuple(CONFIGS), help="model config (default: %(default)s)")
-    parser.add_argument("--official", action="store_true", help="build the official hy3dgen file instead of ours")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: %(default)s)")
-    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="(default: %(default)s)")
+    parser = model_parser(__doc__)
     parser.add_argument("--steps", type=int,
                         help="denoising steps (default: 5 on the CPU, 50 on CUDA, the pipeline's default)")
     parser.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE, help="(default: %(default)s)")
@@ -97,8 +92,7 @@ def main(argv=None) -> int:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     config = get_config(args.config)
 
-    torch.manual_seed(0)
-    original = (load_official if args.official else build_model)(args.config, device=device, dtype=dtype).eval()
+    original = build(args)
     optimized = fusion_pass.optimize(copy.deepcopy(original))
     report = fusion_pass.report(optimized)
     console.print(f"optimized: {report.total} sites fused ({', '.join(f'{k} {v}' for k, v in report.counts().items())})")
