@@ -117,7 +117,7 @@ def _canonical(node: fx.Node, root: nn.Module | None):
         return _mean(args, kwargs)
     if node.op == "call_method" and node.target in _CAST_METHODS and len(args) == 1 and not kwargs:
         return ("call_method", CAST_METHOD, (args[0], _CAST_METHODS[node.target]))
-    if key == ("call_method", "type") and len(args) == 2 and isinstance(args[1], torch.dtype):
+    if key == ("call_method", "type") and len(args) == 2 and (isinstance(args[1], torch.dtype) or _is_dtype_read(args[1])):
         return ("call_method", CAST_METHOD, args)
     if key == ("call_method", CAST_METHOD) and set(kwargs) == {"dtype"} and len(args) == 1:
         return ("call_method", CAST_METHOD, (args[0], kwargs["dtype"]))
@@ -150,11 +150,22 @@ def _module_call(node: fx.Node, root: nn.Module):
     return None
 
 
+def _is_dtype_read(value) -> bool:
+    """``x.dtype`` traced as a node (``.type(x.dtype)`` is then a cast, like ``.to``)."""
+    return (
+        isinstance(value, fx.Node) and value.op == "call_function" and value.target is getattr
+        and value.args[1:] == ("dtype",)
+    )
+
+
 def _param(node: fx.Node, name: str, module: nn.Module):
-    """A ``get_attr`` node reading ``module.<name>`` live, or None when the module has none."""
+    """A ``get_attr`` node reading ``module.<name>`` live, or None when the module has none.
+    Placed after the placeholders, where FX places parameter reads it is given no position for,
+    so that a fused op pairing two norms never has to wait for one norm's weight read."""
     if getattr(module, name, None) is None:
         return None
-    with node.graph.inserting_before(node):
+    first_body_node = next(n for n in node.graph.nodes if n.op != "placeholder")
+    with node.graph.inserting_before(first_body_node):
         return node.graph.get_attr(f"{node.target}.{name}")
 
 

@@ -438,3 +438,48 @@ def test_a_per_token_shift_that_gated_the_residual_is_reported_once():
     report = compile_report(PerTokenGateThenShift(), torch.randn(2, 5, H), torch.randn(2, 5, 1), torch.randn(2, 1, H))
     assert near_miss_reasons(report, LN_MOD) == ["shift broadcasts over the hidden dim"]
     assert near_miss_reasons(report, GATE) == ["gate broadcasts over the hidden dim"]
+
+
+# --- spellings torch.compile fuses and optimize() does not (found beside the fuzzer) ------------
+
+class QKCastBackWithType(torch.nn.Module):
+    """The upcast RMSNorm cast back with ``.type(x.dtype)`` (normalize.py lists ``x.type(dtype)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(H, 3 * H)
+        self.q_scale, self.k_scale = torch.nn.Parameter(torch.ones(H // 2)), torch.nn.Parameter(torch.ones(H // 2))
+
+    @staticmethod
+    def norm(x, weight):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).type(x.dtype) * weight
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, L, 3, 2, H // 2).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(self.norm(q, self.q_scale), self.norm(k, self.k_scale), v)
+
+
+class QKCastRightAway(torch.nn.Module):
+    """``q = q_norm(q).to(v)`` before ``k = k_norm(k).to(v)``: q's cast runs before k's norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(H, 3 * H)
+        self.q_norm, self.k_norm = torch.nn.RMSNorm(H // 2, eps=1e-6), torch.nn.RMSNorm(H // 2, eps=1e-6)
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, L, 3, 2, H // 2).permute(2, 0, 3, 1, 4)
+        q = self.q_norm(q).to(v)
+        k = self.k_norm(k).to(v)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("path", [FX, DYNAMO])
+@pytest.mark.parametrize("module", [QKCastBackWithType, QKCastRightAway], ids=lambda cls: cls.__name__)
+def test_q_k_spellings_fuse_on_both_paths(module, path):
+    report = report_of(path, module(), torch.randn(2, 5, H))
+    assert report.counts()[QK] == 1
+    assert near_miss_reasons(report, QK) == []
