@@ -22,3 +22,12 @@ def cuda():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (run on the H200: make test-gpu)")
     return torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module of tiny models: threads cost them 2-5x on 2 busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

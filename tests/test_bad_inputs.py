@@ -24,13 +24,7 @@ FP32 = dict(rtol=1e-5, atol=1e-5)
 FP64 = dict(rtol=1e-12, atol=1e-12)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are too small for intra-op threads to pay (they cost 2-5x on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def original_and_optimized(source: str, config="tiny", seed=0):

@@ -21,13 +21,7 @@ FIDELITY_SEEDS = range(4)
 MAX_ERROR_RATIO = 1.1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are too small for intra-op threads to pay (they cost 2-5x on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel_err(out, ref):
