@@ -7,9 +7,10 @@ and each mode runs a deepcopy of that cast model on one denoising step (B=2: the
 modes (--modes; all by default)
   eager                        the model as written
   optimize                     fusion_pass.optimize() on a deepcopy
-  optimize+cudagraph           fusion_pass.optimize(model, cuda_graphs=True): every optimized block
-                               captured on its first call, replayed after; checked against the
-                               optimized model without replay on two input sets
+  optimize+cudagraph           fusion_pass.optimize(model, cuda_graphs=True): every optimized module
+                               (the whole model, when it is captured as one graph) captured on its
+                               first call, replayed after; checked against the optimized model
+                               without replay on two input sets
   compile                      torch.compile, default Inductor
   compile-reduce-overhead      torch.compile(mode="reduce-overhead") (Inductor + CUDA graphs)
   backend-inductor             torch.compile(backend=fusion_pass.backend(inner="inductor"))
@@ -99,7 +100,7 @@ MODES: dict[str, ModeSpec] = {spec.name: spec for spec in (
              compiles=False, needs_cuda=False, priority=(0, 0), estimate_s=6, fusion=False),
     ModeSpec("optimize", "fusion_pass.optimize() on a deepcopy",
              compiles=False, needs_cuda=False, priority=(0, 0), estimate_s=12, fusion=True),
-    ModeSpec("optimize+cudagraph", "optimize(cuda_graphs=True): each optimized block replayed as a CUDA graph",
+    ModeSpec("optimize+cudagraph", "optimize(cuda_graphs=True): each optimized module (the whole step) replayed as a CUDA graph",
              compiles=False, needs_cuda=True, priority=(0, 0), estimate_s=14, fusion=True),
     ModeSpec("compile", "torch.compile (default Inductor)",
              compiles=True, needs_cuda=False, priority=(1, 2), estimate_s=95, fusion=False),
@@ -399,16 +400,16 @@ def _prepare_optimize(group: Group) -> Prepared:
 
 
 def _prepare_optimize_cudagraph(group: Group) -> Prepared:
-    """``optimize(model, cuda_graphs=True)``: each optimized module (block) is captured on its
-    first call and replayed after that. The whole step cannot be captured: the official
-    model's timestep embedding copies a CPU ``arange`` to the GPU on every call."""
+    """``optimize(model, cuda_graphs=True)``: each optimized module is captured on its first
+    call and replayed after that; on the official model that is the whole step (its timestep
+    embedding's CPU ``arange`` is a cached constant, see ``fusion_pass/constants.py``)."""
     import fusion_pass
     from fusion_pass.cuda_graphs import replay_paused
 
     model = copy.deepcopy(group.model)
     start = time.perf_counter()
     fusion_pass.optimize(model, cuda_graphs=True)
-    first = _call(model, group.inputs).clone()  # captures every block
+    first = _call(model, group.inputs).clone()  # captures
     torch.cuda.synchronize()
     setup = time.perf_counter() - start
     checks = []
@@ -425,7 +426,7 @@ def _prepare_optimize_cudagraph(group: Group) -> Prepared:
              "replay_check": {"inputs_sets": len(checks), "bitwise_equal": all(c["bitwise_equal"] for c in checks),
                               "max_rel_err": max(c["rel_err"] for c in checks)}}
     return Prepared(lambda inputs: _call(model, inputs), setup,
-                    "optimize(cuda_graphs=True) + the first call (captures every optimized block)",
+                    "optimize(cuda_graphs=True) + the first call (the capture)",
                     extra=extra, keep=model)
 
 

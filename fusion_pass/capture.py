@@ -13,15 +13,25 @@ names appear here. Each success yields a :class:`CapturedGraph` whose graph refe
 submodules and parameters by their path *relative to that module*, so code generated
 from it can run with the module itself as ``self`` (see ``install.py``).
 
+Beyond plain FX, the tracer
+- follows a branch on a metadata predicate (``if torch.is_floating_point(t):``) under a
+  recorded assumption, checked at run time (``guards.py``);
+- keeps tensors a forward builds from Python values alone (``torch.arange(n)``) as
+  :class:`~fusion_pass.constants.TensorConstant` nodes held by the graph.
+
 Invariants (relied on by ``install.py`` and the tests):
 - tracing leaves every module's attributes exactly as they were: a forward that assigns
-  module attributes is refused (the graph would lose that side effect), and a graph that
-  needs tensor constants the tracer registered is refused;
+  module attributes is refused (the graph would lose that side effect); the global random
+  state is left as it was, and a forward that draws random numbers outside the traced
+  tensors while building a constant is refused (the draw would be frozen);
+- a guard is accepted only where no node before it can modify state, so abandoning a
+  call at a failed guard and rerunning the original forward is exact;
 - a graph is specialised to the module's ``training`` flag at capture time, which is
   recorded so the installed forward can fall back when the flag changes.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 from dataclasses import dataclass, field
@@ -31,6 +41,10 @@ from typing import Callable
 import torch
 import torch.fx as fx
 from torch import nn
+
+from fusion_pass import guards
+from fusion_pass.constants import TensorConstant, constant_node
+from fusion_pass.normalize import mutates
 
 #: Libraries whose functions FX cannot trace through but which are safe to call as opaque
 #: leaf functions (pure tensor-in, tensor-out). Imported lazily: each is optional.
@@ -94,6 +108,24 @@ class _LeafOnFailureTracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """A branch on a guardable metadata predicate follows the assumed value (checked at run
+        time by an ``assume`` node); any other branch on a traced value fails as in FX."""
+        assumption = guards.assumption_for(obj.node)
+        if assumption is None:
+            return super().to_bool(obj)
+        expected, what = assumption
+        self.create_proxy("call_function", guards.assume, (obj, expected, what), {})
+        return expected
+
+    def create_arg(self, a):
+        """A tensor that is neither a parameter nor a module attribute (built from Python
+        values during the trace) becomes a constant node held by the graph."""
+        if (isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter)
+                and a not in self.tensor_attrs and not any(a is b for b in self.root.buffers())):
+            return constant_node(self.graph, a)
+        return super().create_arg(a)
+
     def call_module(self, m, forward, args, kwargs):
         path = self.path_of_module(m)
         try:
@@ -112,7 +144,8 @@ def _trace(module: nn.Module) -> tuple[fx.Graph, tuple[str, ...]]:
         tracer = _LeafOnFailureTracer(leaves)
         before = _attribute_snapshot(module)
         try:
-            graph = tracer.trace(module)
+            with _random_state_kept() as drew_random:
+                graph = tracer.trace(module)
         except _FailedInside as failure:
             if failure.path in leaves:  # pragma: no cover - defensive: no progress possible
                 raise failure.cause
@@ -123,7 +156,35 @@ def _trace(module: nn.Module) -> tuple[fx.Graph, tuple[str, ...]]:
         if changed:
             raise RuntimeError(f"forward assigns module attributes ({', '.join(changed)})")
         _refuse_tensor_constants(graph, module)
+        if drew_random() and any(isinstance(n.target, TensorConstant) for n in graph.nodes):
+            raise RuntimeError("forward draws random numbers into a tensor constant; capturing would freeze them")
+        _refuse_guards_after_side_effects(graph, module)
         return graph, tuple(sorted(leaves))
+
+
+@contextlib.contextmanager
+def _random_state_kept():
+    """Restore the CPU (and initialised CUDA) random state after the block; yields a function
+    telling whether the block drew random numbers."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        start = torch.get_rng_state()
+        cuda_start = [torch.cuda.get_rng_state(d) for d in devices]
+        changed: list[bool] = []
+        try:
+            yield lambda: changed[0]
+        finally:
+            changed.append(not torch.equal(start, torch.get_rng_state()) or any(
+                not torch.equal(s, torch.cuda.get_rng_state(d)) for s, d in zip(cuda_start, devices)))
+
+
+def _refuse_guards_after_side_effects(graph: fx.Graph, module: nn.Module) -> None:
+    for guard in guards.guards_in(graph):
+        for node in graph.nodes:
+            if node is guard:
+                break
+            if mutates(node, module):
+                raise RuntimeError(f"control flow on {guard.args[2]} after {node.name}, which may modify state")
 
 
 def _attribute_snapshot(module: nn.Module) -> dict[nn.Module, dict]:

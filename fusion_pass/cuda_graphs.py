@@ -14,8 +14,11 @@ Semantics and invariants:
   before calling the same module again (a denoising loop does; a model that calls one
   module twice per step and keeps both results should not use this option).
 - Parameters are read from their addresses at capture: when any parameter or buffer of the
-  module has moved (``.to()``, ``.half()``), the graph is captured again. In-place updates
-  (``load_state_dict``, optimizer steps) are seen by the next replay.
+  module has moved (``.to()``, ``.half()``) or been replaced, the graph is captured again.
+  In-place updates (``load_state_dict``, optimizer steps) are seen by the next replay. The
+  check costs one ``data_ptr()`` per parameter; walking the module tree again (milliseconds
+  on a 1B model) happens only after some module anywhere registered a parameter, buffer or
+  submodule (counted by torch's global registration hooks, installed once).
 - Anything else (CPU tensors, autograd on, mixed devices, a capture already in progress)
   runs the forward as is.
 All graphs of one model share one memory pool; that is safe because graphs never run
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -40,7 +44,35 @@ class _Captured:
     graph: torch.cuda.CUDAGraph
     static_inputs: list[Any]
     static_outputs: Any
-    state_ptrs: tuple[int, ...]
+    state: list[torch.Tensor]  # the module's parameters and buffers at capture
+    state_ptrs: list[int]
+    registrations: int  # _REGISTRATIONS[0] when ``state`` was last taken from the module
+
+    def state_moved(self, module: nn.Module) -> bool:
+        if self.registrations != _REGISTRATIONS[0]:
+            self.state, self.registrations = _state_of(module), _REGISTRATIONS[0]
+        return [t.data_ptr() for t in self.state] != self.state_ptrs
+
+
+_REGISTRATIONS = [0]  # parameters, buffers and submodules registered anywhere since import
+
+
+def _count_registration(*_args) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+def _state_of(module: nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers()]
+
+
+@functools.cache
+def _watch_registrations() -> None:
+    for register in (
+        torch.nn.modules.module.register_module_parameter_registration_hook,
+        torch.nn.modules.module.register_module_buffer_registration_hook,
+        torch.nn.modules.module.register_module_module_registration_hook,
+    ):
+        register(_count_registration)
 
 
 class GraphReplay:
@@ -51,6 +83,7 @@ class GraphReplay:
         self.code = code
         self.pool = pool
         self.captured: dict[tuple, _Captured] = {}
+        _watch_registrations()
 
     def __deepcopy__(self, memo):
         """A copy replays nothing yet: graphs hold the original's addresses."""
@@ -65,16 +98,13 @@ class GraphReplay:
         if key is None or torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing():
             return self.forward(*args, **kwargs)
         entry = self.captured.get(key)
-        if entry is None or entry.state_ptrs != self._state_ptrs():
+        if entry is None or entry.state_moved(self.module):
             entry = self.captured[key] = self._capture(flat, spec)
         for static, value in zip(entry.static_inputs, flat):
             if isinstance(value, torch.Tensor) and value.data_ptr() != static.data_ptr():
                 static.copy_(value)
         entry.graph.replay()
         return entry.static_outputs
-
-    def _state_ptrs(self) -> tuple[int, ...]:
-        return tuple(t.data_ptr() for t in (*self.module.parameters(), *self.module.buffers()))
 
     def _capture(self, flat: list, spec) -> _Captured:
         static_inputs = [_static_copy(v) for v in flat]
@@ -88,7 +118,8 @@ class GraphReplay:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             static_outputs = self.forward(*args, **kwargs)
-        return _Captured(graph, static_inputs, static_outputs, self._state_ptrs())
+        state = _state_of(self.module)
+        return _Captured(graph, static_inputs, static_outputs, state, [t.data_ptr() for t in state], _REGISTRATIONS[0])
 
 
 def _static_copy(value):

@@ -7,7 +7,8 @@ and the code reads parameters live, so ``load_state_dict``, ``.to()``, ``.half()
 optimizers keep working. ``deepcopy`` copies the installed forward bound to the copy.
 
 The graph was specialised to the module's ``training`` flag at capture; when the flag
-differs at call time the original forward runs instead (exact fallback).
+differs at call time, or a call breaks an assumption the graph was captured under
+(``guards.py``), the original forward runs instead (exact fallback).
 
 Norm modules whose weight parameter is named ``scale`` (and that have no ``weight``) get
 a read-only ``weight`` property aliasing it, through a cached subclass of their own class
@@ -19,6 +20,7 @@ from torch import nn
 
 from fusion_pass.capture import CapturedGraph
 from fusion_pass.cuda_graphs import GraphReplay
+from fusion_pass.guards import GuardFailed
 
 
 class FusedForward:
@@ -36,9 +38,12 @@ class FusedForward:
         module = self.module
         if module.training != self.training:
             return type(module).forward(module, *args, **kwargs)
-        if self.graphs is not None:
-            return self.graphs(*args, **kwargs)
-        return self.code(module, *args, **kwargs)
+        try:
+            if self.graphs is not None:
+                return self.graphs(*args, **kwargs)
+            return self.code(module, *args, **kwargs)
+        except GuardFailed:
+            return type(module).forward(module, *args, **kwargs)
 
 
 def is_installed(module: nn.Module) -> bool:

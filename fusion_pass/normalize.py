@@ -27,7 +27,8 @@ spellings accepted                                     canonical node
 
 ``view`` -> ``reshape`` changes only which inputs raise (reshape copies where view fails).
 Node ``meta`` (Dynamo's ``example_value``, the module stack) is carried to the new node.
-Finally, repeated casts, reshapes, unsqueezes and attribute reads of one value are merged.
+Finally, repeated casts, reshapes, unsqueezes and attribute reads of one value are merged,
+and device moves of tensor constants become cached copies (``constants.py``).
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+
+from fusion_pass.constants import fold_device_moves
 
 ADD, MUL, POW = operator.add, operator.mul, operator.pow
 MEAN, RSQRT = torch.mean, torch.rsqrt
@@ -81,6 +84,7 @@ def normalize(graph: fx.Graph, root: nn.Module | None = None) -> int:
         changed += 1
     changed += _numbers_first(graph)
     changed += _merge_duplicates(graph, root)
+    changed += fold_device_moves(graph)
     graph.lint()
     return changed
 
@@ -254,7 +258,7 @@ def _merge_duplicates(graph: fx.Graph, root: nn.Module | None) -> int:
     """Merge repeated casts/reshapes/attribute reads of the same value (``x.float()``
     written twice): pure, cheap nodes, so one result serves every user. Not done in a graph
     with in-place operations, where two equal-looking reads may see different values."""
-    if any(_mutates(node, root) for node in graph.nodes):
+    if any(mutates(node, root) for node in graph.nodes):
         return 0
     seen: dict = {}
     merged = 0
@@ -274,7 +278,7 @@ def _merge_duplicates(graph: fx.Graph, root: nn.Module | None) -> int:
 _IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
 
 
-def _mutates(node: fx.Node, root: nn.Module | None) -> bool:
+def mutates(node: fx.Node, root: nn.Module | None) -> bool:
     """Whether ``node`` may modify a tensor in place (conservatively: user modules may)."""
     if node.op == "call_module":
         return root is None or not type(root.get_submodule(node.target)).__module__.startswith("torch.nn")

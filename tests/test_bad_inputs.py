@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fusion_pass
-from fusion_pass.install import is_installed
+from fusion_pass.install import graph_of, is_installed
 from reference_models import build_model, example_inputs, get_config, load_official
 
 BUILDERS = {"ours": build_model, "official": load_official}
@@ -104,6 +104,7 @@ def test_wide_odd_hidden_sizes_with_few_tokens(hidden, heads):
             "layernorm_modulate": counts["layernorm_modulate"] + chained,
             "residual_gate": counts["residual_gate"] + chained,
             "qk_rmsnorm": counts["qk_rmsnorm"],
+            "gelu_cat": counts["gelu_cat"],
         } == config.expected_sites()
         assert_same_outcome(original, optimized, *example_inputs(config, seed=4).args)
 
@@ -351,24 +352,78 @@ def test_an_untraceable_child_runs_as_before_and_the_rest_still_fuses():
 
 
 class MakesTensorConstant(nn.Module):
+    """Builds a tensor from Python values every call (as the official timestep embedding does)
+    and moves it to the input's device."""
+
     def __init__(self):
         super().__init__()
         self.block = Modulated()
 
     def forward(self, x, mod):
-        return self.block(x, mod) * torch.tensor([0.5, 2.0]).sum()
+        return self.block(x, mod) * torch.tensor([0.5, 2.0]).to(x.device).sum()
 
 
-def test_a_forward_that_creates_a_tensor_constant_is_left_alone_and_its_children_fuse():
+def test_a_tensor_constant_is_held_by_the_graph_not_the_module():
     torch.manual_seed(0)
     module = MakesTensorConstant()
     attributes = set(vars(module))
     original, optimized = optimized_pair(module)
     report = fusion_pass.report(optimized)
-    assert "tensor constant" in dict(report.uncaptured)[""]
-    assert set(vars(optimized)) - {"_fusion_pass_report"} == attributes
-    assert not is_installed(optimized) and is_installed(optimized.block)
+    assert report.uncaptured == [] and report.graphs == ["<root>"]
+    assert set(vars(optimized)) - {"_fusion_pass_report", "forward"} == attributes  # forward: the installed one
+    assert set(optimized.state_dict()) == set(original.state_dict())
+    assert "_on(" in graph_of(optimized) and ".to(" not in graph_of(optimized)  # cached per device
     assert_same_outcome(original, optimized, torch.randn(2, 5, D), torch.randn(2, 1, 3 * D))
+
+
+class DrawsRandomConstant(MakesTensorConstant):
+    def forward(self, x, mod):
+        return self.block(x, mod) * torch.rand(2).sum()
+
+
+def test_a_random_draw_is_not_frozen_into_a_constant():
+    torch.manual_seed(0)
+    module = DrawsRandomConstant()
+    state = torch.get_rng_state()
+    fusion_pass.optimize(module)
+    assert torch.equal(torch.get_rng_state(), state)  # tracing drew nothing from the user's generator
+    assert "random numbers" in dict(fusion_pass.report(module).uncaptured)[""]
+    assert not is_installed(module) and is_installed(module.block)
+
+
+class BranchesOnDtype(nn.Module):
+    """``if torch.is_floating_point(x)``: captured under a guard, checked every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Modulated()
+
+    def forward(self, x, mod):
+        if torch.is_floating_point(x):
+            return self.block(x, mod)
+        return x * 2
+
+
+def test_a_dtype_branch_is_captured_under_a_guard_that_falls_back_exactly():
+    torch.manual_seed(0)
+    original, optimized = optimized_pair(BranchesOnDtype())
+    assert fusion_pass.report(optimized).graphs == ["<root>"] and "assume" in graph_of(optimized)
+    assert_same_outcome(original, optimized, torch.randn(2, 5, D), torch.randn(2, 1, 3 * D))
+    ints = torch.randint(-5, 5, (2, 5, D))
+    torch.testing.assert_close(optimized(ints, torch.randn(2, 1, 3 * D)), ints * 2, **EXACT)  # guard failed
+
+
+class BranchesAfterInPlace(BranchesOnDtype):
+    def forward(self, x, mod):
+        x.mul_(1)
+        return super().forward(x, mod)
+
+
+def test_a_guard_after_an_in_place_op_is_refused():
+    torch.manual_seed(0)
+    module = fusion_pass.optimize(BranchesAfterInPlace())
+    assert "may modify state" in dict(fusion_pass.report(module).uncaptured)[""]
+    assert not is_installed(module) and is_installed(module.block)
 
 
 class StoresAttribute(Modulated):
@@ -433,7 +488,7 @@ def test_a_hooked_layernorm_keeps_its_hook_and_is_not_mistaken_for_a_gate():
     assert_same_outcome(original, optimized, x, mod)
     assert len(calls) == 2  # once per model: the hook fired in the optimized forward too
     assert fusion_pass.report(optimized).counts() == {
-        "residual_layernorm_modulate": 0, "layernorm_modulate": 0, "residual_gate": 1, "qk_rmsnorm": 0,
+        "residual_layernorm_modulate": 0, "layernorm_modulate": 0, "residual_gate": 1, "qk_rmsnorm": 0, "gelu_cat": 0,
     }
 
 

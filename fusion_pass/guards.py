@@ -1,0 +1,49 @@
+"""Guards: assumptions a captured graph was specialised on, checked every time it runs.
+
+FX tracing cannot take a Python branch on a traced tensor (``if torch.is_floating_point(t):``).
+For a small set of *metadata* predicates, whose value follows from the dtypes of the
+inputs and parameters alone (never from tensor values, so checking one never syncs the
+GPU), capture assumes the usual answer, follows that branch, and records an
+:func:`assume` node in the graph at the branch point. When a call disagrees, the node
+raises :class:`GuardFailed` and the installed forward reruns the module's original
+forward: an exact fallback, because capture accepts a guard only where nothing before it
+in the graph modifies state (see ``capture.py``).
+
+Data-dependent branches (``if x.sum() > 0``) are not guardable: the module stays uncaptured.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+#: predicate -> the value assumed at capture (the common case in inference code)
+ASSUMED_FUNCTIONS = {torch.is_floating_point: True, torch.is_complex: False}
+ASSUMED_METHODS = {"is_floating_point": True, "is_complex": False}
+
+
+class GuardFailed(Exception):
+    """A call broke an assumption its graph was captured under."""
+
+
+@fx.node.has_side_effect
+def assume(value, expected: bool, what: str) -> None:
+    """Raise :class:`GuardFailed` unless ``bool(value) == expected`` (``what``: the predicate)."""
+    if bool(value) != expected:
+        raise GuardFailed(f"{what} is {not expected}; the graph was captured assuming {expected}")
+
+
+def assumption_for(node: fx.Node) -> tuple[bool, str] | None:
+    """``(assumed value, description)`` when ``node`` computes a guardable predicate."""
+    if node.op == "call_function" and node.target in ASSUMED_FUNCTIONS:
+        return ASSUMED_FUNCTIONS[node.target], f"torch.{node.target.__name__}({_name(node.args[0])})"
+    if node.op == "call_method" and node.target in ASSUMED_METHODS:
+        return ASSUMED_METHODS[node.target], f"{_name(node.args[0])}.{node.target}()"
+    return None
+
+
+def guards_in(graph: fx.Graph) -> list[fx.Node]:
+    return [node for node in graph.nodes if node.op == "call_function" and node.target is assume]
+
+
+def _name(arg) -> str:
+    return arg.name if isinstance(arg, fx.Node) else repr(arg)
