@@ -8,7 +8,8 @@ and one past the 60 MB L2 of an H200 (B = 8, L = 4442), in fp16 and bf16, CUDA-g
 - achieved bandwidth = (each input read once at its real size, broadcast operands included,
   + each output written once) / fused time, and its ratio to a device copy measured in the same
   run (`dst.copy_(src)`, bytes read + written);
-- host time per call over 2,000 calls without synchronising, fused vs eager, on a small input.
+- host time per call over 2,000 calls without synchronising, on a small input (L = 1): the
+  fused op through torch.ops, through `fusion_pass.ops.direct` (optimize's graphs), and eager.
 
 Writes `ops_bench.json` and `ops_bench.md` (device, torch, triton versions) to `--out`.
 Run from the repository root: `python3 benchmarks/ops_bench.py --out docs/bench`.
@@ -31,9 +32,11 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fusion_pass.ops as ops  # noqa: E402
+from fusion_pass.ops.direct import direct_call  # noqa: E402
 
 HIDDEN = 1024
 HEADS = 16
+TXT_TOKENS = 1370  # the condition stream of the double blocks' joint attention
 EPS = 1e-6
 SHAPES = [(2, 3072), (2, 1370), (2, 4442), (8, 4442)]  # (B, L); the last is past the L2
 DTYPES = [torch.float16, torch.bfloat16]
@@ -70,22 +73,26 @@ class Timing:
 @dataclass
 class HostOverhead:
     op: str
-    fused_us_per_call: float
+    fused_us_per_call: float  # through torch.ops (the dispatcher): Dynamo/Inductor graphs
+    direct_us_per_call: float  # fusion_pass.ops.direct: what optimize()'s graphs call
     eager_us_per_call: float
 
 
 def workloads(batch: int, tokens: int, dtype: torch.dtype) -> list[Workload]:
-    """The four ops on model-like inputs: shift/scale/gate are chunk views of one `[B, 1, 6D]`
-    modulation, q/k are `[B, H, L, D/H]` views of one qkv projection output."""
+    """The ops on model-like inputs: shift/scale/gate are chunk views of one `[B, 1, 6D]`
+    modulation, q/k/v are `[B, H, L, D/H]` views of one qkv projection output; qk_rmsnorm_cat
+    joins a `TXT_TOKENS` stream and an L stream (the double block's joint attention); gelu_cat
+    is the single block's `cat(attn, gelu(mlp))` with mlp a split view of the 7D projection."""
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, device="cuda", dtype=dtype)
 
     x, y = randn(batch, tokens, HIDDEN), randn(batch, tokens, HIDDEN)
     shift, scale, gate = randn(batch, 1, 6 * HIDDEN).chunk(6, dim=-1)[:3]
-    qkv = randn(batch, tokens, 3 * HIDDEN)
-    q, k, _ = qkv.reshape(batch, tokens, 3, HEADS, HIDDEN // HEADS).permute(2, 0, 3, 1, 4)
+    q, k, v = heads(randn(batch, tokens, 3 * HIDDEN))
+    q_txt, k_txt, v_txt = heads(randn(batch, TXT_TOKENS, 3 * HIDDEN))
     q_weight, k_weight = randn(HIDDEN // HEADS), randn(HIDDEN // HEADS)
+    mlp = randn(batch, tokens, 7 * HIDDEN)[..., 3 * HIDDEN:]  # the single block's split view
 
     def workload(op: str, fused: Callable, unfused: Callable, *args) -> Workload:
         return Workload(op, args, lambda: fused(*args), unfused)
@@ -97,7 +104,16 @@ def workloads(batch: int, tokens: int, dtype: torch.dtype) -> list[Workload]:
         workload("residual_gate_layernorm_scale_shift", ops.residual_gate_layernorm_scale_shift,
                  ops.reference_residual_gate_layernorm_scale_shift, x, y, gate, shift, scale, EPS),
         workload("qk_rmsnorm", ops.qk_rmsnorm, ops.reference_qk_rmsnorm, q, k, q_weight, k_weight, EPS),
+        workload("qk_rmsnorm_cat", ops.qk_rmsnorm_cat, ops.reference_qk_rmsnorm_cat,
+                 q_txt, k_txt, v_txt, q, k, v, q_weight, k_weight, q_weight, k_weight, EPS, 2, True),
+        workload("gelu_cat", ops.gelu_cat, ops.reference_gelu_cat, x, mlp, 2, "tanh"),
     ]
+
+
+def heads(qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v: `[B, H, L, D/H]` views of a `[B, L, 3D]` projection, as `rearrange` makes them."""
+    batch, tokens, _ = qkv.shape
+    return qkv.reshape(batch, tokens, 3, HEADS, HIDDEN // HEADS).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def as_tuple(result) -> tuple[torch.Tensor, ...]:
@@ -156,8 +172,13 @@ def host_us_per_call(fn: Callable[[], object]) -> float:
 
 
 def host_overheads() -> list[HostOverhead]:
+    def direct(w: Workload) -> Callable[[], object]:
+        call = direct_call(getattr(torch.ops.fusion_pass, w.op).default)
+        return lambda: call(*w.args)
+
     return [
-        HostOverhead(w.op, host_us_per_call(w.fused), host_us_per_call(lambda w=w: w.unfused(*w.args)))
+        HostOverhead(w.op, host_us_per_call(w.fused), host_us_per_call(direct(w)),
+                     host_us_per_call(lambda w=w: w.unfused(*w.args)))
         for w in workloads(2, 1, torch.float16)
     ]
 
@@ -184,10 +205,11 @@ def markdown(meta: dict, timings: list[Timing], overheads: list[HostOverhead]) -
         "",
         f"Host time per call ({HOST_CALLS} calls, B = 2, L = 1, fp16, no sync):",
         "",
-        "| op | fused us/call | eager unfused us/call |",
-        "|---|---|---|",
+        "| op | fused via torch.ops us/call | fused direct (optimize) us/call | eager unfused us/call |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| {o.op} | {o.fused_us_per_call:.1f} | {o.eager_us_per_call:.1f} |" for o in overheads]
+    lines += [f"| {o.op} | {o.fused_us_per_call:.1f} | {o.direct_us_per_call:.1f} | {o.eager_us_per_call:.1f} |"
+              for o in overheads]
     return "\n".join(lines) + "\n"
 
 

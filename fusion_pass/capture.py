@@ -4,7 +4,8 @@ The model is never edited. For every module, starting at the root, we try
 ``torch.fx`` symbolic tracing with a tracer that
 - treats library tensor functions that FX cannot see through (einops) as leaf calls,
 - makes a submodule a leaf when tracing *inside* it fails (for example a forward that
-  star-unpacks a proxy), and retries,
+  star-unpacks a proxy), together with every other submodule of its class (one retry per
+  failing class, not per instance: a 48-block model is traced 2-3 times, not 50), and retries,
 - gives up on a module when its *own* forward cannot be traced (data-dependent control
   flow), and then descends into its children.
 
@@ -149,7 +150,7 @@ def _trace(module: nn.Module) -> tuple[fx.Graph, tuple[str, ...]]:
         except _FailedInside as failure:
             if failure.path in leaves:  # pragma: no cover - defensive: no progress possible
                 raise failure.cause
-            leaves.add(failure.path)
+            leaves.update(_same_class(module, failure.path))
             continue
         finally:
             changed = _restore_attributes(module, before)
@@ -160,6 +161,12 @@ def _trace(module: nn.Module) -> tuple[fx.Graph, tuple[str, ...]]:
             raise RuntimeError("forward draws random numbers into a tensor constant; capturing would freeze them")
         _refuse_guards_after_side_effects(graph, module)
         return graph, tuple(sorted(leaves))
+
+
+def _same_class(module: nn.Module, path: str) -> list[str]:
+    """``path`` and the paths of every other submodule of the same class."""
+    cls = type(module.get_submodule(path))
+    return [path] + [name for name, m in module.named_modules() if type(m) is cls and name != path]
 
 
 @contextlib.contextmanager

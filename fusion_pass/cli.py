@@ -368,17 +368,17 @@ def _relative_error(after: list[torch.Tensor], before: list[torch.Tensor]) -> fl
 
 
 def _expected_rows(config: DiTConfig, report) -> list[dict[str, Any]]:
-    """Per family that the config predicts and this run selected: fused (alone + chained)
-    against expected."""
+    """Per family that the config predicts and this run selected: fused (alone + chained +
+    folded into a later family's calls) against expected."""
     counts, totals = report.counts(), report.totals()
     rows = []
     for family, expected in config.expected_sites().items():
         if family not in counts:
             continue  # not selected with --patterns
-        alone = counts[family]
-        chained = totals[family] - alone
-        rows.append({"family": family, "expected": expected, "fused": alone + chained,
-                     "alone": alone, "chained": chained, "ok": alone + chained >= expected})
+        alone, folded = counts[family], len(report.families[family].folded)
+        chained = totals[family] - alone - folded
+        rows.append({"family": family, "expected": expected, "fused": totals[family], "alone": alone,
+                     "chained": chained, "folded": folded, "ok": totals[family] >= expected})
     return rows
 
 
@@ -411,7 +411,8 @@ def _render(console: Console, report, loaded: LoadedModel, args, expected, check
         console.print(Text(f"expected sites for {args.model} (DiTConfig.expected_sites):", style="bold"))
         width = max(len(row["family"]) for row in expected)
         for row in expected:
-            split = f"  ({row['alone']} alone + {row['chained']} chained)" if row["chained"] else ""
+            parts = [f"{row['alone']} alone"] + [f"{row[kind]} {kind}" for kind in ("chained", "folded") if row[kind]]
+            split = f"  ({' + '.join(parts)})" if len(parts) > 1 else ""
             verdict = ("ok", "green") if row["fused"] == row["expected"] else \
                 ("above expected", "yellow") if row["ok"] else ("BELOW EXPECTED", "bold red")
             console.print(Text.assemble(f"  {row['family']:<{width}}  {row['fused']:>4} / {row['expected']:<4} ",

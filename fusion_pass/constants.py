@@ -90,7 +90,8 @@ _FRESH_RESULT = {
     operator.matmul, torch.cat, torch.stack, torch.exp, torch.cos, torch.sin, torch.sqrt,
     torch.rsqrt, torch.add, torch.mul, torch.sub, torch.div,
 }
-_FRESH_METHODS = {"cos", "sin", "exp", "sqrt", "rsqrt", "add", "mul", "sub", "div", "clone"}
+_FRESH_METHODS = {"cos", "sin", "exp", "sqrt", "rsqrt", "add", "mul", "sub", "div", "clone", "sum", "mean", "prod",
+                  "norm", "pow", "neg", "abs"}
 #: functions and methods that may return a view of their input but never write to it
 _VIEW_FUNCTIONS = {operator.getitem, torch.unsqueeze, torch.reshape, torch.flatten, torch.squeeze}
 _VIEW_METHODS = {"to", "float", "half", "double", "view", "reshape", "unsqueeze", "squeeze", "expand",

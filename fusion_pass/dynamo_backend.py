@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 from torch import fx
 
 from patterns import select as select_families
+from fusion_pass.ops.direct import call_directly
 from fusion_pass.pipeline import empty_report, fuse_graph, record
 from fusion_pass.report import Report
 
@@ -48,6 +49,8 @@ class FusionBackend:
 
     def _compile_inner(self, gm, example_inputs):
         if self.inner == "eager":
+            call_directly(gm.graph)  # the graph runs eagerly: fused ops skip the dispatcher where they can
+            gm.recompile()
             return gm.forward
         if self.inner == "aot_eager":
             from torch._dynamo.backends.registry import lookup_backend

@@ -1,7 +1,8 @@
 """Stage 5, run: make a module execute its rewritten graph, in place, without touching its state.
 
 ``install`` compiles the rewritten graph to Python with the module itself as ``self``
-(FX code generation) and sets it as the module's *instance* ``forward``. Nothing else
+(FX code generation) and sets it as the module's *instance* ``forward``; fused ops are called
+through ``fusion_pass.ops.direct`` (their body without the dispatcher, where nothing needs it). Nothing else
 changes: the module tree, parameters (same objects), buffers and ``state_dict()`` keys stay,
 and the code reads parameters live, so ``load_state_dict``, ``.to()``, ``.half()`` and
 optimizers keep working. ``deepcopy`` copies the installed forward bound to the copy.
@@ -19,6 +20,7 @@ from __future__ import annotations
 from torch import nn
 
 from fusion_pass.capture import CapturedGraph
+from fusion_pass.ops.direct import call_directly
 from fusion_pass.cuda_graphs import GraphReplay
 from fusion_pass.guards import GuardFailed
 
@@ -53,6 +55,7 @@ def is_installed(module: nn.Module) -> bool:
 def install(captured: CapturedGraph, graph_pool=None) -> FusedForward:
     """Set ``captured.module.forward`` to the code of ``captured.graph``; with a
     ``graph_pool`` (``cuda_graphs.new_pool()``), replayed as CUDA graphs where possible."""
+    call_directly(captured.graph)
     code = captured.graph.python_code(root_module="self")
     namespace = dict(code.globals)
     label = captured.path or type(captured.module).__name__

@@ -202,3 +202,18 @@ def depends_on(node: fx.Node, ancestor: fx.Node, order: dict[fx.Node, int]) -> b
         seen.add(current)
         stack.extend(current.all_input_nodes)
     return False
+
+
+CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
+
+
+def cat_arguments(node: Any) -> tuple[tuple[Any, ...], Any] | None:
+    """``(tensors, dim)`` of a ``torch.cat`` (``concat``, ``concatenate``) call, arguments
+    positional or keyword, dim 0 by default; None for any other node or an ``out=`` call."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in CAT_FUNCTIONS):
+        return None
+    if set(node.kwargs) - {"tensors", "dim"}:
+        return None
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return (tuple(tensors), dim) if isinstance(tensors, (tuple, list)) else None

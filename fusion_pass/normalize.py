@@ -10,6 +10,9 @@ spellings accepted                                     canonical node
 ====================================================  ==========================================
 ``nn.LayerNorm`` module call (no hooks, exact type)    ``F.layer_norm(x, shape, weight, bias, eps)``
 ``nn.RMSNorm`` module call (no hooks, exact type)      ``F.rms_norm(x, shape, weight, eps)``
+``nn.Linear`` module call (no hooks, exact type)       ``F.linear(x, weight, bias)`` (no module
+                                                       call overhead when the graph runs)
+``nn.GELU`` / ``nn.SiLU`` (not in place) module call  ``F.gelu(x, approximate=a)`` / ``F.silu(x)``
 ``F.rms_norm`` / ``torch.rms_norm`` / ``F.layer_norm``  the same, all arguments positional
 ``a.add(b)``, ``torch.add(a, b)``                      ``operator.add(a, b)``
 ``a.mul(b)``, ``torch.mul(a, b)``                      ``operator.mul(a, b)``
@@ -44,7 +47,7 @@ from fusion_pass.constants import fold_device_moves
 ADD, MUL, POW = operator.add, operator.mul, operator.pow
 MEAN, RSQRT = torch.mean, torch.rsqrt
 UNSQUEEZE, RESHAPE = torch.unsqueeze, torch.reshape
-LAYER_NORM, RMS_NORM = F.layer_norm, F.rms_norm
+LAYER_NORM, RMS_NORM, LINEAR = F.layer_norm, F.rms_norm, F.linear
 CAST_METHOD = "to"
 
 _CAST_METHODS = {
@@ -147,6 +150,12 @@ def _module_call(node: fx.Node, root: nn.Module):
             node.args[0], tuple(module.normalized_shape),
             _param(node, "weight", module), _param(node, "bias", module), module.eps,
         ))
+    if type(module) is nn.GELU:
+        return ("call_function", F.gelu, (node.args[0],), {"approximate": module.approximate})
+    if type(module) is nn.SiLU and not module.inplace:
+        return ("call_function", F.silu, (node.args[0],))
+    if type(module) is nn.Linear:
+        return ("call_function", LINEAR, (node.args[0], _param(node, "weight", module), _param(node, "bias", module)))
     if type(module) is getattr(nn, "RMSNorm", None):
         return ("call_function", RMS_NORM, (
             node.args[0], tuple(module.normalized_shape), _param(node, "weight", module), module.eps,

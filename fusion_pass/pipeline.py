@@ -40,5 +40,7 @@ def empty_report(source: str, families: Sequence[PatternFamily]) -> Report:
 def record(report: Report, result: RewriteResult) -> None:
     for match in result.matches:
         report.families[match.family].sites.append(Site(match.where, match.detail))
+    for match in result.folded:
+        report.families[match.family].folded.append(Site(match.where, match.detail))
     for miss in result.near_misses:
         report.families[miss.family].near_misses.append(Miss(miss.where, miss.reason))

@@ -33,5 +33,7 @@ FUSED_OPS: dict[str, FusedOp] = {
         FusedOp("residual_gate"),
         FusedOp("residual_gate_layernorm_scale_shift", outputs=("residual", "normed")),
         FusedOp("qk_rmsnorm", outputs=("q", "k")),
+        FusedOp("qk_rmsnorm_cat", outputs=("q", "k", "v")),
+        FusedOp("gelu_cat"),
     )
 }

@@ -34,10 +34,17 @@ class FamilyReport:
     sites: list[Site] = field(default_factory=list)
     near_misses: list[Miss] = field(default_factory=list)
     covers: tuple[str, ...] = ()  # a chained family: each site is also one site of these
+    folded: list[Site] = field(default_factory=list)  # fused, then folded into a later family's call
 
     @property
     def count(self) -> int:
+        """Fused calls of this family in the rewritten graphs."""
         return len(self.sites)
+
+    @property
+    def fused(self) -> int:
+        """Sites fused, whether their call runs on its own or was folded into a later one."""
+        return len(self.sites) + len(self.folded)
 
 
 @dataclass
@@ -52,15 +59,17 @@ class Report:
     seconds: float = 0.0
 
     def counts(self) -> dict[str, int]:
-        """Sites per family as fused (a chained site counts once, under its chained family)."""
+        """Fused calls per family (a chained site counts once, under its chained family; a
+        folded site only within the call of the family that folded it)."""
         return {name: fam.count for name, fam in self.families.items()}
 
     def totals(self) -> dict[str, int]:
-        """Sites per elementary family, chained sites counted toward each family they cover."""
-        totals = {name: fam.count for name, fam in self.families.items() if not fam.covers}
+        """Sites per elementary family, chained sites counted toward each family they cover,
+        folded sites toward their own family."""
+        totals = {name: fam.fused for name, fam in self.families.items() if not fam.covers}
         for fam in self.families.values():
             for covered in fam.covers:
-                totals[covered] = totals.get(covered, 0) + fam.count
+                totals[covered] = totals.get(covered, 0) + fam.fused
         return totals
 
     @property
@@ -87,6 +96,7 @@ class Report:
         for name, fam in other.families.items():
             mine = self.families.setdefault(name, FamilyReport(fam.name, fam.math, fam.fused_op, covers=fam.covers))
             mine.sites.extend(fam.sites)
+            mine.folded.extend(fam.folded)
             mine.near_misses.extend(fam.near_misses)
         self.graphs.extend(other.graphs)
         self.uncaptured.extend(other.uncaptured)
@@ -103,7 +113,8 @@ class Report:
             summary.add_column(column, overflow="fold")
         for fam in self.families.values():
             covers = f" (counts for {' + '.join(fam.covers)})" if fam.covers else ""
-            summary.add_row(fam.name + covers, str(fam.count), str(len(fam.near_misses)),
+            folded = f" (+{len(fam.folded)} folded)" if fam.folded else ""
+            summary.add_row(fam.name + covers, f"{fam.count}{folded}", str(len(fam.near_misses)),
                             _abbreviate([s.where for s in fam.sites], max_sites))
         legend = Table(title="what each family fuses", show_header=True)
         for column in ("family", "math", "fused op (fusion_pass::)"):

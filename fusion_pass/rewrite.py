@@ -9,7 +9,11 @@ applied at once (later candidates see the rewritten graph):
 2. each anchor's uses are redirected to the fused result (a named field of it for
    multi-output ops, cast back to the input dtype where the match asks for it);
 3. anchors and internal nodes that nothing uses any more are erased; internal nodes with
-   other users stay (so a shared ``1 + scale`` keeps feeding its other users).
+   other users stay (so a shared ``1 + scale`` keeps feeding its other users);
+4. an earlier match whose fused call this one erased (a family that folds another's calls
+   into a larger op, e.g. both streams' ``qk_rmsnorm`` calls and their cats) moves from
+   ``matches`` to ``folded``: its sites were fused, its call no longer runs. Its weight
+   owners pass to the folding match.
 
 Invariants: every value a node outside the match could observe is unchanged (same
 values, dtypes, shapes); no node is erased while used; fake-tensor metadata, where the
@@ -30,29 +34,39 @@ from fusion_pass.registry import FUSED_OPS
 
 @dataclass
 class RewriteResult:
-    matches: list[Match] = field(default_factory=list)
+    matches: list[Match] = field(default_factory=list)  # applied: each fused call is in the graph
     near_misses: list[NearMiss] = field(default_factory=list)
+    folded: list[Match] = field(default_factory=list)  # applied, then folded into a later match's call
 
 
 def rewrite(graph: fx.Graph, families: Iterable[PatternFamily], ctx: MatchContext) -> RewriteResult:
     result = RewriteResult()
+    inserted: dict[fx.Node, Match] = {}  # fused call -> the match that inserted it
     for family in families:
         for item in family.find(graph, ctx):
             if isinstance(item, NearMiss):
                 result.near_misses.append(item)
                 continue
-            conflict = apply_match(graph, item, ctx)
+            outcome = apply_match(graph, item, ctx)
             ctx.graph_changed()
-            if conflict is None:
-                result.matches.append(item)
-            else:
-                result.near_misses.append(NearMiss(item.family, item.where, conflict))
+            if isinstance(outcome, str):
+                result.near_misses.append(NearMiss(item.family, item.where, outcome))
+                continue
+            for node in item.internal:
+                if node in inserted and node in ctx.erased:
+                    folded = inserted.pop(node)
+                    result.matches.remove(folded)
+                    result.folded.append(folded)
+                    item.weight_owners += folded.weight_owners
+            inserted[outcome] = item
+            result.matches.append(item)
     graph.lint()
     return result
 
 
-def apply_match(graph: fx.Graph, match: Match, ctx: MatchContext) -> str | None:
-    """Apply ``match``; return a reason instead when no valid insertion point exists."""
+def apply_match(graph: fx.Graph, match: Match, ctx: MatchContext) -> fx.Node | str:
+    """Apply ``match`` and return its fused call; return a reason instead when no valid
+    insertion point exists."""
     order = {node: i for i, node in enumerate(graph.nodes)}
     nodes = list(graph.nodes)
     inputs = [a for a in _flatten(match.args) if isinstance(a, fx.Node)]
@@ -77,7 +91,7 @@ def apply_match(graph: fx.Graph, match: Match, ctx: MatchContext) -> str | None:
             value, cursor = _cast_like(graph, value, cast_to, cursor, anchor)
         anchor.replace_all_uses_with(value)
     _erase_unused(graph, match, order, ctx)
-    return None
+    return fused
 
 
 def _cast_like(graph, value: fx.Node, like: fx.Node, cursor: fx.Node, anchor: fx.Node):

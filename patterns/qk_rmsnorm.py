@@ -26,7 +26,7 @@ from torch import fx
 
 from fusion_pass import normalize as canon
 from fusion_pass.match import (
-    Match, MatchContext, NearMiss, is_call, is_cast, is_number, operand_orders, reduces_last_dim_only,
+    CAT_FUNCTIONS, Match, MatchContext, NearMiss, is_call, is_cast, is_number, operand_orders, reduces_last_dim_only,
     scan, tensor_meta,
 )
 
@@ -35,7 +35,7 @@ _ATTENTION = F.scaled_dot_product_attention
 _QUERY, _KEY = 0, 1
 _FORWARD_HOPS = 6
 _VIEW_METHODS = {"to", "contiguous", "permute", "transpose", "reshape", "view", "expand", "unbind", "chunk", "split"}
-_VIEW_FUNCTIONS = {torch.cat, torch.reshape, torch.permute, torch.transpose, torch.unsqueeze, operator.getitem,
+_VIEW_FUNCTIONS = {*CAT_FUNCTIONS, torch.reshape, torch.permute, torch.transpose, torch.unsqueeze, operator.getitem,
                    torch.unbind, torch.chunk, torch.split}
 
 
@@ -159,7 +159,7 @@ def _is_view_like(node: fx.Node) -> bool:
     return node.target in _VIEW_FUNCTIONS or getattr(node.target, "__module__", "").startswith("einops")
 
 
-def _origin(node: fx.Node) -> fx.Node:
+def origin(node: fx.Node) -> fx.Node:
     """Walk back through views/splits to the tensor a q or k slice was cut from."""
     while _is_view_like(node) and node.args and isinstance(node.args[0], fx.Node):
         node = node.args[0]
@@ -223,9 +223,9 @@ class QKRMSNorm:
 
 
 def _partner(q: RMSNormSite, keys: list[RMSNormSite], single: bool) -> RMSNormSite | None:
-    origin = _origin(q.x)
+    q_origin = origin(q.x)
     for k in keys:
-        if _origin(k.x) is origin:
+        if origin(k.x) is q_origin:
             return k
     return keys[0] if single and len(keys) == 1 else None
 

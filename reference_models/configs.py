@@ -50,11 +50,16 @@ class DiTConfig:
         layernorm_modulate: 4 per double block (2 streams x 2 norms), 1 per single block, 1 final.
         residual_gate: 4 per double block, 1 per single block.
         qk_rmsnorm (q/k pairs): 2 per double block, 1 per single block.
+        gelu_cat: 1 per single block (`linear2(cat(attn, gelu(mlp)))`).
+        qk_rmsnorm_cat: 1 per double block (both streams' q/k norms and the q, k, v cats; its two
+        q/k pairs still count as qk_rmsnorm sites, folded into this call).
         """
         return {
             "layernorm_modulate": 4 * self.depth + self.depth_single_blocks + 1,
             "residual_gate": 4 * self.depth + self.depth_single_blocks,
             "qk_rmsnorm": 2 * self.depth + self.depth_single_blocks,
+            "gelu_cat": self.depth_single_blocks,
+            "qk_rmsnorm_cat": self.depth,
         }
 
 

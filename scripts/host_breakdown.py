@@ -4,15 +4,17 @@
 
 For `residual_gate_layernorm_scale_shift` on tiny fp16 tensors (B=2, L=1, D=1024: the GPU
 work is negligible), times N back-to-back calls without synchronising (host time per call):
-the torch.library op, the op's Python body (no dispatcher), the body's planning alone, the
-Triton `kernel[grid](...)` launch alone, and the compiled kernel's own launcher.
+the torch.library op, the direct call that optimize()'s graphs make (the op's body without
+the dispatcher), the body's planning alone, `launch_kernel` (compiled-kernel reuse) alone,
+and a plain Triton `kernel[grid](...)` launch.
 """
 import time
 
 import torch
 
 from fusion_pass.ops import layernorm_modulate as lm
-from fusion_pass.ops.launch import row_settings
+from fusion_pass.ops.direct import direct_call
+from fusion_pass.ops.launch import launch_kernel, row_settings
 
 N = 3000
 
@@ -41,28 +43,22 @@ def main():
     key = (False, *(lm.tensor_key(t) for t in (residual, y, gate, shift, scale, None, None)))
     plan = lm._launch_plan(key, r.stride())
     settings = row_settings(plan.n_cols, plan.elem_bytes)
-    grid = (settings.programs(plan.n_rows),)
     kernel_args = (residual, y, gate, shift, scale, None, None, r, out, 1e-6, *plan.args)
-    meta = dict(**plan.constexprs, BLOCK_ROWS=settings.block_rows, BLOCK_D=settings.block_size,
-                num_warps=settings.num_warps)
-    compiled = lm._residual_norm_modulate_kernel[grid](*kernel_args, **meta)
-    bound = [*kernel_args, *(meta[k] for k in list(plan.constexprs) + ["BLOCK_ROWS", "BLOCK_D"])]
+    constexprs = {**plan.constexprs, "BLOCK_ROWS": settings.block_rows, "BLOCK_D": settings.block_size}
+    programs = settings.programs(plan.n_rows)
 
     rows = {
         "eager unfused expression": lambda: lm.reference_residual_gate_layernorm_scale_shift(*args),
         "torch.ops op (dispatcher + autograd wrapper + body)": lambda: op(*args),
-        "op body (planning + empty_like + Triton launch)": lambda: lm._residual_gate_layernorm_scale_shift(*args, launch=True),
+        "direct call, as optimize()'s graphs make it (body, no dispatcher)": lambda: direct_call(op)(*args),
         "planning only (keys + cached plans + 2 empty_like)": lambda: (
             lm._output_dtypes(*key), torch.empty_like(residual), torch.empty_like(residual),
             lm._launch_plan(key, r.stride())),
-        "Triton kernel[grid](...) only": lambda: lm._residual_norm_modulate_kernel[grid](*kernel_args, **meta),
+        "launch_kernel only (compiled kernel reused)": lambda: launch_kernel(
+            lm._residual_norm_modulate_kernel, programs, kernel_args, constexprs, settings.num_warps),
+        "Triton kernel[grid](...) only": lambda: lm._residual_norm_modulate_kernel[(programs,)](
+            *kernel_args, **constexprs, num_warps=settings.num_warps),
     }
-    try:
-        runner = compiled[grid]
-        runner(*bound)
-        rows["compiled kernel launcher only (CompiledKernel[grid])"] = lambda: runner(*bound)
-    except Exception as exc:  # noqa: BLE001 - the launcher API differs between Triton versions
-        print(f"CompiledKernel[grid] not usable here: {type(exc).__name__}: {exc}")
     for name, fn in rows.items():
         print(f"{per_call_us(fn):8.1f} us  {name}")
 

@@ -27,6 +27,8 @@ from einops import rearrange
 from hypothesis import strategies as st
 from torch import nn
 
+from patterns import FAMILY_NAMES
+
 FX, DYNAMO = "optimize", "compile"  # the two ways the pass sees a graph
 CHAIN, LN_MOD, GATE, QK = "residual_layernorm_modulate", "layernorm_modulate", "residual_gate", "qk_rmsnorm"
 
@@ -59,6 +61,12 @@ QK_MISSES = {  # reasons per attention stream: (the planted one, the ones it cau
     "v_normed_too": ("does not feed an attention's query or key",),
 }
 CHAIN_CONFLICT = "ordering conflict"
+QK_CAT = "qk_rmsnorm_cat"
+QK_CAT_MISSES = {  # why a joint attention's two q/k pairs and three cats do not fold (the first cause checked)
+    "q_has_extra_user": "the normed q of a stream is also used by",
+    "cast": "other than all by `.to(v)` of their stream",
+    "v_normed_too": "no cat of the streams' v",
+}
 BROADCAST_OVER_HIDDEN = ("shift_broadcast_over_hidden", "scale_broadcast_over_hidden")
 
 # --- spellings -----------------------------------------------------------------------------
@@ -344,13 +352,17 @@ def expected_sites(program: Program, path: str) -> dict[str, int]:
     segs, chains = program.segments, _chains(program, path)
     conflicts = [c and _conflicts(s) for c, s in zip(chains, segs)]
     chained = [c and not conflict for c, conflict in zip(chains, conflicts)]
-    counts = {CHAIN: sum(chained), LN_MOD: 0, GATE: 0, QK: 0}
+    counts = dict.fromkeys(FAMILY_NAMES, 0)  # families the generator never builds fuse nothing
+    counts[CHAIN] = sum(chained)
     for i, seg in enumerate(segs):
         counts[LN_MOD] += _ln_fuses(seg.norm, path) and not chained[i]
         gate_chained = i + 1 < len(segs) and chained[i + 1]
         counts[GATE] += _gate_fuses(seg.gate, path) and not gate_chained
         if seg.attention is not None:
             counts[QK] += seg.attention.pairs
+            if _fold(seg.attention) == "fold":  # both pairs become one qk_rmsnorm_cat call
+                counts[QK] -= 2
+                counts[QK_CAT] += 1
     return counts
 
 
@@ -367,7 +379,23 @@ def expected_near_misses(program: Program, path: str) -> Counter:
         if seg.attention is not None:
             for reason in _qk_reasons(seg.attention):
                 found[QK, reason] += 1
+            if _fold(seg.attention) in QK_CAT_MISSES:
+                found[QK_CAT, QK_CAT_MISSES[_fold(seg.attention)]] += 1
     return found
+
+
+def _fold(att: Attention) -> str | None:
+    """How a joint attention's q/k pairs and cats fold into ``qk_rmsnorm_cat``: None (no
+    candidate: single stream, unpaired, or q/k reshaped between norm and cat), "fold", or the
+    key in QK_CAT_MISSES of the first cause that stops it."""
+    if not (att.joint and att.pairs == 2 and att.norm_at == "heads_last"):
+        return None
+    if att.q_has_extra_user:
+        return "q_has_extra_user"
+    casts_back = any(norm.form in ("functional", "module") for norm in (att.q_norm, att.k_norm))
+    if casts_back or (att.cast_to_v and att.miss == "v_normed_too"):  # .to(x.dtype), or .to(a normed v)
+        return "cast"
+    return "v_normed_too" if att.miss == "v_normed_too" else "fold"
 
 
 def _qk_reasons(att: Attention) -> list[str]:

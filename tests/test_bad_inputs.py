@@ -103,8 +103,9 @@ def test_wide_odd_hidden_sizes_with_few_tokens(hidden, heads):
         assert {
             "layernorm_modulate": counts["layernorm_modulate"] + chained,
             "residual_gate": counts["residual_gate"] + chained,
-            "qk_rmsnorm": counts["qk_rmsnorm"],
+            "qk_rmsnorm": counts["qk_rmsnorm"] + 2 * counts["qk_rmsnorm_cat"],  # a cat folds two pairs
             "gelu_cat": counts["gelu_cat"],
+            "qk_rmsnorm_cat": counts["qk_rmsnorm_cat"],
         } == config.expected_sites()
         assert_same_outcome(original, optimized, *example_inputs(config, seed=4).args)
 
@@ -489,6 +490,7 @@ def test_a_hooked_layernorm_keeps_its_hook_and_is_not_mistaken_for_a_gate():
     assert len(calls) == 2  # once per model: the hook fired in the optimized forward too
     assert fusion_pass.report(optimized).counts() == {
         "residual_layernorm_modulate": 0, "layernorm_modulate": 0, "residual_gate": 1, "qk_rmsnorm": 0, "gelu_cat": 0,
+        "qk_rmsnorm_cat": 0,
     }
 
 

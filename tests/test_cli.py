@@ -20,7 +20,9 @@ from fusion_pass import cli
 from reference_models import CONFIGS, DiTConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-HUNYUAN3D_2_SITES = {"layernorm_modulate": 97, "residual_gate": 96, "qk_rmsnorm": 64}
+HUNYUAN3D_2_SITES = {
+    "layernorm_modulate": 97, "residual_gate": 96, "qk_rmsnorm": 64, "gelu_cat": 32, "qk_rmsnorm_cat": 16,
+}
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -39,13 +41,16 @@ def assert_one_line_error(err: str, *pieces: str) -> None:
 
 
 def fused_totals(data: dict) -> dict[str, int]:
-    """Per family of expected_sites(), fused sites with chained ones counted toward both halves."""
+    """Per family of expected_sites(), fused sites with chained ones counted toward both halves
+    and each qk_rmsnorm_cat call toward the two q/k pairs it folded."""
     counts = data["counts"]
     chained = counts.get("residual_layernorm_modulate", 0)
     return {
         "layernorm_modulate": counts["layernorm_modulate"] + chained,
         "residual_gate": counts["residual_gate"] + chained,
-        "qk_rmsnorm": counts["qk_rmsnorm"],
+        "qk_rmsnorm": counts["qk_rmsnorm"] + 2 * counts["qk_rmsnorm_cat"],
+        "gelu_cat": counts["gelu_cat"],
+        "qk_rmsnorm_cat": counts["qk_rmsnorm_cat"],
     }
 
 

@@ -35,8 +35,8 @@ from fusion_pass.install import graph_of
 from fusion_pass.ops import interpret_on_cpu
 from fusion_pass.registry import FUSED_OPS
 from strategies import (
-    CHAIN, CHAIN_CONFLICT, DYNAMO, FX, GATE, GATE_MISSES, LN_MISSES, LN_MOD, NO_PARTNER, QK, QK_MISSES,
-    build, expected_near_misses, expected_sites, inputs, programs,
+    CHAIN, CHAIN_CONFLICT, DYNAMO, FX, GATE, GATE_MISSES, LN_MISSES, LN_MOD, NO_PARTNER, QK, QK_CAT_MISSES,
+    QK_MISSES, build, expected_near_misses, expected_sites, inputs, programs,
 )
 
 SLOW_PATH_SHARE = 10  # torch.compile and the interpreted kernels each try a tenth as many modules
@@ -78,6 +78,7 @@ ROUNDING = {  # SLACK_UNITS units in the last place of the precision the two com
 def _reason_phrases() -> tuple[str, ...]:
     phrases = {reason for reason, _ in LN_MISSES.values()} | {reason for reason, _ in GATE_MISSES.values()}
     phrases |= {reason for reasons in QK_MISSES.values() for reason in reasons} | {NO_PARTNER, CHAIN_CONFLICT}
+    phrases |= set(QK_CAT_MISSES.values())
     return tuple(sorted(phrases))
 
 
@@ -147,7 +148,7 @@ def fused_calls(module) -> Counter:
     for sub in module.modules():
         code = graph_of(sub) or ""
         for key in FUSED_OPS:
-            found[key] += code.count(f"torch.ops.fusion_pass.{key}.default(")
+            found[key] += code.count(f"fusion_pass_ops_direct_{key}_direct(")
     return found
 
 

@@ -41,11 +41,11 @@ def test_every_site_is_fused_on_every_config(source, config):
     assert all(not fam.near_misses for fam in report.families.values())
 
 
-def test_hunyuan3d_2_counts_are_97_96_64():
+def test_hunyuan3d_2_counts_are_97_96_64_32_16():
     model = load_official("hunyuan3d-2", device="meta")
     fusion_pass.optimize(model)
     assert fusion_pass.report(model).totals() == {
-        "layernorm_modulate": 97, "residual_gate": 96, "qk_rmsnorm": 64,
+        "layernorm_modulate": 97, "residual_gate": 96, "qk_rmsnorm": 64, "gelu_cat": 32, "qk_rmsnorm_cat": 16,
     }
 
 
@@ -63,7 +63,7 @@ def test_unfused_ops_are_gone_and_fused_ops_present():
     fusion_pass.optimize(model)
     code = graph_of(model)
     for name in FUSED_OPS:
-        assert f"torch.ops.fusion_pass.{name}.default" in code, name
+        assert f"fusion_pass_ops_direct_{name}_direct(" in code, name  # fused ops, called through fusion_pass.ops.direct
     assert "rsqrt" not in code and "layer_norm" not in code and "norm1(" not in code
     assert "pre_norm(" not in code and "torch.mean" not in code
 
@@ -79,6 +79,17 @@ def test_the_whole_model_is_one_graph_under_a_dtype_guard_and_modulations_are_re
     assert "_on(" in code  # its CPU arange: a per-device cached constant, no copy per call
     uncaptured = dict(report.uncaptured)
     assert "" not in uncaptured and any(path.endswith("img_mod") for path in uncaptured)  # star-unpacked chunk
+
+
+@pytest.mark.parametrize("source", sorted(BUILDERS))
+def test_each_double_block_norms_both_streams_q_k_and_concatenates_them_in_one_call(source):
+    model = tiny(source)
+    fusion_pass.optimize(model)
+    code, config = graph_of(model), get_config("tiny")
+    assert code.count("fusion_pass_ops_direct_qk_rmsnorm_cat_direct(") == config.depth
+    assert code.count("fusion_pass_ops_direct_qk_rmsnorm_direct(") == config.depth_single_blocks
+    counts = fusion_pass.report(model).counts()
+    assert (counts["qk_rmsnorm_cat"], counts["qk_rmsnorm"]) == (config.depth, config.depth_single_blocks)
 
 
 def test_state_dict_and_parameters_are_unchanged():
@@ -252,7 +263,9 @@ def test_no_monkey_patch_is_left_behind():
 def test_optimized_tiny_model_matches_with_triton_kernels_under_the_interpreter(monkeypatch):
     from fusion_pass.ops import interpret_on_cpu
 
-    kernel_modules = [importlib.import_module(f"fusion_pass.ops.{name}") for name in ("layernorm_modulate", "qk_rmsnorm")]
+    kernel_families = ("layernorm_modulate", CHAIN, "residual_gate", "qk_rmsnorm", "qk_rmsnorm_cat")
+    kernel_modules = [importlib.import_module(f"fusion_pass.ops.{name}")
+                      for name in ("layernorm_modulate", "qk_rmsnorm", "qk_rmsnorm_cat")]
 
     assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
     model = tiny()
@@ -267,4 +280,4 @@ def test_optimized_tiny_model_matches_with_triton_kernels_under_the_interpreter(
         got = inputs.call(model)
     assert rel_err(got, expected) <= 1e-5
     counts = fusion_pass.report(model).counts()  # one launch per fused site of these kernel families
-    assert len(launches) == sum(counts[f] for f in ("layernorm_modulate", CHAIN, "residual_gate", "qk_rmsnorm")) > 0
+    assert len(launches) == sum(counts[f] for f in kernel_families) > 0

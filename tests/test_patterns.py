@@ -3,6 +3,7 @@ must refuse (left untouched, reported with a reason)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 import fusion_pass
@@ -247,3 +248,199 @@ def test_lone_rmsnorm_without_attention_is_reported():
     report = run(lambda s, x, m: rms_official(x, s.w, 1e-6) + s.lin(x))
     assert report.total == 0
     assert reasons(report, "qk_rmsnorm") == ["RMSNorm does not feed an attention's query or key"]
+
+
+# --- GELU -> cat --------------------------------------------------------------------------
+
+def split_mlp(s, x):
+    """A strided `[B, L, D]` view, as the single-stream block's split of its linear1 output."""
+    return s.lin_qkv(x)[..., 2 * D:]
+
+
+GC_SPELLINGS = {
+    "block_contiguous_tanh_dim_2":
+        lambda s, x, m: torch.cat((x, F.gelu(split_mlp(s, x).contiguous(), approximate="tanh")), 2),
+    "list_keyword_dim_erf": lambda s, x, m: torch.cat([x, F.gelu(split_mlp(s, x))], dim=-1),
+    "gelu_of_both_operands": lambda s, x, m: torch.cat((F.gelu(x), F.gelu(s.lin(x))), -1),
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(GC_SPELLINGS))
+def test_gelu_cat_spelling_is_fused(spelling):
+    report = run(GC_SPELLINGS[spelling])
+    assert counts(report) == {"gelu_cat": 1}
+
+
+def test_single_stream_block_gelu_cat_is_fused_and_its_copy_skipped():
+    from fusion_pass.install import graph_of
+    from reference_models import build_model
+
+    torch.manual_seed(0)
+    block = build_model("tiny").single_blocks[0]
+    x, vec = torch.randn(2, 6, 64), torch.randn(2, 64)
+    expected = block(x, vec, None)
+    fusion_pass.optimize(block)
+    torch.testing.assert_close(block(x, vec, None), expected)
+    report = fusion_pass.report(block)
+    assert report.counts()["gelu_cat"] == 1 and not reasons(report, "gelu_cat")
+    assert report.families["gelu_cat"].sites[0].detail == "approximate=tanh"
+    code = graph_of(block)
+    assert "gelu_cat" in code  # the fused call (the op, or its direct-call wrapper)
+    assert "_nn.gelu" not in code and "contiguous" not in code and "torch.cat" not in code
+
+
+GC_NEAR_MISSES = {
+    "also used by": lambda s, x, m: (lambda g: torch.cat((x, g), -1)[..., :D] + g)(F.gelu(s.lin(x))),
+    "cat has 3 operands": lambda s, x, m: torch.cat((x, F.gelu(s.lin(x)), x), -1),
+    "GELU is on the first cat operand": lambda s, x, m: torch.cat((F.gelu(s.lin(x)), x), -1),
+}
+
+
+@pytest.mark.parametrize("reason", sorted(GC_NEAR_MISSES))
+def test_gelu_cat_near_miss_is_reported_not_fused(reason):
+    report = run(GC_NEAR_MISSES[reason])
+    assert report.counts()["gelu_cat"] == 0
+    assert any(reason in r for r in reasons(report, "gelu_cat")), reasons(report, "gelu_cat")
+
+
+def test_cat_without_gelu_is_not_a_candidate():
+    report = run(lambda s, x, m: torch.cat((x, torch.relu(s.lin(x))), -1))
+    assert report.total == 0 and not reasons(report, "gelu_cat")
+
+
+def test_cat_along_tokens_fuses_without_shapes_and_is_refused_with_them():
+    def fn(s, x, m):
+        return torch.cat((x, F.gelu(s.lin(x), approximate="tanh")), 1)
+
+    report = run(fn)  # optimize(): no shapes; the op computes the reference for a non-last dim
+    assert counts(report) == {"gelu_cat": 1}
+    torch.manual_seed(0)
+    module, x, mod = Spelled(fn), torch.randn(2, 5, D), modulation()
+    torch._dynamo.reset()
+    backend = fusion_pass.backend(inner="eager")
+    torch.testing.assert_close(torch.compile(module, backend=backend, fullgraph=True)(x, mod), module(x, mod))
+    assert backend.report.counts()["gelu_cat"] == 0
+    assert reasons(backend.report, "gelu_cat") == ["cat along dim 1, not the last dim"]
+
+
+# --- joint attention: q/k RMSNorm of two streams + cat ----------------------------------------
+
+def joint_streams(s, x, cast_to_v=True, eps=(1e-6, 1e-6)):
+    """(q, k, v) `[B, 2, L, D/2]` of a txt stream (3 tokens) and an img stream (x), as a double
+    block makes them: qkv -> rearrange -> official RMSNorm of q and k -> `.to(v)`."""
+    streams = []
+    for tokens, stream_eps in zip((s.lin(x)[:, :3], x), eps):
+        q, k, v = rearrange(s.lin_qkv(tokens), "B L (K H D) -> K B H L D", K=3, H=2)
+        q, k = rms_official(q, s.q_scale, stream_eps), rms_official(k, s.k_scale, stream_eps)
+        streams.append((q.to(v), k.to(v), v) if cast_to_v else (q, k, v))
+    return streams
+
+
+def joint_attention(q, k, v, x):
+    """The img part of the attention over the joint sequence, merged back to x's shape."""
+    out = F.scaled_dot_product_attention(q, k, v)[:, :, 3:]
+    return out.transpose(1, 2).reshape(x.shape)
+
+
+def joint_block(cat=torch.cat, dims=(2, 2, 2), **streams):
+    def fn(s, x, m):
+        (tq, tk, tv), (iq, ik, iv) = joint_streams(s, x, **streams)
+        q, k, v = (cat((a, b), dim=d) for (a, b), d in zip(((tq, iq), (tk, ik), (tv, iv)), dims))
+        return joint_attention(q, k, v, x)
+
+    return fn
+
+
+JOINT_SPELLINGS = {
+    "official_cast_to_v": joint_block(),
+    "no_casts_negative_dim": joint_block(dims=(-2, -2, -2), cast_to_v=False),
+    "torch_concat": joint_block(cat=torch.concat),
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(JOINT_SPELLINGS))
+def test_joint_attention_cat_is_folded_into_the_q_k_norms(spelling):
+    report = run(JOINT_SPELLINGS[spelling])
+    assert counts(report) == {"qk_rmsnorm_cat": 1}
+    assert report.totals()["qk_rmsnorm"] == 2 and len(report.families["qk_rmsnorm"].folded) == 2
+    assert not any(fam.near_misses for fam in report.families.values())
+
+
+@pytest.mark.parametrize("source", ["ours", "official"])
+def test_double_stream_block_runs_one_fused_call_for_its_norms_and_cats(source):
+    from fusion_pass.install import graph_of
+    from reference_models import build_model, load_official
+
+    torch.manual_seed(0)
+    block = {"ours": build_model, "official": load_official}[source]("tiny").double_blocks[0]
+    img, txt, vec = torch.randn(2, 6, 64), torch.randn(2, 4, 64), torch.randn(2, 64)
+    expected = block(img, txt, vec, None)
+    fusion_pass.optimize(block)
+    for got, want in zip(block(img, txt, vec, None), expected):
+        torch.testing.assert_close(got, want, rtol=0.0, atol=0.0)
+    report = fusion_pass.report(block)
+    assert report.counts()["qk_rmsnorm_cat"] == 1 and report.counts()["qk_rmsnorm"] == 0
+    assert report.totals()["qk_rmsnorm"] == 2 and not reasons(report, "qk_rmsnorm_cat")
+    assert report.families["qk_rmsnorm_cat"].sites[0].detail == "dim=2, eps=1e-06, cast to v"
+    code = graph_of(block)
+    assert code.count("fusion_pass_ops_direct_qk_rmsnorm_cat_direct(") == 1
+    assert "torch.cat" not in code and "qk_rmsnorm_direct" not in code
+
+
+def q_used_besides_the_cat(s, x, m):
+    (tq, tk, tv), (iq, ik, iv) = joint_streams(s, x)
+    q, k, v = torch.cat((tq, iq), 2), torch.cat((tk, ik), 2), torch.cat((tv, iv), 2)
+    return joint_attention(q, k, v, x) + iq.mean()
+
+
+def v_cat_over_heads(s, x, m):
+    (tq, tk, tv), (iq, ik, iv) = joint_streams(s, x, cast_to_v=False)
+    q, k = torch.cat((tq, iq), 2), torch.cat((tk, ik), 2)
+    over_heads = torch.cat((tv, iv[:, :, :3]), 1)  # the only cat of the v views
+    return joint_attention(q, k, torch.cat((1 * tv, iv), 2), x) + over_heads.mean()
+
+
+def k_in_the_other_order(s, x, m):
+    (tq, tk, tv), (iq, ik, iv) = joint_streams(s, x)
+    return joint_attention(torch.cat((tq, iq), 2), torch.cat((ik, tk), 2), torch.cat((tv, iv), 2), x)
+
+
+def v_computed_before_the_cat(s, x, m):
+    (tq, tk, tv), (iq, ik, iv) = joint_streams(s, x, cast_to_v=False)
+    return joint_attention(torch.cat((tq, iq), 2), torch.cat((tk, ik), 2), torch.cat((2 * tv, iv), 2), x)
+
+
+def cast_to_the_tokens(s, x, m):
+    (tq, tk, tv), (iq, ik, iv) = joint_streams(s, x, cast_to_v=False)
+    q, k = torch.cat((tq.to(x), iq.to(x)), 2), torch.cat((tk.to(x), ik.to(x)), 2)
+    return joint_attention(q, k, torch.cat((tv, iv), 2), x)
+
+
+JOINT_NEAR_MISSES = {
+    "the normed q of a stream is also used by": q_used_besides_the_cat,
+    "different dims (2, 2, 1)": v_cat_over_heads,
+    "normed k are not concatenated in the q cat's order": k_in_the_other_order,
+    "no cat of the streams' v": v_computed_before_the_cat,
+    "other than all by `.to(v)`": cast_to_the_tokens,
+    "eps differs between the streams": joint_block(eps=(1e-6, 1e-5)),
+}
+
+
+@pytest.mark.parametrize("reason", sorted(JOINT_NEAR_MISSES))
+def test_joint_attention_near_miss_keeps_the_q_k_norms_and_cats(reason):
+    report = run(JOINT_NEAR_MISSES[reason])
+    assert counts(report) == {"qk_rmsnorm": 2}
+    assert [r for r in reasons(report, "qk_rmsnorm_cat") if reason in r], reasons(report, "qk_rmsnorm_cat")
+
+
+def test_cat_dims_spelled_differently_fold_once_shapes_prove_them_equal():
+    fn = joint_block(dims=(2, -2, 2))
+    report = run(fn)  # optimize(): no shapes, so 2 and -2 may differ
+    assert counts(report) == {"qk_rmsnorm": 2}
+    assert reasons(report, "qk_rmsnorm_cat") == ["the q, k and v cats are on different dims (2, -2, 2)"]
+    torch.manual_seed(0)
+    module, x, mod = Spelled(fn), torch.randn(2, 5, D), modulation()
+    torch._dynamo.reset()
+    backend = fusion_pass.backend(inner="eager")
+    torch.testing.assert_close(torch.compile(module, backend=backend, fullgraph=True)(x, mod), module(x, mod))
+    assert counts(backend.report) == {"qk_rmsnorm_cat": 1}

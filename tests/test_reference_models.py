@@ -257,8 +257,10 @@ def test_unknown_config_name_lists_valid_names():
 @pytest.mark.parametrize(
     ("name", "sites"),
     [
-        ("hunyuan3d-2", {"layernorm_modulate": 97, "residual_gate": 96, "qk_rmsnorm": 64}),
-        ("hunyuan3d-2mini", {"layernorm_modulate": 49, "residual_gate": 48, "qk_rmsnorm": 32}),
+        ("hunyuan3d-2", {"layernorm_modulate": 97, "residual_gate": 96, "qk_rmsnorm": 64, "gelu_cat": 32,
+                         "qk_rmsnorm_cat": 16}),
+        ("hunyuan3d-2mini", {"layernorm_modulate": 49, "residual_gate": 48, "qk_rmsnorm": 32, "gelu_cat": 16,
+                             "qk_rmsnorm_cat": 8}),
     ],
 )
 def test_expected_sites_match_the_counts_measured_on_dynamo_graphs(name, sites):

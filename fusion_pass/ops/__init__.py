@@ -5,6 +5,7 @@ kernel, the op with its fake impl and autograd, and `reference_<op>`, the plain 
 expression that is both the fallback (CPU, other dtypes, odd shapes) and the test oracle.
 """
 
+from .gelu_cat import gelu_cat, reference_gelu_cat
 from .launch import MAX_BLOCK, interpret_on_cpu, use_triton
 from .layernorm_modulate import (
     ResidualNormOut,
@@ -14,18 +15,24 @@ from .layernorm_modulate import (
     residual_gate_layernorm_scale_shift,
 )
 from .qk_rmsnorm import QKNormOut, qk_rmsnorm, qk_rmsnorm_, reference_qk_rmsnorm
+from .qk_rmsnorm_cat import QKVCatOut, qk_rmsnorm_cat, reference_qk_rmsnorm_cat
 from .residual_gate import reference_residual_gate, residual_gate
 
 __all__ = [
     "MAX_BLOCK",
     "QKNormOut",
+    "QKVCatOut",
     "ResidualNormOut",
+    "gelu_cat",
     "interpret_on_cpu",
     "layernorm_scale_shift",
     "qk_rmsnorm",
     "qk_rmsnorm_",
+    "qk_rmsnorm_cat",
+    "reference_gelu_cat",
     "reference_layernorm_scale_shift",
     "reference_qk_rmsnorm",
+    "reference_qk_rmsnorm_cat",
     "reference_residual_gate",
     "reference_residual_gate_layernorm_scale_shift",
     "residual_gate",

@@ -29,8 +29,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .direct import fused_op
 from .launch import (
     cpu_kernels_enabled,
+    launch_kernel,
     on_device_of,
     plan_cache,
     promoted_dtype,
@@ -212,13 +214,12 @@ def run_residual_norm_modulate(
     if launch:
         settings = row_settings(plan.n_cols, plan.elem_bytes)
         with on_device_of(x):
-            _residual_norm_modulate_kernel[(settings.programs(plan.n_rows),)](
-                x, y, gate, shift, scale, weight, bias, r, out, eps,
-                *plan.args,
-                **plan.constexprs,
-                BLOCK_ROWS=settings.block_rows,
-                BLOCK_D=settings.block_size,
-                num_warps=settings.num_warps,
+            launch_kernel(
+                _residual_norm_modulate_kernel,
+                settings.programs(plan.n_rows),
+                (x, y, gate, shift, scale, weight, bias, r, out, eps, *plan.args),
+                {**plan.constexprs, "BLOCK_ROWS": settings.block_rows, "BLOCK_D": settings.block_size},
+                settings.num_warps,
             )
     return ResidualNormOut(r, out)
 
@@ -260,7 +261,7 @@ def _residual_gate_layernorm_scale_shift(residual, y, gate, shift, scale, eps, w
     return reference_residual_gate_layernorm_scale_shift(residual, y, gate, shift, scale, eps, weight, bias)
 
 
-@torch.library.custom_op("fusion_pass::layernorm_scale_shift", mutates_args=())
+@fused_op("layernorm_scale_shift")
 def layernorm_scale_shift(
     x: Tensor, shift: Tensor, scale: Tensor, eps: float, weight: Tensor | None = None, bias: Tensor | None = None
 ) -> Tensor:
@@ -273,7 +274,7 @@ def _(x, shift, scale, eps, weight=None, bias=None):
     return _layernorm_scale_shift(x, shift, scale, eps, weight, bias, launch=False)
 
 
-@torch.library.custom_op("fusion_pass::residual_gate_layernorm_scale_shift", mutates_args=())
+@fused_op("residual_gate_layernorm_scale_shift")
 def _residual_gate_layernorm_scale_shift_op(
     residual: Tensor,
     y: Tensor,

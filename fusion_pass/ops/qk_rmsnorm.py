@@ -30,9 +30,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .direct import fused_op
 from .launch import (
     TensorMeta,
     cpu_kernels_enabled,
+    launch_kernel,
     on_device_of,
     plan_cache,
     promoted_dtype,
@@ -52,7 +54,7 @@ class QKNormOut(NamedTuple):
 
 
 @triton.jit
-def _rmsnorm_tile(
+def rmsnorm_tile(
     first_row,  # first row of this program's tile
     n_rows,  # rows of this tensor
     X, x_s0, x_s1, x_sc,  # [rows, D] input, (outer, inner, col) strides
@@ -103,20 +105,20 @@ def _qk_rmsnorm_kernel(
     """BLOCK_ROWS rows per program: `out = (x * rsqrt(sum(x^2) / D + eps)).to(x.dtype) * w`, fp32."""
     program = tl.program_id(0).to(tl.int64)
     if program < q_programs:
-        _rmsnorm_tile(program * BLOCK_ROWS, q_rows, Q, q_s0, q_s1, q_sc, QW, qw_s0, qw_s1, qw_sc,
-                      Q_OUT, qo_s0, qo_s1, qo_sc, q_inner, q_cols, q_eps, BLOCK_ROWS, BLOCK_D)
+        rmsnorm_tile(program * BLOCK_ROWS, q_rows, Q, q_s0, q_s1, q_sc, QW, qw_s0, qw_s1, qw_sc,
+                     Q_OUT, qo_s0, qo_s1, qo_sc, q_inner, q_cols, q_eps, BLOCK_ROWS, BLOCK_D)
     else:
-        _rmsnorm_tile((program - q_programs) * BLOCK_ROWS, k_rows, K, k_s0, k_s1, k_sc, KW, kw_s0, kw_s1, kw_sc,
-                      K_OUT, ko_s0, ko_s1, ko_sc, k_inner, k_cols, k_eps, BLOCK_ROWS, BLOCK_D)
+        rmsnorm_tile((program - q_programs) * BLOCK_ROWS, k_rows, K, k_s0, k_s1, k_sc, KW, kw_s0, kw_s1, kw_sc,
+                     K_OUT, ko_s0, ko_s1, ko_sc, k_inner, k_cols, k_eps, BLOCK_ROWS, BLOCK_D)
 
 
-def _default_eps(x: Tensor | TensorMeta, eps: float | None) -> float:
+def default_eps(x: Tensor | TensorMeta, eps: float | None) -> float:
     return torch.finfo(x.dtype).eps if eps is None else eps
 
 
 def reference_rmsnorm(x: Tensor, weight: Tensor, eps: float | None) -> Tensor:
     x_float = x.to(torch.promote_types(x.dtype, torch.float32))  # fp64 stays fp64
-    rms_inv = torch.rsqrt(torch.mean(x_float**2, dim=-1, keepdim=True) + _default_eps(x, eps))
+    rms_inv = torch.rsqrt(torch.mean(x_float**2, dim=-1, keepdim=True) + default_eps(x, eps))
     return (x_float * rms_inv).to(x.dtype) * weight
 
 
@@ -167,7 +169,7 @@ def _launch_plan(
     if q_layout is None or k_layout is None:
         return None
     (q_s, qw_s, qo_s), (k_s, kw_s, ko_s) = q_layout.strides, k_layout.strides
-    eps_q, eps_k = _default_eps(q, eps), _default_eps(k, eps)
+    eps_q, eps_k = default_eps(q, eps), default_eps(k, eps)
     args = (
         eps_q, eps_k,
         q_layout.n_rows, k_layout.n_rows,
@@ -199,14 +201,12 @@ def _run_kernel(q, k, q_weight, k_weight, eps, *, in_place: bool, launch: bool) 
         settings = row_settings(plan.n_cols, plan.elem_bytes)
         q_programs = settings.programs(plan.q_rows)
         with on_device_of(q):
-            _qk_rmsnorm_kernel[(q_programs + settings.programs(plan.k_rows),)](
-                q, q_weight, q_out, k, k_weight, k_out,
-                q_programs,
-                *plan.args,
-                **plan.constexprs,
-                BLOCK_ROWS=settings.block_rows,
-                BLOCK_D=settings.block_size,
-                num_warps=settings.num_warps,
+            launch_kernel(
+                _qk_rmsnorm_kernel,
+                q_programs + settings.programs(plan.k_rows),
+                (q, q_weight, q_out, k, k_weight, k_out, q_programs, *plan.args),
+                {**plan.constexprs, "BLOCK_ROWS": settings.block_rows, "BLOCK_D": settings.block_size},
+                settings.num_warps,
             )
     return q_out, k_out
 
@@ -219,7 +219,7 @@ def _qk_rmsnorm(q, k, q_weight, k_weight, eps, launch: bool) -> tuple[Tensor, Te
     return reference_qk_rmsnorm(q, k, q_weight, k_weight, eps)
 
 
-@torch.library.custom_op("fusion_pass::qk_rmsnorm", mutates_args=())
+@fused_op("qk_rmsnorm")
 def _qk_rmsnorm_op(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float | None) -> tuple[Tensor, Tensor]:
     return _qk_rmsnorm(q, k, q_weight, k_weight, eps, launch=True)
 

@@ -7,9 +7,9 @@ rounding); other dtypes, an operand that adds dims, D > MAX_BLOCK or CPU tensors
 `interpret_on_cpu()` run the reference.
 """
 
-import torch
 from torch import Tensor
 
+from .direct import fused_op
 from .layernorm_modulate import run_residual_norm_modulate
 from .reference_autograd import register_reference_autograd
 
@@ -26,7 +26,7 @@ def _residual_gate(residual: Tensor, y: Tensor, gate: Tensor, launch: bool) -> T
     return reference_residual_gate(residual, y, gate)
 
 
-@torch.library.custom_op("fusion_pass::residual_gate", mutates_args=())
+@fused_op("residual_gate")
 def residual_gate(residual: Tensor, y: Tensor, gate: Tensor) -> Tensor:
     """`residual + gate * y` in one kernel."""
     return _residual_gate(residual, y, gate, launch=True)

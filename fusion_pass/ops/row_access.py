@@ -35,3 +35,13 @@ def load_row_f32(PTR, offsets, mask):
 def store_row(PTR, offsets, mask, value):
     """Store fp32 `value` with one cast to `PTR`'s element type."""
     tl.store(PTR + offsets, value.to(PTR.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def copy_tile(first_row, n_rows, X, x_s0, x_s1, x_sc, OUT, o_s0, o_s1, o_sc, n_inner, n_cols,
+              BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows `first_row + [0, BLOCK_ROWS)` of X (strides `(x_s0, x_s1, x_sc)`) stored to OUT
+    (strides `(o_s0, o_s1, o_sc)`) with one cast to OUT's element type."""
+    outer, inner, cols, mask = row_tile(first_row, n_rows, n_inner, n_cols, BLOCK_ROWS, BLOCK_D)
+    x = load_row_f32(X, row_offsets(outer, inner, x_s0, x_s1, x_sc, cols), mask)
+    store_row(OUT, row_offsets(outer, inner, o_s0, o_s1, o_sc, cols), mask, x)

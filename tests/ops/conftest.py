@@ -20,6 +20,8 @@ from fusion_pass.ops import interpret_on_cpu  # noqa: E402
 KERNELS = (
     (import_module("fusion_pass.ops.layernorm_modulate"), "_residual_norm_modulate_kernel"),
     (import_module("fusion_pass.ops.qk_rmsnorm"), "_qk_rmsnorm_kernel"),
+    (import_module("fusion_pass.ops.gelu_cat"), "_gelu_cat_kernel"),
+    (import_module("fusion_pass.ops.qk_rmsnorm_cat"), "_qk_rmsnorm_cat_kernel"),
 )
 
 
@@ -57,15 +59,19 @@ def launches(monkeypatch) -> KernelLaunches:
 
 @pytest.fixture
 def poisoned_outputs(monkeypatch) -> None:
-    """Fill every floating `torch.empty_like` allocation with NaN, so an output element a kernel
-    fails to write shows up as NaN."""
-    empty_like = torch.empty_like
+    """Fill every floating `torch.empty_like` and `torch.empty` allocation with NaN, so an output
+    element a kernel fails to write shows up as NaN."""
+    # `with torch.device(...)` recognises factory functions through a set it caches on first use:
+    # fill that cache with the real functions before patching, or later models build on the CPU.
+    torch.utils._device._device_constructors()
+    for name in ("empty_like", "empty"):
+        allocate = getattr(torch, name)
 
-    def poisoned(*args, **kwargs):
-        out = empty_like(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
+        def poisoned(*args, allocate=allocate, **kwargs):
+            out = allocate(*args, **kwargs)
+            return out.fill_(float("nan")) if out.is_floating_point() else out
 
-    monkeypatch.setattr(torch, "empty_like", poisoned)
+        monkeypatch.setattr(torch, name, poisoned)
 
 
 @pytest.fixture
