@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
+import triton
 
 MAX_BLOCK = 8192
 """Widest row (elements) one program holds in registers. Each row-wise kernel keeps several
@@ -265,11 +266,12 @@ def launch_kernel(kernel, programs: int, args: tuple, constexprs: dict, num_warp
     30-argument kernels on the H200 box's CPU, as much as the rest of an op). A compiled kernel
     depends only on the arguments' types and specialisations (dtype and 16-byte alignment of
     each pointer, value of each int, constexprs, warps), which a key of those values captures
-    exactly; calls with a key seen before go straight to the compiled kernel's launcher (~10 us).
-    Under the interpreter, and for a key not seen yet, Triton launches as usual.
+    exactly; calls with a key seen before go straight to the compiled kernel's launcher.
+    Under the interpreter (kernels are not `JITFunction`s there), and for a key not seen yet,
+    Triton launches as usual.
     """
-    if not _compiled_launch_ok[0] or os.environ.get("TRITON_INTERPRET") == "1":
-        kernel[(programs,)](*args, **constexprs, num_warps=num_warps)
+    if not (_compiled_launch_ok[0] and isinstance(kernel, triton.runtime.jit.JITFunction)):
+        kernel[(programs,)](*args, **constexprs, num_warps=num_warps)  # interpreter, or a test double
         return
     key = (kernel, torch.cuda.current_device(), num_warps, *map(_argument_key, args), *constexprs.values())
     entry = _COMPILED.get(key)

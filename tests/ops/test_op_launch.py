@@ -147,3 +147,26 @@ def test_leaving_interpret_on_cpu_runs_the_reference_for_a_planned_signature(lau
     for fused, reference in zip(outputs(case.op(*args)), outputs(case.reference(*args))):
         torch.testing.assert_close(fused, reference, rtol=0.0, atol=0.0)
     assert launches.count == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offset", [0, 1])  # 1 element: pointers that are not 16-byte aligned
+def test_reused_compiled_kernels_match_triton_launches_bitwise(cuda, monkeypatch, offset):
+    """`launch_kernel` skips Triton's per-call specialisation after a key's first launch: its
+    results must equal a plain Triton launch exactly, aligned or not, and it must be taken."""
+    launch = import_module("fusion_pass.ops.launch")
+    base = torch.randn(4 * 77 * 1024 + offset, device=cuda, dtype=torch.float16)
+    residual = base[offset:].view(4, 77, 1024)  # misaligned when offset = 1
+    y = torch.randn(4, 77, 1024, device=cuda, dtype=torch.float16)
+    mod = torch.randn(4, 1, 6 * 1024, device=cuda, dtype=torch.float16)
+    shift, scale, gate = mod.chunk(6, dim=-1)[:3]
+    op = torch.ops.fusion_pass.residual_gate_layernorm_scale_shift.default
+    args = (residual, y, gate, shift, scale, 1e-6, None, None)
+    op(*args)  # the first launch of this key goes through Triton and is recorded
+    entries = len(launch._COMPILED)
+    reused = [t.clone() for t in op(*args)]
+    assert len(launch._COMPILED) == entries > 0  # a hit, not a new entry
+    monkeypatch.setattr(launch, "_compiled_launch_ok", [False])  # plain Triton launches
+    plain = op(*args)
+    for got, want in zip(reused, plain):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
