@@ -109,17 +109,24 @@ class GraphReplay:
     def _capture(self, flat: list, spec) -> _Captured:
         static_inputs = [_static_copy(v) for v in flat]
         args, kwargs = tree_unflatten(static_inputs, spec)
-        side = torch.cuda.Stream()
+        side = _capture_stream(torch.cuda.current_device())
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(_WARMUP_CALLS):
                 self.forward(*args, **kwargs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=side):
             static_outputs = self.forward(*args, **kwargs)
         state = _state_of(self.module)
         return _Captured(graph, static_inputs, static_outputs, state, [t.data_ptr() for t in state], _REGISTRATIONS[0])
+
+
+@functools.cache
+def _capture_stream(device: int) -> torch.cuda.Stream:
+    """One side stream per device for every warm-up and capture: cuBLAS keeps a workspace
+    (32 MiB on Hopper) per stream it ran on, so a new stream per capture would add one each."""
+    return torch.cuda.Stream(device)
 
 
 def _static_copy(value):
