@@ -6,9 +6,9 @@ from typing import Iterable
 
 from torch import nn
 
-from patterns import select as select_families
 from fusion_pass.capture import capture
 from fusion_pass.cuda_graphs import new_pool
+from fusion_pass.guards import describe_guard, guards_in
 from fusion_pass.install import alias_weight, install, is_installed, restore as _restore
 from fusion_pass.pipeline import empty_report, fuse_graph, record
 from fusion_pass.report import Report
@@ -50,6 +50,7 @@ def optimize(
         if not result.matches:
             continue
         report.graphs.append(graph.path or "<root>")
+        report.assumptions.extend((graph.path, describe_guard(g)) for g in guards_in(graph.graph))
         install(graph, pool)
         for match in result.matches:
             for owner, attr in match.weight_owners:
@@ -77,9 +78,11 @@ def restore(model: nn.Module) -> nn.Module:
 
 
 def _select(names):
+    from patterns import select  # not at import time: `patterns` imports fusion_pass itself
+
     if isinstance(names, str):
         names = [names]
-    return select_families(names)
+    return select(names)
 
 
 def _check_strict(report: Report) -> None:

@@ -12,7 +12,6 @@ from typing import Callable, Iterable
 
 from torch import fx
 
-from patterns import select as select_families
 from fusion_pass.ops.direct import call_directly
 from fusion_pass.pipeline import empty_report, fuse_graph, record
 from fusion_pass.report import Report
@@ -31,7 +30,9 @@ class FusionBackend:
             raise ValueError("cudagraphs=True needs inner='inductor' (it captures Inductor's output)")
         self.inner = inner
         self.cudagraphs = cudagraphs
-        self.families = select_families(patterns)
+        from patterns import select  # not at import time: `patterns` imports fusion_pass itself
+
+        self.families = select(patterns)
         self.report: Report = empty_report("backend", self.families)
         self.graphs_compiled = 0
 

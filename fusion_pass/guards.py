@@ -45,5 +45,11 @@ def guards_in(graph: fx.Graph) -> list[fx.Node]:
     return [node for node in graph.nodes if node.op == "call_function" and node.target is assume]
 
 
+def describe_guard(guard: fx.Node) -> str:
+    """``"torch.is_floating_point(mul) is True"``: what an ``assume`` node checks."""
+    _, expected, what = guard.args
+    return f"{what} is {expected}"
+
+
 def _name(arg) -> str:
     return arg.name if isinstance(arg, fx.Node) else repr(arg)

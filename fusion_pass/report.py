@@ -56,6 +56,7 @@ class Report:
     graphs: list[str] = field(default_factory=list)           # module paths captured
     uncaptured: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     already_optimized: list[str] = field(default_factory=list)
+    assumptions: list[tuple[str, str]] = field(default_factory=list)  # (graph path, guarded predicate)
     seconds: float = 0.0
 
     def counts(self) -> dict[str, int]:
@@ -86,6 +87,7 @@ class Report:
             "graphs": self.graphs,
             "uncaptured": [{"where": w, "reason": r} for w, r in self.uncaptured],
             "already_optimized": self.already_optimized,
+            "assumptions": [{"graph": g, "assumes": a} for g, a in self.assumptions],
         }
 
     def to_json(self, **kwargs) -> str:
@@ -101,6 +103,7 @@ class Report:
         self.graphs.extend(other.graphs)
         self.uncaptured.extend(other.uncaptured)
         self.already_optimized.extend(other.already_optimized)
+        self.assumptions.extend(other.assumptions)
         self.seconds += other.seconds
 
     def __rich__(self):
@@ -136,6 +139,11 @@ class Report:
             for reason, n in grouped.items():
                 first = next(w for w, r in self.uncaptured if r == reason) or "<root>"
                 text.append(f"  {n} x {first}{' and similar' if n > 1 else ''}: {reason}\n")
+            parts.append(text)
+        if self.assumptions:
+            text = Text("captured under assumptions, checked every call (the original forward runs when one fails):\n")
+            for graph, assumption in self.assumptions:
+                text.append(f"  {graph or '<root>'}: {assumption}\n")
             parts.append(text)
         if self.already_optimized:
             parts.append(Text(f"already optimized, left as is: {len(self.already_optimized)} modules"))

@@ -73,6 +73,7 @@ def test_the_whole_model_is_one_graph_under_a_dtype_guard_and_modulations_are_re
     fusion_pass.optimize(model)
     report = fusion_pass.report(model)
     assert report.graphs == ["<root>"] and is_installed(model)
+    assert report.assumptions == [("", "torch.is_floating_point(mul) is True")]
     assert not any(is_installed(m) for m in model.modules() if m is not model)
     code = graph_of(model)
     assert "assume(is_floating_point, True, 'torch.is_floating_point(mul)')" in code  # timestep_embedding's branch
