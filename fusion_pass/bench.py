@@ -1525,7 +1525,8 @@ def _label(group: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``python -m fusion_pass.bench ...`` (the same as ``fusion-pass bench ...``)."""
     parser = argparse.ArgumentParser(prog="fusion-pass bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # --no-e2e must not mean --no-e2e-fp32
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -434,7 +434,7 @@ def _bench(argv: list[str]) -> int:
             raise CLIError("`bench` is not available: this installation has no fusion_pass/bench.py") from None
         raise CLIError(f"`bench` needs a module that is not installed: {_one_line(exc)}") from None
     parser = argparse.ArgumentParser(prog=f"{PROG} bench", description=(bench.__doc__ or "").strip() or None,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     bench.add_arguments(parser)
     return int(bench.run(parser.parse_args(argv)) or 0)
 
