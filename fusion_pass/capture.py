@@ -156,7 +156,6 @@ def _trace(module: nn.Module) -> tuple[fx.Graph, tuple[str, ...]]:
             changed = _restore_attributes(module, before)
         if changed:
             raise RuntimeError(f"forward assigns module attributes ({', '.join(changed)})")
-        _refuse_tensor_constants(graph, module)
         if drew_random() and any(isinstance(n.target, TensorConstant) for n in graph.nodes):
             raise RuntimeError("forward draws random numbers into a tensor constant; capturing would freeze them")
         _refuse_guards_after_side_effects(graph, module)
@@ -200,39 +199,19 @@ def _attribute_snapshot(module: nn.Module) -> dict[nn.Module, dict]:
 
 def _restore_attributes(module: nn.Module, before: dict[nn.Module, dict]) -> list[str]:
     """Put every module's ``__dict__`` back as it was; return the attributes that had changed
-    (tensor constants FX registers under ``_tensor_constant*`` are expected and not reported)."""
+    (tensor constants never become attributes: the tracer keeps them in the graph)."""
     changed = []
     for m, attrs in before.items():
         current = vars(m)
         for name in set(current) | set(attrs):
             if current.get(name, _MISSING) is not attrs.get(name, _MISSING):
-                if not name.startswith("_tensor_constant"):
-                    changed.append(name)
+                changed.append(name)
         current.clear()
         current.update(attrs)
     return changed
 
 
 _MISSING = object()
-
-
-def _refuse_tensor_constants(graph: fx.Graph, module: nn.Module) -> None:
-    for node in graph.nodes:
-        if node.op != "get_attr":
-            continue
-        try:
-            _resolve_attr(module, node.target)
-        except AttributeError as exc:
-            raise RuntimeError(
-                f"forward creates tensor constant {node.target!r}; capturing it would add state to the module"
-            ) from exc
-
-
-def _resolve_attr(module: nn.Module, target: str):
-    obj = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _describe(exc: BaseException) -> str:

@@ -11,9 +11,8 @@ Refuses    (near-miss) a GELU result also used elsewhere, a cat of more than two
            a number, and (when the graph has shapes) a cat along a dim other than the last.
 Emits      ``fusion_pass::gelu_cat(a, b, dim, approximate)``.
 
-``nn.GELU`` module calls are reached only where they arrive as ``F.gelu`` calls (Dynamo graphs,
-or a module whose own forward calls ``F.gelu``, as Hunyuan3D's does): ``normalize`` leaves
-module calls other than norms alone.
+``nn.GELU`` module calls arrive as ``F.gelu`` calls (``normalize`` respells them), as do
+Dynamo graphs and modules whose own forward calls ``F.gelu`` (Hunyuan3D's).
 """
 from __future__ import annotations
 
