@@ -275,7 +275,7 @@ def test_optimized_tiny_model_matches_with_triton_kernels_under_the_interpreter(
     launches = []
     for module in kernel_modules:  # every kernel launch goes through launch_kernel
         real = module.launch_kernel
-        monkeypatch.setattr(module, "launch_kernel", lambda kernel, *a, real=real: launches.append(kernel) or real(kernel, *a))
+        monkeypatch.setattr(module, "launch_kernel", lambda kernel, *a, real=real, **kw: launches.append(kernel) or real(kernel, *a, **kw))
     with interpret_on_cpu():
         got = inputs.call(model)
     assert rel_err(got, expected) <= 1e-5
@@ -283,3 +283,36 @@ def test_optimized_tiny_model_matches_with_triton_kernels_under_the_interpreter(
     assert len(launches) == report.total > 0
     assert {kernel.__name__ for kernel in launches} == {
         "_residual_norm_modulate_kernel", "_qk_rmsnorm_kernel", "_qk_rmsnorm_cat_kernel", "_gelu_cat_kernel"}
+
+
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
+])
+@pytest.mark.parametrize("inductor_launches", [True, False])
+def test_inductor_backend_traces_into_the_fused_ops_or_calls_them(device, inductor_launches):
+    """`inductor_launches`: AOTAutograd traces the fused ops' bodies, so Inductor's code holds no
+    call of a fused op through the dispatcher (on CUDA it launches our Triton kernels itself; on
+    the CPU it compiles the references), or the ops stay calls. Both compute the original's output."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    model = tiny().to(device, dtype)
+    inputs = example_inputs("tiny", seed=12, dtype=dtype, device=device)
+    with torch.no_grad():
+        expected = inputs.call(model)
+        backend = fusion_pass.backend(inner="inductor", inductor_launches=inductor_launches)
+        compiled = torch.compile(model, backend=backend, fullgraph=True)
+        got, codes = run_and_get_code(inputs.call, compiled)
+    code = "\n".join(codes)
+    assert backend.report.totals() == get_config("tiny").expected_sites()
+    assert ("torch.ops.fusion_pass" in code) is not inductor_launches
+    if device == "cuda":
+        assert ("_residual_norm_modulate_kernel" in code) is inductor_launches
+    assert rel_err(got, expected) <= (2e-3 if dtype == torch.float16 else 1e-5)
+
+
+def test_inductor_launches_needs_the_inductor_inner_compiler():
+    with pytest.raises(ValueError, match="inductor_launches=True needs inner='inductor'"):
+        fusion_pass.backend(inner="eager", inductor_launches=True)

@@ -10,8 +10,8 @@ entered directly when
 - nothing is tracing (Dynamo, or a dispatch / function mode such as FakeTensorMode), and
 - every tensor argument is a plain `torch.Tensor` (or `nn.Parameter`), not a subclass;
 
-and through the dispatcher otherwise. Both paths run the same body: the results are identical. Ops are defined with `fused_op`,
-which registers the custom op and records its body.
+and through the dispatcher otherwise. Both paths run the same body: the results are identical.
+Ops are defined with `fused_op`, which registers the op and records its body.
 """
 from __future__ import annotations
 
@@ -26,11 +26,17 @@ _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 
 
 def fused_op(name: str) -> Callable:
-    """Decorator: `torch.library.custom_op("fusion_pass::<name>", mutates_args=())` of the
-    function, which is also recorded as the body that `direct_call` may enter directly."""
+    """Decorator: `torch.library.triton_op("fusion_pass::<name>", mutates_args=())` of the
+    function, which is also recorded as the body that `direct_call` may enter directly.
+
+    A `triton_op` is a custom op that torch.compile decomposes into its body (AOTAutograd calls
+    it under `FunctionalTensorMode`; its launch goes into the graph through `wrap_triton`, see
+    `launch.Launch`), so Inductor allocates the outputs and launches the kernel with its own
+    launcher instead of calling the op through the dispatcher (~40 us a call). `torch.export`
+    keeps the op whole. Each op registers its own fake impl, which launches nothing."""
 
     def define(body: Callable):
-        op = torch.library.custom_op(f"fusion_pass::{name}", mutates_args=())(body)
+        op = torch.library.triton_op(f"fusion_pass::{name}", mutates_args=())(body)
         _BODIES[getattr(torch.ops.fusion_pass, name).default] = body
         return op
 

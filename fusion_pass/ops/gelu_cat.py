@@ -31,11 +31,13 @@ from torch import Tensor
 
 from .direct import fused_op
 from .launch import (
+    Launch,
     TensorMeta,
     contiguous_strides,
-    cpu_kernels_enabled,
+    kernels_on_cpu,
     fits_one_block,
     launch_kernel,
+    launch_mode,
     on_device_of,
     plan_cache,
     row_layout,
@@ -160,15 +162,15 @@ def _launch_plan(cpu_kernels: bool, a: tuple, b: tuple, dim: int, approximate: s
     )
 
 
-def _gelu_cat(a: Tensor, b: Tensor, dim: int, approximate: str, launch: bool) -> Tensor:
-    """The op's body (`launch=True`) and fake impl (`launch=False`, which allocates without
-    launching and plans uncached: fake shapes may be SymInts): kernel or reference."""
-    key = (a.is_cpu and cpu_kernels_enabled(), tensor_key(a), tensor_key(b), dim, approximate)
-    plan = (_launch_plan if launch else _launch_plan.__wrapped__)(*key)
+def _gelu_cat(a: Tensor, b: Tensor, dim: int, approximate: str, launch: Launch) -> Tensor:
+    """The op's body (`launch_mode(a)`) and fake impl (`Launch.NONE`, which allocates without
+    launching): kernel or reference."""
+    key = (kernels_on_cpu(a, launch), tensor_key(a), tensor_key(b), dim, approximate)
+    plan = (_launch_plan if launch.cached else _launch_plan.__wrapped__)(*key)
     if plan is None:
         return reference_gelu_cat(a, b, dim, approximate)
     out = torch.empty(plan.out_shape, dtype=plan.out_dtype, device=a.device)
-    if launch:
+    if launch is not Launch.NONE:
         a_settings = row_settings(plan.a_cols, plan.elem_bytes)
         b_settings = row_settings(plan.b_cols, plan.elem_bytes)
         a_programs = a_settings.programs(plan.n_rows)
@@ -180,6 +182,7 @@ def _gelu_cat(a: Tensor, b: Tensor, dim: int, approximate: str, launch: bool) ->
                 {**plan.constexprs, "A_BLOCK_ROWS": a_settings.block_rows, "A_BLOCK_D": a_settings.block_size,
                  "B_BLOCK_ROWS": b_settings.block_rows, "B_BLOCK_D": b_settings.block_size},
                 max(a_settings.num_warps, b_settings.num_warps),
+                traced=launch is Launch.TRACED,
             )
     return out
 
@@ -187,12 +190,12 @@ def _gelu_cat(a: Tensor, b: Tensor, dim: int, approximate: str, launch: bool) ->
 @fused_op("gelu_cat")
 def gelu_cat(a: Tensor, b: Tensor, dim: int, approximate: str = "none") -> Tensor:
     """`torch.cat((a, F.gelu(b, approximate=approximate)), dim)` in one kernel."""
-    return _gelu_cat(a, b, dim, approximate, launch=True)
+    return _gelu_cat(a, b, dim, approximate, launch_mode(a))
 
 
 @gelu_cat.register_fake
 def _(a, b, dim, approximate="none"):
-    return _gelu_cat(a, b, dim, approximate, launch=False)
+    return _gelu_cat(a, b, dim, approximate, Launch.NONE)
 
 
 register_reference_autograd(gelu_cat, reference_gelu_cat)

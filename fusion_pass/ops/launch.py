@@ -14,6 +14,10 @@
 - `rows_fit_kernel(cpu_kernels, x, *operands)`: the conditions every kernel shares; else ops use
   the reference.
 - `promoted_dtype(dtype, *operands)`: the dtype an elementwise expression over floats yields.
+- `launch_mode(x)`: how an op's body runs on its first tensor argument `x`: `Launch.EAGER` on
+  real tensors, `Launch.TRACED` inside torch.compile's decomposition of the op (its tensors are
+  `FunctionalTensor`s; the kernel goes into the graph through `torch.library.wrap_triton`, so
+  Inductor launches it itself); fake impls pass `Launch.NONE`.
 
 Launch plans. An op's host path runs once per call (225 calls per Hunyuan3D-2 step), so what
 it decides from its operands' metadata alone (kernel or reference, output dtypes, row layout)
@@ -21,13 +25,15 @@ is computed by a pure function of `tensor_key`s, memoised with a bounded `functo
 (`PLAN_CACHE_SIZE` signatures, far more than a model has): the steady state builds the key
 (`x.shape`, `x.stride()`, ... ~0.3 us a tensor) and looks it up. The helpers below therefore take
 `TensorMeta`s (shape, stride, dtype, device), not tensors. Fake tensors of a dynamic-shape trace
-carry SymInts, which do not hash: fake impls call the planners uncached (`.__wrapped__`).
+carry SymInts, which do not hash: fake impls and traces call the planners uncached
+(`.__wrapped__`, where `not launch.cached`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import enum
 import functools
 import math
 import os
@@ -61,6 +67,35 @@ _MAX_WARPS = 16
 _interpret_on_cpu: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "fusion_pass_interpret_on_cpu", default=False
 )
+
+
+class Launch(enum.Enum):
+    """How an op's body runs its kernel (see `launch_mode`)."""
+
+    EAGER = "eager"  # real tensors: memoised plans, the compiled kernel's launcher
+    TRACED = "traced"  # inside a trace: plans uncached (SymInts), the launch recorded by `wrap_triton`
+    NONE = "none"  # a fake impl: plans uncached, outputs allocated, nothing launched
+
+    @property
+    def cached(self) -> bool:
+        """Whether planners may memoise: only real tensors have hashable (int) shapes for sure."""
+        return self is Launch.EAGER
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def launch_mode(x: torch.Tensor) -> Launch:
+    """`Launch.EAGER` for a plain tensor (or parameter) `x`; `Launch.TRACED` for anything else
+    reaching an op's body: the `FunctionalTensor`s of the decomposition that `torch.library.triton_op`
+    registers for torch.compile (AOTAutograd calls the body under `FunctionalTensorMode`)."""
+    return Launch.EAGER if type(x) in _PLAIN_TENSORS else Launch.TRACED
+
+
+def kernels_on_cpu(x: torch.Tensor, launch: Launch) -> bool:
+    """Whether CPU tensor `x` may take a kernel: `cpu_kernels_enabled()`, except in a trace (the
+    interpreter runs kernels on real data, and `wrap_triton` cannot record an interpreted one)."""
+    return x.is_cpu and launch is not Launch.TRACED and cpu_kernels_enabled()
 
 
 class RowSettings(NamedTuple):
@@ -116,12 +151,18 @@ def plan_cache(planner):
     return functools.lru_cache(maxsize=PLAN_CACHE_SIZE)(planner)
 
 
-@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
-def row_settings(n_cols: int, elem_bytes: int) -> RowSettings:
+def row_settings(n_cols: int | torch.SymInt, elem_bytes: int) -> RowSettings:
     """Block size, rows per program and warps for rows of `n_cols` elements of `elem_bytes` each.
 
-    Raises ValueError past `MAX_BLOCK`: ops check `fits_one_block` first and use their reference.
+    A symbolic width (a dynamic-shape trace) is specialised to its value: the block is a
+    constexpr of the kernel. Raises ValueError past `MAX_BLOCK`: ops check `fits_one_block`
+    first and use their reference.
     """
+    return _row_settings(int(n_cols), elem_bytes)
+
+
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
+def _row_settings(n_cols: int, elem_bytes: int) -> RowSettings:
     if not fits_one_block(n_cols):
         raise ValueError(f"a row of {n_cols} elements exceeds MAX_BLOCK={MAX_BLOCK}")
     block_size = 1 << (n_cols - 1).bit_length()
@@ -148,7 +189,7 @@ def interpret_on_cpu() -> Iterator[None]:
 def cpu_kernels_enabled() -> bool:
     """Whether CPU tensors may take the kernels here: inside `interpret_on_cpu()`, with the
     interpreter on. Not metadata of a tensor, so ops pass it to their planners as an argument
-    (computed only for CPU tensors: `x.is_cpu and cpu_kernels_enabled()`)."""
+    (computed only for CPU tensors: `kernels_on_cpu`)."""
     return _interpret_on_cpu.get() and os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -259,8 +300,10 @@ def row_layout(shape: tuple[int, ...], *tensors: TensorMeta) -> RowLayout | None
     return RowLayout(n_outer, n_inner, tuple(zip(outer, inner, col)))
 
 
-def launch_kernel(kernel, programs: int, args: tuple, constexprs: dict, num_warps: int) -> None:
-    """`kernel[(programs,)](*args, **constexprs, num_warps=num_warps)`, on the current stream.
+def launch_kernel(kernel, programs: int, args: tuple, constexprs: dict, num_warps: int, *, traced: bool = False) -> None:
+    """`kernel[(programs,)](*args, **constexprs, num_warps=num_warps)`, on the current stream;
+    `traced` (`Launch.TRACED`): through `torch.library.wrap_triton`, which records the launch in
+    the graph being traced (Inductor then compiles and launches the kernel itself).
 
     `JITFunction.run` binds and specialises every argument on every call (~40 us for our
     30-argument kernels on the H200 box's CPU, as much as the rest of an op). A compiled kernel
@@ -270,6 +313,9 @@ def launch_kernel(kernel, programs: int, args: tuple, constexprs: dict, num_warp
     Under the interpreter (kernels are not `JITFunction`s there), and for a key not seen yet,
     Triton launches as usual.
     """
+    if traced:
+        torch.library.wrap_triton(kernel)[(programs,)](*args, **constexprs, num_warps=num_warps)
+        return
     if not (_compiled_launch_ok[0] and isinstance(kernel, triton.runtime.jit.JITFunction)):
         kernel[(programs,)](*args, **constexprs, num_warps=num_warps)  # interpreter, or a test double
         return

@@ -31,8 +31,10 @@ from torch import Tensor
 
 from .direct import fused_op
 from .launch import (
-    cpu_kernels_enabled,
+    Launch,
+    kernels_on_cpu,
     launch_kernel,
+    launch_mode,
     on_device_of,
     plan_cache,
     promoted_dtype,
@@ -98,6 +100,9 @@ def _residual_norm_modulate_kernel(
     first_row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS
     outer, inner, cols, mask = row_tile(first_row, n_rows, n_inner, n_cols, BLOCK_ROWS, BLOCK_D)
     x = load_row_f32(X, row_offsets(outer, inner, x_s0, x_s1, x_sc, cols), mask)
+    if NORMALIZE:  # issued with x's load, so their latency hides behind it, not after the reductions
+        shift = load_row_f32(SHIFT, row_offsets(outer, inner, sh_s0, sh_s1, sh_sc, cols), mask)
+        scale = load_row_f32(SCALE, row_offsets(outer, inner, sc_s0, sc_s1, sc_sc, cols), mask)
     if HAS_RESIDUAL:
         y = load_row_f32(Y, row_offsets(outer, inner, y_s0, y_s1, y_sc, cols), mask)
         gate = load_row_f32(GATE, row_offsets(outer, inner, g_s0, g_s1, g_sc, cols), mask)
@@ -115,8 +120,6 @@ def _residual_norm_modulate_kernel(
             normed = normed * load_row_f32(W, row_offsets(outer, inner, 0, 0, w_sc, cols), mask)
         if HAS_BIAS:
             normed = normed + load_row_f32(B, row_offsets(outer, inner, 0, 0, b_sc, cols), mask)
-        shift = load_row_f32(SHIFT, row_offsets(outer, inner, sh_s0, sh_s1, sh_sc, cols), mask)
-        scale = load_row_f32(SCALE, row_offsets(outer, inner, sc_s0, sc_s1, sc_sc, cols), mask)
         store_row(OUT, row_offsets(outer, inner, o_s0, o_s1, o_sc, cols), mask, normed * (1.0 + scale) + shift)
 
 
@@ -189,29 +192,29 @@ def run_residual_norm_modulate(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     eps: float = 0.0,
-    launch: bool = True,
+    launch: Launch = Launch.EAGER,
 ) -> ResidualNormOut | None:
     """The kernel's outputs over rows of `x` (`[..., D]`), or None, launching nothing, where
     the reference must run; operands broadcast into x's shape.
 
     Pass y and gate for the gated residual (`.residual`); shift and scale (weight, bias
-    optional) for the modulated LayerNorm (`.normed`); the other output is None. With `launch=False` (the fake impls)
-    allocates the outputs without launching, and plans uncached (fake shapes may be SymInts).
+    optional) for the modulated LayerNorm (`.normed`); the other output is None. `launch`: see
+    `launch.Launch` (`Launch.NONE`, the fake impls, allocates the outputs and launches nothing).
     """
     key = (
-        x.is_cpu and cpu_kernels_enabled(),
+        kernels_on_cpu(x, launch),
         tensor_key(x), tensor_key(y), tensor_key(gate), tensor_key(shift), tensor_key(scale),
         tensor_key(weight), tensor_key(bias),
     )
-    dtypes = (_output_dtypes if launch else _output_dtypes.__wrapped__)(*key)
+    dtypes = (_output_dtypes if launch.cached else _output_dtypes.__wrapped__)(*key)
     if dtypes is None:
         return None
     r = torch.empty_like(x, dtype=dtypes.r) if dtypes.r is not None else None
     out = torch.empty_like(x, dtype=dtypes.out) if dtypes.out is not None else None
-    plan = (_launch_plan if launch else _launch_plan.__wrapped__)(key, (out if r is None else r).stride())
+    plan = (_launch_plan if launch.cached else _launch_plan.__wrapped__)(key, (out if r is None else r).stride())
     if plan is None:
         return None
-    if launch:
+    if launch is not Launch.NONE:
         settings = row_settings(plan.n_cols, plan.elem_bytes)
         with on_device_of(x):
             launch_kernel(
@@ -220,6 +223,7 @@ def run_residual_norm_modulate(
                 (x, y, gate, shift, scale, weight, bias, r, out, eps, *plan.args),
                 {**plan.constexprs, "BLOCK_ROWS": settings.block_rows, "BLOCK_D": settings.block_size},
                 settings.num_warps,
+                traced=launch is Launch.TRACED,
             )
     return ResidualNormOut(r, out)
 
@@ -244,16 +248,16 @@ def reference_residual_gate_layernorm_scale_shift(
     return r, reference_layernorm_scale_shift(r, shift, scale, eps, weight, bias)
 
 
-def _layernorm_scale_shift(x, shift, scale, eps, weight, bias, launch: bool) -> Tensor:
-    """The op's body (`launch=True`) and fake impl (`launch=False`): kernel or reference."""
+def _layernorm_scale_shift(x, shift, scale, eps, weight, bias, launch: Launch) -> Tensor:
+    """The op's body (`launch_mode(x)`) and fake impl (`Launch.NONE`): kernel or reference."""
     outputs = run_residual_norm_modulate(x, shift=shift, scale=scale, weight=weight, bias=bias, eps=eps, launch=launch)
     if outputs is not None:
         return outputs.normed
     return reference_layernorm_scale_shift(x, shift, scale, eps, weight, bias)
 
 
-def _residual_gate_layernorm_scale_shift(residual, y, gate, shift, scale, eps, weight, bias, launch: bool):
-    """The op's body (`launch=True`) and fake impl (`launch=False`): kernel or reference."""
+def _residual_gate_layernorm_scale_shift(residual, y, gate, shift, scale, eps, weight, bias, launch: Launch):
+    """The op's body (`launch_mode(residual)`) and fake impl (`Launch.NONE`): kernel or reference."""
     operands = dict(y=y, gate=gate, shift=shift, scale=scale, weight=weight, bias=bias)
     outputs = run_residual_norm_modulate(residual, **operands, eps=eps, launch=launch)
     if outputs is not None:
@@ -266,12 +270,12 @@ def layernorm_scale_shift(
     x: Tensor, shift: Tensor, scale: Tensor, eps: float, weight: Tensor | None = None, bias: Tensor | None = None
 ) -> Tensor:
     """`F.layer_norm(x, (D,), weight, bias, eps) * (1 + scale) + shift` in one kernel."""
-    return _layernorm_scale_shift(x, shift, scale, eps, weight, bias, launch=True)
+    return _layernorm_scale_shift(x, shift, scale, eps, weight, bias, launch=launch_mode(x))
 
 
 @layernorm_scale_shift.register_fake
 def _(x, shift, scale, eps, weight=None, bias=None):
-    return _layernorm_scale_shift(x, shift, scale, eps, weight, bias, launch=False)
+    return _layernorm_scale_shift(x, shift, scale, eps, weight, bias, launch=Launch.NONE)
 
 
 @fused_op("residual_gate_layernorm_scale_shift")
@@ -285,12 +289,12 @@ def _residual_gate_layernorm_scale_shift_op(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    return _residual_gate_layernorm_scale_shift(residual, y, gate, shift, scale, eps, weight, bias, launch=True)
+    return _residual_gate_layernorm_scale_shift(residual, y, gate, shift, scale, eps, weight, bias, launch_mode(residual))
 
 
 @_residual_gate_layernorm_scale_shift_op.register_fake
 def _(residual, y, gate, shift, scale, eps, weight=None, bias=None):
-    return _residual_gate_layernorm_scale_shift(residual, y, gate, shift, scale, eps, weight, bias, launch=False)
+    return _residual_gate_layernorm_scale_shift(residual, y, gate, shift, scale, eps, weight, bias, Launch.NONE)
 
 
 def residual_gate_layernorm_scale_shift(

@@ -32,9 +32,11 @@ from torch import Tensor
 
 from .direct import fused_op
 from .launch import (
+    Launch,
     TensorMeta,
-    cpu_kernels_enabled,
+    kernels_on_cpu,
     launch_kernel,
+    launch_mode,
     on_device_of,
     plan_cache,
     promoted_dtype,
@@ -182,22 +184,22 @@ def _launch_plan(
     return _LaunchPlan(q_layout.n_rows, k_layout.n_rows, n_cols, elem_bytes, args, MappingProxyType(constexprs))
 
 
-def _run_kernel(q, k, q_weight, k_weight, eps, *, in_place: bool, launch: bool) -> tuple[Tensor, Tensor] | None:
+def _run_kernel(q, k, q_weight, k_weight, eps, *, in_place: bool, launch: Launch) -> tuple[Tensor, Tensor] | None:
     """The kernel's `(q_out, k_out)` (q and k themselves `in_place`), or None, launching
-    nothing, where the reference must run. With `launch=False` (the fake impls) allocates the
-    outputs without launching, and plans uncached (fake shapes may be SymInts)."""
-    key = (q.is_cpu and cpu_kernels_enabled(), tensor_key(q), tensor_key(k), tensor_key(q_weight), tensor_key(k_weight))
-    dtypes = (_output_dtypes if launch else _output_dtypes.__wrapped__)(*key)
+    nothing, where the reference must run. `launch`: see `launch.Launch` (`Launch.NONE`, the
+    fake impls, allocates the outputs and launches nothing)."""
+    key = (kernels_on_cpu(q, launch), tensor_key(q), tensor_key(k), tensor_key(q_weight), tensor_key(k_weight))
+    dtypes = (_output_dtypes if launch.cached else _output_dtypes.__wrapped__)(*key)
     if dtypes is None:
         return None
     if in_place:
         q_out, k_out = q, k
     else:
         q_out, k_out = torch.empty_like(q, dtype=dtypes.q), torch.empty_like(k, dtype=dtypes.k)
-    plan = (_launch_plan if launch else _launch_plan.__wrapped__)(key, q_out.stride(), k_out.stride(), eps)
+    plan = (_launch_plan if launch.cached else _launch_plan.__wrapped__)(key, q_out.stride(), k_out.stride(), eps)
     if plan is None:
         return None
-    if launch:
+    if launch is not Launch.NONE:
         settings = row_settings(plan.n_cols, plan.elem_bytes)
         q_programs = settings.programs(plan.q_rows)
         with on_device_of(q):
@@ -207,12 +209,13 @@ def _run_kernel(q, k, q_weight, k_weight, eps, *, in_place: bool, launch: bool) 
                 (q, q_weight, q_out, k, k_weight, k_out, q_programs, *plan.args),
                 {**plan.constexprs, "BLOCK_ROWS": settings.block_rows, "BLOCK_D": settings.block_size},
                 settings.num_warps,
+                traced=launch is Launch.TRACED,
             )
     return q_out, k_out
 
 
-def _qk_rmsnorm(q, k, q_weight, k_weight, eps, launch: bool) -> tuple[Tensor, Tensor]:
-    """The op's body (`launch=True`) and fake impl (`launch=False`): kernel or reference."""
+def _qk_rmsnorm(q, k, q_weight, k_weight, eps, launch: Launch) -> tuple[Tensor, Tensor]:
+    """The op's body (`launch_mode(q)`) and fake impl (`Launch.NONE`): kernel or reference."""
     outputs = _run_kernel(q, k, q_weight, k_weight, eps, in_place=False, launch=launch)
     if outputs is not None:
         return outputs
@@ -221,12 +224,12 @@ def _qk_rmsnorm(q, k, q_weight, k_weight, eps, launch: bool) -> tuple[Tensor, Te
 
 @fused_op("qk_rmsnorm")
 def _qk_rmsnorm_op(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float | None) -> tuple[Tensor, Tensor]:
-    return _qk_rmsnorm(q, k, q_weight, k_weight, eps, launch=True)
+    return _qk_rmsnorm(q, k, q_weight, k_weight, eps, launch_mode(q))
 
 
 @_qk_rmsnorm_op.register_fake
 def _(q, k, q_weight, k_weight, eps):
-    return _qk_rmsnorm(q, k, q_weight, k_weight, eps, launch=False)
+    return _qk_rmsnorm(q, k, q_weight, k_weight, eps, Launch.NONE)
 
 
 register_reference_autograd(_qk_rmsnorm_op, reference_qk_rmsnorm)
@@ -251,7 +254,7 @@ def qk_rmsnorm_(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: f
     """`qk_rmsnorm` written into q and k. No autograd: PyTorch's custom ops take autograd
     formulas only for functional ops; use `qk_rmsnorm` where gradients are needed."""
     _check_in_place(q, k, q_weight, k_weight)
-    if _run_kernel(q, k, q_weight, k_weight, eps, in_place=True, launch=True) is not None:
+    if _run_kernel(q, k, q_weight, k_weight, eps, in_place=True, launch=Launch.EAGER) is not None:
         return
     q_out, k_out = reference_qk_rmsnorm(q, k, q_weight, k_weight, eps)
     q.copy_(q_out)

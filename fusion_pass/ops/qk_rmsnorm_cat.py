@@ -39,11 +39,13 @@ from torch import Tensor
 
 from .direct import fused_op
 from .launch import (
+    Launch,
     TensorMeta,
     broadcast_strides,
     contiguous_strides,
-    cpu_kernels_enabled,
+    kernels_on_cpu,
     launch_kernel,
+    launch_mode,
     on_device_of,
     plan_cache,
     promoted_dtype,
@@ -232,19 +234,19 @@ def _launch_plan(
     )
 
 
-def _qk_rmsnorm_cat(tensors: tuple[Tensor, ...], eps, dim, cast_to_v, launch: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """The op's body (`launch=True`) and fake impl (`launch=False`, which allocates without
-    launching and plans uncached: fake shapes may be SymInts): kernel or reference.
+def _qk_rmsnorm_cat(tensors: tuple[Tensor, ...], eps, dim, cast_to_v, launch: Launch) -> tuple[Tensor, Tensor, Tensor]:
+    """The op's body (`launch_mode(q0)`) and fake impl (`Launch.NONE`, which allocates without
+    launching): kernel or reference.
     `tensors`: q0, k0, v0, q1, k1, v1, q_weight0, k_weight0, q_weight1, k_weight1."""
     q0 = tensors[0]
-    key = (q0.is_cpu and cpu_kernels_enabled(), *map(tensor_key, tensors), eps, dim, cast_to_v)
-    plan = (_launch_plan if launch else _launch_plan.__wrapped__)(*key)
+    key = (kernels_on_cpu(q0, launch), *map(tensor_key, tensors), eps, dim, cast_to_v)
+    plan = (_launch_plan if launch.cached else _launch_plan.__wrapped__)(*key)
     if plan is None:
         return tuple(reference_qk_rmsnorm_cat(*tensors, eps, dim, cast_to_v))
     outs = tuple(
         torch.empty(shape, dtype=dtype, device=q0.device) for shape, dtype in zip(plan.out_shapes, plan.out_dtypes)
     )
-    if launch:
+    if launch is not Launch.NONE:
         settings = row_settings(plan.n_cols, plan.elem_bytes)
         stream0_programs = settings.programs(plan.stream_rows[0])
         group_programs = stream0_programs + settings.programs(plan.stream_rows[1])
@@ -255,6 +257,7 @@ def _qk_rmsnorm_cat(tensors: tuple[Tensor, ...], eps, dim, cast_to_v, launch: bo
                 (*tensors, *outs, group_programs, stream0_programs, *plan.args),
                 {**plan.constexprs, "BLOCK_ROWS": settings.block_rows, "BLOCK_D": settings.block_size},
                 settings.num_warps,
+                traced=launch is Launch.TRACED,
             )
     return outs
 
@@ -266,13 +269,13 @@ def _qk_rmsnorm_cat_op(
     eps: float | None, dim: int, cast_to_v: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     tensors = (q0, k0, v0, q1, k1, v1, q_weight0, k_weight0, q_weight1, k_weight1)
-    return _qk_rmsnorm_cat(tensors, eps, dim, cast_to_v, launch=True)
+    return _qk_rmsnorm_cat(tensors, eps, dim, cast_to_v, launch_mode(q0))
 
 
 @_qk_rmsnorm_cat_op.register_fake
 def _(q0, k0, v0, q1, k1, v1, q_weight0, k_weight0, q_weight1, k_weight1, eps, dim, cast_to_v):
     tensors = (q0, k0, v0, q1, k1, v1, q_weight0, k_weight0, q_weight1, k_weight1)
-    return _qk_rmsnorm_cat(tensors, eps, dim, cast_to_v, launch=False)
+    return _qk_rmsnorm_cat(tensors, eps, dim, cast_to_v, Launch.NONE)
 
 
 register_reference_autograd(_qk_rmsnorm_cat_op, reference_qk_rmsnorm_cat)

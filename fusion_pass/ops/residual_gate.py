@@ -10,6 +10,7 @@ rounding); other dtypes, an operand that adds dims, D > MAX_BLOCK or CPU tensors
 from torch import Tensor
 
 from .direct import fused_op
+from .launch import Launch, launch_mode
 from .layernorm_modulate import run_residual_norm_modulate
 from .reference_autograd import register_reference_autograd
 
@@ -18,8 +19,8 @@ def reference_residual_gate(residual: Tensor, y: Tensor, gate: Tensor) -> Tensor
     return residual + gate * y
 
 
-def _residual_gate(residual: Tensor, y: Tensor, gate: Tensor, launch: bool) -> Tensor:
-    """The op's body (`launch=True`) and fake impl (`launch=False`): kernel or reference."""
+def _residual_gate(residual: Tensor, y: Tensor, gate: Tensor, launch: Launch) -> Tensor:
+    """The op's body (`launch_mode(residual)`) and fake impl (`Launch.NONE`): kernel or reference."""
     outputs = run_residual_norm_modulate(residual, y=y, gate=gate, launch=launch)
     if outputs is not None:
         return outputs.residual
@@ -29,12 +30,12 @@ def _residual_gate(residual: Tensor, y: Tensor, gate: Tensor, launch: bool) -> T
 @fused_op("residual_gate")
 def residual_gate(residual: Tensor, y: Tensor, gate: Tensor) -> Tensor:
     """`residual + gate * y` in one kernel."""
-    return _residual_gate(residual, y, gate, launch=True)
+    return _residual_gate(residual, y, gate, launch_mode(residual))
 
 
 @residual_gate.register_fake
 def _(residual, y, gate):
-    return _residual_gate(residual, y, gate, launch=False)
+    return _residual_gate(residual, y, gate, Launch.NONE)
 
 
 register_reference_autograd(residual_gate, reference_residual_gate)

@@ -106,6 +106,24 @@ def outputs(result) -> tuple[torch.Tensor, ...]:
     return result if isinstance(result, tuple) else (result,)
 
 
+def assert_inductor_launches_the_kernel(op: Callable, args, kernel_name: str, *, dynamic: bool) -> None:
+    """torch.compile (Inductor) of `op` on CUDA `args` decomposes the `triton_op`: the generated
+    code launches `kernel_name` itself, never calls a `fusion_pass` op through the dispatcher,
+    and computes what the eager op does. Inductor compiles the kernel itself (its own launch
+    options), so a row's fp32 sums may round differently: outputs agree within
+    `TOLERANCE_UNITS` of the output dtype, not bit for bit."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    expected = outputs(op(*args))
+    actual, codes = run_and_get_code(torch.compile(op, fullgraph=True, dynamic=dynamic), *args)
+    code = "\n".join(codes)
+    assert kernel_name in code and "torch.ops.fusion_pass" not in code, code[-3000:]
+    for got, want in zip(outputs(actual), expected, strict=True):
+        unit = torch.finfo(want.dtype).eps * want.abs().max().item()
+        torch.testing.assert_close(got, want, rtol=0.0, atol=TOLERANCE_UNITS[want.dtype] * unit)
+
+
 def qkv_views(q_shape, dtype: torch.dtype, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Strided q, k of shape `q_shape = [B, H, L, D]`, cut from one qkv projection output
     `[B, L, 3 * H * D]` the way the model's rearrange does (last dim stride 1, others not)."""

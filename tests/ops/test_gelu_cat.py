@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import fusion_pass.ops as ops
 from fusion_pass.ops import MAX_BLOCK
-from ops_testing import FLOAT_DTYPES, assert_accurate, randn
+from ops_testing import FLOAT_DTYPES, assert_accurate, assert_inductor_launches_the_kernel, randn
 
 # The interpreter's numpy exp overflows to inf for very negative inputs of the tanh form, as meant.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -210,7 +210,7 @@ def linear1_gelu_cat(attn, linear1):
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_torch_compile_runs_the_kernel_behind_the_fake_impl(interpreted, dynamic):
     torch._dynamo.reset()
-    compiled = torch.compile(linear1_gelu_cat, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    compiled = torch.compile(linear1_gelu_cat, fullgraph=True, backend="eager", dynamic=dynamic)  # the op stays whole
     attn, linear1 = torch.randn(2, 3, 8), torch.randn(2, 3, 24)
     expected = ops.reference_gelu_cat(attn, linear1[..., 8:], 2, "tanh")
     torch.testing.assert_close(compiled(attn, linear1), expected)
@@ -240,3 +240,12 @@ def test_mixed_dtypes_on_gpu(launches):
     fused, reference = ops.gelu_cat(a, b, -1, "tanh"), ops.reference_gelu_cat(a, b, -1, "tanh")
     torch.testing.assert_close(fused, reference)
     assert launches.count == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_inductor_launches_the_kernel_itself(dynamic):
+    attn = randn(2, 1370, HIDDEN, dtype=torch.float16, device="cuda")
+    linear1 = randn(2, 1370, HIDDEN + MLP_HIDDEN, dtype=torch.float16, device="cuda")
+    assert_inductor_launches_the_kernel(linear1_gelu_cat, (attn, linear1), "_gelu_cat_kernel", dynamic=dynamic)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch._dynamo.backends.common import aot_autograd
 
 import fusion_pass.ops as ops
 from ops_testing import OP_CASES, outputs
@@ -87,12 +88,39 @@ def test_torch_compile_fullgraph_traces_every_op(backend):
         torch.testing.assert_close(actual, reference)
 
 
-def test_torch_compile_runs_kernels_behind_fake_impls(interpreted):
+def test_dynamo_runs_kernels_behind_fake_impls(interpreted):
+    """Dynamo alone keeps each op whole: the compiled call runs the kernels."""
     torch._dynamo.reset()
-    compiled = torch.compile(call_every_op, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(call_every_op, fullgraph=True, backend="eager")
     inputs = every_op_inputs()
     with ops.interpret_on_cpu():
         expected = call_every_op(*[t.clone() for t in inputs])
     for actual, reference in zip(compiled(*inputs), expected):
         torch.testing.assert_close(actual, reference)
     assert interpreted.count == 10  # four functional ops and one in-place op, twice each
+
+
+def aot_graph_targets(fn, *inputs) -> set[str]:
+    """The call targets of the forward graph that AOTAutograd hands a compiler for `fn`."""
+    targets: set[str] = set()
+
+    def record(gm, _example_inputs):
+        targets.update(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend=aot_autograd(fw_compiler=record))
+    with torch.no_grad():
+        compiled(*inputs)
+    return targets
+
+
+def test_aot_autograd_decomposes_the_functional_ops_into_their_bodies(interpreted):
+    """The functional ops are `triton_op`s: AOTAutograd traces their bodies (on the CPU, where
+    no kernel can be traced, the reference; on CUDA the kernel launch, see test_ops_gpu.py), so
+    Inductor sees plain aten ops or a Triton kernel, not an opaque op. The in-place op (a plain
+    custom op) stays, functionalised."""
+    targets = aot_graph_targets(call_every_op, *every_op_inputs())
+    assert not any("fusion_pass" in t for t in targets), targets
+    assert {"aten.native_layer_norm.default", "aten.rsqrt.default", "auto_functionalized_v2"} <= targets, targets
+    assert interpreted.count == 1  # the in-place op, at run time

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fusion_pass.ops as ops
-from ops_testing import OP_CASES, assert_op_accurate
+from ops_testing import OP_CASES, assert_inductor_launches_the_kernel, assert_op_accurate
 
 pytestmark = [
     pytest.mark.gpu,
@@ -53,3 +53,12 @@ def test_in_place_qk_rmsnorm_on_gpu(launches, dtype):
     torch.testing.assert_close(q, expected_q, rtol=0.0, atol=0.0)
     torch.testing.assert_close(k, expected_k, rtol=0.0, atol=0.0)
     assert launches.count == 2
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("name", OP_CASES)
+def test_inductor_launches_the_kernel_itself(name, dynamic):
+    case = OP_CASES[name]
+    args = case.make_args(case.model_shape(1370), torch.float16, "chunk", device="cuda")
+    kernel = "_qk_rmsnorm_kernel" if name == "qk_rmsnorm" else "_residual_norm_modulate_kernel"
+    assert_inductor_launches_the_kernel(case.op, args, kernel, dynamic=dynamic)
