@@ -124,3 +124,30 @@ def test_aot_autograd_decomposes_the_functional_ops_into_their_bodies(interprete
     assert not any("fusion_pass" in t for t in targets), targets
     assert {"aten.native_layer_norm.default", "aten.rsqrt.default", "auto_functionalized_v2"} <= targets, targets
     assert interpreted.count == 1  # the in-place op, at run time
+
+
+class EveryFunctionalOp(torch.nn.Module):
+    def forward(self, x, y, modulation, q, k, head_weight):
+        shift, scale, gate = modulation.chunk(3, dim=-1)
+        normed = ops.layernorm_scale_shift(x, shift, scale, 1e-6)
+        r = ops.residual_gate(x, normed, gate)
+        chained = ops.residual_gate_layernorm_scale_shift(r, y, gate, shift, scale, 1e-6)
+        q_out, k_out = ops.qk_rmsnorm(q, k, head_weight, head_weight, 1e-6)
+        return chained.residual, chained.normed, q_out, k_out
+
+
+def test_torch_export_keeps_the_ops_whole():
+    """`torch.export` does not decompose `triton_op`s: the exported program calls each op once
+    and computes what the module does."""
+    inputs = every_op_inputs()
+    exported = torch.export.export(EveryFunctionalOp(), inputs)
+    targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+    fused = sorted(t for t in targets if t.startswith("fusion_pass."))
+    assert fused == [
+        "fusion_pass.layernorm_scale_shift.default",
+        "fusion_pass.qk_rmsnorm.default",
+        "fusion_pass.residual_gate.default",
+        "fusion_pass.residual_gate_layernorm_scale_shift.default",
+    ], targets
+    for actual, expected in zip(exported.module()(*inputs), EveryFunctionalOp()(*inputs), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=0.0, atol=0.0)
