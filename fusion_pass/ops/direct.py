@@ -18,11 +18,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from torch import nn
+
+from .launch import PLAIN_TENSOR_TYPES
 
 _BODIES: dict[Any, Callable] = {}  # op overload -> the op's Python body (same signature)
 _DIRECT: dict[Any, Callable] = {}  # op overload -> its direct-call wrapper, built once
-_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 
 
 def fused_op(name: str) -> Callable:
@@ -80,6 +80,6 @@ def _needs_dispatcher(args: tuple) -> bool:
         return True
     grad = torch.is_grad_enabled()
     for arg in args:
-        if isinstance(arg, torch.Tensor) and (type(arg) not in _PLAIN_TENSORS or (grad and arg.requires_grad)):
+        if isinstance(arg, torch.Tensor) and (type(arg) not in PLAIN_TENSOR_TYPES or (grad and arg.requires_grad)):
             return True
     return False

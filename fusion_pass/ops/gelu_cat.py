@@ -166,7 +166,7 @@ def _gelu_cat(a: Tensor, b: Tensor, dim: int, approximate: str, launch: Launch) 
     """The op's body (`launch_mode(a)`) and fake impl (`Launch.NONE`, which allocates without
     launching): kernel or reference."""
     key = (kernels_on_cpu(a, launch), tensor_key(a), tensor_key(b), dim, approximate)
-    plan = (_launch_plan if launch.cached else _launch_plan.__wrapped__)(*key)
+    plan = launch.planner(_launch_plan)(*key)
     if plan is None:
         return reference_gelu_cat(a, b, dim, approximate)
     out = torch.empty(plan.out_shape, dtype=plan.out_dtype, device=a.device)

@@ -26,7 +26,7 @@ is computed by a pure function of `tensor_key`s, memoised with a bounded `functo
 (`x.shape`, `x.stride()`, ... ~0.3 us a tensor) and looks it up. The helpers below therefore take
 `TensorMeta`s (shape, stride, dtype, device), not tensors. Fake tensors of a dynamic-shape trace
 carry SymInts, which do not hash: fake impls and traces call the planners uncached
-(`.__wrapped__`, where `not launch.cached`).
+(`Launch.planner`).
 """
 
 from __future__ import annotations
@@ -76,20 +76,21 @@ class Launch(enum.Enum):
     TRACED = "traced"  # inside a trace: plans uncached (SymInts), the launch recorded by `wrap_triton`
     NONE = "none"  # a fake impl: plans uncached, outputs allocated, nothing launched
 
-    @property
-    def cached(self) -> bool:
-        """Whether planners may memoise: only real tensors have hashable (int) shapes for sure."""
-        return self is Launch.EAGER
+    def planner(self, planner):
+        """`planner` (a `plan_cache`d function) memoised for real tensors, whose shapes are ints;
+        its uncached `__wrapped__` otherwise (trace and fake shapes may be SymInts, which do not hash)."""
+        return planner if self is Launch.EAGER else planner.__wrapped__
 
 
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+"""Tensor types whose data a kernel reads directly (anything else is a subclass or a trace's stand-in)."""
 
 
 def launch_mode(x: torch.Tensor) -> Launch:
     """`Launch.EAGER` for a plain tensor (or parameter) `x`; `Launch.TRACED` for anything else
     reaching an op's body: the `FunctionalTensor`s of the decomposition that `torch.library.triton_op`
     registers for torch.compile (AOTAutograd calls the body under `FunctionalTensorMode`)."""
-    return Launch.EAGER if type(x) in _PLAIN_TENSORS else Launch.TRACED
+    return Launch.EAGER if type(x) in PLAIN_TENSOR_TYPES else Launch.TRACED
 
 
 def kernels_on_cpu(x: torch.Tensor, launch: Launch) -> bool:

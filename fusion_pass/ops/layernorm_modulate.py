@@ -206,12 +206,12 @@ def run_residual_norm_modulate(
         tensor_key(x), tensor_key(y), tensor_key(gate), tensor_key(shift), tensor_key(scale),
         tensor_key(weight), tensor_key(bias),
     )
-    dtypes = (_output_dtypes if launch.cached else _output_dtypes.__wrapped__)(*key)
+    dtypes = launch.planner(_output_dtypes)(*key)
     if dtypes is None:
         return None
     r = torch.empty_like(x, dtype=dtypes.r) if dtypes.r is not None else None
     out = torch.empty_like(x, dtype=dtypes.out) if dtypes.out is not None else None
-    plan = (_launch_plan if launch.cached else _launch_plan.__wrapped__)(key, (out if r is None else r).stride())
+    plan = launch.planner(_launch_plan)(key, (out if r is None else r).stride())
     if plan is None:
         return None
     if launch is not Launch.NONE:

@@ -189,14 +189,14 @@ def _run_kernel(q, k, q_weight, k_weight, eps, *, in_place: bool, launch: Launch
     nothing, where the reference must run. `launch`: see `launch.Launch` (`Launch.NONE`, the
     fake impls, allocates the outputs and launches nothing)."""
     key = (kernels_on_cpu(q, launch), tensor_key(q), tensor_key(k), tensor_key(q_weight), tensor_key(k_weight))
-    dtypes = (_output_dtypes if launch.cached else _output_dtypes.__wrapped__)(*key)
+    dtypes = launch.planner(_output_dtypes)(*key)
     if dtypes is None:
         return None
     if in_place:
         q_out, k_out = q, k
     else:
         q_out, k_out = torch.empty_like(q, dtype=dtypes.q), torch.empty_like(k, dtype=dtypes.k)
-    plan = (_launch_plan if launch.cached else _launch_plan.__wrapped__)(key, q_out.stride(), k_out.stride(), eps)
+    plan = launch.planner(_launch_plan)(key, q_out.stride(), k_out.stride(), eps)
     if plan is None:
         return None
     if launch is not Launch.NONE:

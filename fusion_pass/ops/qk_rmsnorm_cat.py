@@ -240,7 +240,7 @@ def _qk_rmsnorm_cat(tensors: tuple[Tensor, ...], eps, dim, cast_to_v, launch: La
     `tensors`: q0, k0, v0, q1, k1, v1, q_weight0, k_weight0, q_weight1, k_weight1."""
     q0 = tensors[0]
     key = (kernels_on_cpu(q0, launch), *map(tensor_key, tensors), eps, dim, cast_to_v)
-    plan = (_launch_plan if launch.cached else _launch_plan.__wrapped__)(*key)
+    plan = launch.planner(_launch_plan)(*key)
     if plan is None:
         return tuple(reference_qk_rmsnorm_cat(*tensors, eps, dim, cast_to_v))
     outs = tuple(
