@@ -176,6 +176,36 @@ def _qk_args(q_shape, dtype, layout="unused", device="cpu"):
     return q, k, q_weight, k_weight, 1e-6
 
 
+ROPE_FORMS = ("interleaved", "half", "complex")
+"""RoPE tables as the models pass them: `interleaved` (Flux, HunyuanVideo, LTX: diffusers'
+`use_real_unbind_dim=-1`, cos/sin `[L, D]` repeat-interleaved), `half` (`use_real_unbind_dim=-2`,
+cos/sin `[L, D]` = cat of two halves), `complex` (QwenImage's `freqs_cis`: one value per pair,
+cos/sin the `[L, D/2]` strided views `view_as_real(freqs_cis).unbind(-1)`)."""
+
+
+def rope_tables(length: int, d: int, form: str, dtype=torch.float32, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of RoPE angles `p * 10000^(-2j/D)` at positions p = 3, 10, 17, ... (not 0:
+    one token still rotates), laid out as `form` (see ROPE_FORMS)."""
+    positions = torch.arange(length, dtype=torch.float64) * 7 + 3
+    angles = positions[:, None] * 10000.0 ** (-2 * torch.arange(d // 2, dtype=torch.float64) / d)
+    if form == "complex":
+        freqs_cis = torch.polar(torch.ones_like(angles), angles).to(device, dtype.to_complex())
+        return torch.view_as_real(freqs_cis).unbind(-1)
+    if form == "interleaved":
+        angles = angles.repeat_interleave(2, dim=-1)
+    else:
+        angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(device, dtype), angles.sin().to(device, dtype)
+
+
+def _rope_args(q_shape, dtype, layout="unused", device="cpu", form="interleaved"):
+    """q/k RMSNorm + RoPE arguments: `[B, H, L, D]` qkv views, weights, cos/sin `[L, D]` in `form`,
+    fp32 as diffusers' position embedders make them (fp64 for fp64 q/k: gradcheck)."""
+    q, k, q_weight, k_weight, eps = _qk_args(q_shape, dtype, layout, device)
+    cos, sin = rope_tables(q_shape[-2], q_shape[-1], form, torch.promote_types(dtype, torch.float32), device)
+    return q, k, q_weight, k_weight, eps, cos, sin, form != "half"
+
+
 def _on_float64(reference: Callable) -> Callable:
     return lambda *args: reference(*(a.double() if isinstance(a, torch.Tensor) else a for a in args))
 
@@ -206,6 +236,15 @@ OP_CASES = {
         truth=lambda q, k, q_weight, k_weight, eps: (rmsnorm_float64(q, q_weight, eps), rmsnorm_float64(k, k_weight, eps)),
         x_shape=(2, 2, 4, 64),
         model_shape=lambda length: (2, 16, length, 64),
+        broadcast_operand=2,
+    ),
+    "qk_rmsnorm_rope": OpCase(
+        op=ops.qk_rmsnorm_rope,
+        reference=ops.reference_qk_rmsnorm_rope,
+        make_args=_rope_args,
+        truth=_on_float64(ops.reference_qk_rmsnorm_rope),  # in fp64 the reference rounds nowhere
+        x_shape=(2, 2, 4, 64),
+        model_shape=lambda length: (1, 24, length, 128),  # Flux-dev: 24 heads of 128
         broadcast_operand=2,
     ),
 }
