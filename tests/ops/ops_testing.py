@@ -170,6 +170,14 @@ def _residual_gate_args(x_shape, dtype, layout="chunk", device="cpu"):
     return residual, y, gate
 
 
+def _residual_add_layernorm_args(x_shape, dtype, layout="unused", device="cpu", affine=False):
+    """x, y `[..., D]` of one shape (a pre-LN residual and its sublayer's output)."""
+    x = randn(*x_shape, dtype=dtype, scale=3.0, mean=1.0, device=device)
+    y = randn(*x_shape, dtype=dtype, scale=2.0, device=device)
+    weight, bias = layernorm_params(x_shape[-1], dtype, device) if affine else (None, None)
+    return x, y, weight, bias, 1e-6
+
+
 def _qk_args(q_shape, dtype, layout="unused", device="cpu"):
     q, k = qkv_views(q_shape, dtype, device)
     q_weight, k_weight = (randn(q_shape[-1], dtype=dtype, scale=0.5, mean=1.0, device=device) for _ in "qk")
@@ -237,6 +245,10 @@ OP_CASES = {
         x_shape=(2, 2, 4, 64),
         model_shape=lambda length: (2, 16, length, 64),
         broadcast_operand=2,
+    ),
+    "residual_add_layernorm": _row_case(
+        ops.residual_add_layernorm, ops.reference_residual_add_layernorm, _residual_add_layernorm_args,
+        broadcast_operand=1,
     ),
     "qk_rmsnorm_rope": OpCase(
         op=ops.qk_rmsnorm_rope,
