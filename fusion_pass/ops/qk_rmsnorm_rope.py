@@ -313,7 +313,7 @@ def _launch_plan(
         k_sc=k.stride[-1], kw_sc=weight_cols[1], ko_sc=k_out_stride[-1],
         c_sc=cos.stride[-1], s_sc=sin.stride[-1],
         Q_HAS_WEIGHT=q_weight is not None, K_HAS_WEIGHT=k_weight is not None,
-        INTERLEAVED=bool(interleaved), PAIR_FREQS=2 * cos.shape[-1] == d,
+        INTERLEAVED=bool(interleaved), PAIR_FREQS=bool(2 * cos.shape[-1] == d),  # bool: concrete under SymInts
     )
     elem_bytes = max(q.dtype.itemsize, k.dtype.itemsize)
     return _LaunchPlan(q_layout.n_groups, k_layout.n_groups, q_layout.rows.n_rows, k_layout.rows.n_rows, d,
