@@ -212,12 +212,12 @@ def _qk_layernorm(q, k, q_weight, q_bias, k_weight, k_bias, eps, launch: Launch)
         return reference_qk_layernorm(*tensors, eps)
     if launch is not Launch.NONE:
         settings = row_settings(plan.n_cols, plan.elem_bytes)
-        q_group_programs, k_group_programs = settings.programs(plan.q_rows), settings.programs(plan.k_rows)
-        q_programs = plan.q_groups * q_group_programs
+        q_group_programs, q_programs = settings.grouped_programs(plan.q_groups, plan.q_rows)
+        k_group_programs, k_programs = settings.grouped_programs(plan.k_groups, plan.k_rows)
         with on_device_of(q):
             launch_kernel(
                 _qk_layernorm_kernel,
-                q_programs + plan.k_groups * k_group_programs,
+                q_programs + k_programs,
                 (q, q_weight, q_bias, q_out, k, k_weight, k_bias, k_out, q_group_programs, q_programs, k_group_programs,
                  *plan.args),
                 {**plan.constexprs, "BLOCK_ROWS": settings.block_rows, "BLOCK_D": settings.block_size},

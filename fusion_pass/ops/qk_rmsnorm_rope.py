@@ -334,12 +334,12 @@ def _qk_rmsnorm_rope(q, k, q_weight, k_weight, eps, cos, sin, interleaved, launc
         return reference_qk_rmsnorm_rope(q, k, q_weight, k_weight, eps, cos, sin, interleaved)
     if launch is not Launch.NONE:
         settings = row_settings(plan.n_cols, plan.elem_bytes)
-        q_group_programs, k_group_programs = settings.programs(plan.q_rows), settings.programs(plan.k_rows)
-        q_programs = plan.q_groups * q_group_programs
+        q_group_programs, q_programs = settings.grouped_programs(plan.q_groups, plan.q_rows)
+        k_group_programs, k_programs = settings.grouped_programs(plan.k_groups, plan.k_rows)
         with on_device_of(q):
             launch_kernel(
                 _qk_rmsnorm_rope_kernel,
-                q_programs + plan.k_groups * k_group_programs,
+                q_programs + k_programs,
                 (q, q_weight, q_out, k, k_weight, k_out, cos, sin, q_group_programs, q_programs, k_group_programs,
                  *plan.args),
                 {**plan.constexprs, "BLOCK_ROWS": settings.block_rows, "BLOCK_P": settings.block_size // 2},
