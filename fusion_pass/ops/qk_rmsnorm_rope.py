@@ -10,8 +10,8 @@ per tensor x (q or k), over its last dim D (D even), the unfused diffusers code 
 with `rotate` that of diffusers' `apply_rotary_emb(n, (cos, sin), use_real=True, ...)`
 (`models/embeddings.py`), on pairs (n_a, n_b) -> (-n_b, n_a):
 
-- `interleaved=True`  (`use_real_unbind_dim=-1`; Flux, HunyuanVideo, CogVideoX, LTX): pairs are
-  columns (2j, 2j + 1);
+- `interleaved=True`  (`use_real_unbind_dim=-1`; Flux, HunyuanVideo's double blocks, LTX): pairs
+  are columns (2j, 2j + 1);
 - `interleaved=False` (`use_real_unbind_dim=-2`; CogView4, Cosmos, OmniGen): pairs are columns
   (j, j + D/2).
 
@@ -33,8 +33,8 @@ Rounding: the kernel computes in fp32 and rounds once, on store (the unfused cod
 norm's output, its product with w, then the rotation): never less accurate. fp16/bf16/fp32 with
 D <= MAX_BLOCK on CUDA (or the CPU interpreter), per-channel weights and at most three row dims
 per tensor after coalescing (`launch.grouped_row_layout`: `[B, H, L, D]` qkv views under
-`[L, D]` tables are rows `(B, L, H)`) take the kernel; the rest runs the reference (the unfused code in fp32, or
-fp64 for fp64 inputs). An odd D, q and k of different D, or cos/sin of a width other than D or
+`[L, D]` tables are rows `(B, L, H)`) take the kernel; the rest runs the reference (the
+unfused code in fp32, or fp64 for fp64 inputs). An odd D, q and k of different D, or cos/sin of a width other than D or
 D/2 raise ValueError.
 
 Not covered (the matcher refuses them): a norm over all heads followed by per-head RoPE (Wan's
