@@ -35,5 +35,6 @@ FUSED_OPS: dict[str, FusedOp] = {
         FusedOp("qk_rmsnorm", outputs=("q", "k")),
         FusedOp("qk_rmsnorm_cat", outputs=("q", "k", "v")),
         FusedOp("gelu_cat"),
+        FusedOp("linear_group"),
     )
 }

@@ -25,9 +25,10 @@ _BODIES: dict[Any, Callable] = {}  # op overload -> the op's Python body (same s
 _DIRECT: dict[Any, Callable] = {}  # op overload -> its direct-call wrapper, built once
 
 
-def fused_op(name: str) -> Callable:
+def fused_op(name: str, *, opaque: bool = False) -> Callable:
     """Decorator: `torch.library.triton_op("fusion_pass::<name>", mutates_args=())` of the
-    function, which is also recorded as the body that `direct_call` may enter directly.
+    function (`custom_op` when `opaque`: torch.compile calls it whole, never its body), which is
+    also recorded as the body that `direct_call` may enter directly.
 
     A `triton_op` is a custom op that torch.compile decomposes into its body (AOTAutograd calls
     it under `FunctionalTensorMode`; its launch goes into the graph through `wrap_triton`, see
@@ -36,7 +37,8 @@ def fused_op(name: str) -> Callable:
     keeps the op whole. Each op registers its own fake impl, which launches nothing."""
 
     def define(body: Callable):
-        op = torch.library.triton_op(f"fusion_pass::{name}", mutates_args=())(body)
+        define_op = torch.library.custom_op if opaque else torch.library.triton_op
+        op = define_op(f"fusion_pass::{name}", mutates_args=())(body)
         _BODIES[getattr(torch.ops.fusion_pass, name).default] = body
         return op
 
