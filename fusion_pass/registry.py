@@ -36,5 +36,6 @@ FUSED_OPS: dict[str, FusedOp] = {
         FusedOp("qk_rmsnorm_cat", outputs=("q", "k", "v")),
         FusedOp("gelu_cat"),
         FusedOp("linear_group"),
+        FusedOp("linear_gelu"),
     )
 }

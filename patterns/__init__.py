@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from patterns.gelu_cat import GeluCat
 from patterns.layernorm_modulate import LayerNormModulate
+from patterns.linear_gelu import LinearGelu
 from patterns.qk_rmsnorm import QKRMSNorm
 from patterns.qk_rmsnorm_cat import QKRMSNormCat
 from patterns.residual_gate import ResidualGate
@@ -23,6 +24,7 @@ FAMILIES = (
 
 OPT_IN = (
     SharedInputLinear(),
+    LinearGelu(),
 )
 """Families applied only when named in ``patterns`` (``optimize(model, patterns=[*FAMILY_NAMES,
 "shared_input_linear"])``), after the default ones: performance levers still to be measured

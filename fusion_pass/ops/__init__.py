@@ -16,6 +16,7 @@ from .layernorm_modulate import (
 )
 from .qk_rmsnorm import QKNormOut, qk_rmsnorm, qk_rmsnorm_, reference_qk_rmsnorm
 from .qk_rmsnorm_cat import QKVCatOut, qk_rmsnorm_cat, reference_qk_rmsnorm_cat
+from .linear_gelu import linear_gelu, reference_linear_gelu
 from .linear_group import linear_group, reference_linear_group
 from .residual_gate import reference_residual_gate, residual_gate
 
@@ -27,12 +28,14 @@ __all__ = [
     "gelu_cat",
     "interpret_on_cpu",
     "layernorm_scale_shift",
+    "linear_gelu",
     "linear_group",
     "qk_rmsnorm",
     "qk_rmsnorm_",
     "qk_rmsnorm_cat",
     "reference_gelu_cat",
     "reference_layernorm_scale_shift",
+    "reference_linear_gelu",
     "reference_linear_group",
     "reference_qk_rmsnorm",
     "reference_qk_rmsnorm_cat",
