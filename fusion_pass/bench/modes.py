@@ -3,6 +3,7 @@ step (eager, optimize, optimize+cudagraph, torch.compile, the fusion backend).""
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -11,12 +12,11 @@ import torch
 from torch import Tensor, nn
 
 from .settings import Settings
-from .spec import DTYPES
+from .spec import DTYPES, MODES
 from .timing import _rel_err
 
 
 @dataclass
-
 class StepInputs:
     """One call's arguments: ``model(x, t, contexts, **kwargs)``."""
 
@@ -34,7 +34,6 @@ class StepInputs:
 
 
 @dataclass
-
 class Group:
     """One config x dtype: the model cast to the dtype, inputs and the two references."""
 
@@ -55,7 +54,6 @@ class Group:
 
 
 @dataclass
-
 class Prepared:
     """A mode ready to run: ``step(inputs)`` is one denoising step (its output may be a reused buffer)."""
 
@@ -85,18 +83,27 @@ def _prepare_eager(group: Group) -> Prepared:
     return Prepared(lambda inputs: _call(model, inputs), 0.0, "none (a deepcopy)", keep=model)
 
 
-def _prepare_optimize(group: Group) -> Prepared:
+def _patterns(levers: tuple[str, ...]) -> list[str] | None:
+    """``optimize``'s ``patterns``: the default families, plus the opt-in ``levers``."""
+    if not levers:
+        return None
+    from patterns import FAMILY_NAMES
+
+    return [*FAMILY_NAMES, *levers]
+
+
+def _prepare_optimize(group: Group, levers: tuple[str, ...] = ()) -> Prepared:
     import fusion_pass
 
     model = copy.deepcopy(group.model)
     start = time.perf_counter()
-    fusion_pass.optimize(model)
+    fusion_pass.optimize(model, patterns=_patterns(levers))
     setup = time.perf_counter() - start
     return Prepared(lambda inputs: _call(model, inputs), setup, "wall time of fusion_pass.optimize()",
                     extra={"fusion": _fusion_facts(fusion_pass.report(model), group.cfg)}, keep=model)
 
 
-def _prepare_optimize_cudagraph(group: Group) -> Prepared:
+def _prepare_optimize_cudagraph(group: Group, levers: tuple[str, ...] = ()) -> Prepared:
     """``optimize(model, cuda_graphs=True)``: each optimized module is captured on its first
     call and replayed after that; on the official model that is the whole step (its timestep
     embedding's CPU ``arange`` is a cached constant, see ``fusion_pass/constants.py``)."""
@@ -105,7 +112,7 @@ def _prepare_optimize_cudagraph(group: Group) -> Prepared:
 
     model = copy.deepcopy(group.model)
     start = time.perf_counter()
-    fusion_pass.optimize(model, cuda_graphs=True)
+    fusion_pass.optimize(model, cuda_graphs=True, patterns=_patterns(levers))
     first = _call(model, group.inputs).clone()  # captures
     torch.cuda.synchronize()
     setup = time.perf_counter() - start
@@ -175,6 +182,8 @@ PREPARE: dict[str, Callable[[Group], Prepared]] = {
     "backend-eager": lambda g: _prepare_backend(g, inner="eager"),
     "backend-inductor-cudagraphs": lambda g: _prepare_backend(g, inner="inductor", cudagraphs=True),
 }
+PREPARE.update((name, functools.partial(PREPARE[spec.base], levers=spec.levers))
+               for name, spec in MODES.items() if spec.levers)
 
 
 def _fusion_facts(report, cfg) -> dict[str, Any]:

@@ -91,6 +91,7 @@ def _markdown(results: dict[str, Any]) -> str:
             row = _mode_row(group, mode, record)
             cells = [cell.replace("|", "/") for cell in row] + [record.get("setup_what", "")]
             lines.append("| " + " | ".join(cells) + " |")
+        lines += _lever_lines(group)
         fused = {m: r["fusion"].get("fused_vs_expected") or r["fusion"]["counts"] for m, r in group["modes"].items()
                  if r.get("status") == "ok" and "fusion" in r}
         if fused:
@@ -119,6 +120,28 @@ def _markdown(results: dict[str, Any]) -> str:
     if results.get("notes"):
         lines += ["## Notes", ""] + [f"- {note}" for note in results["notes"]] + [""]
     return "\n".join(lines)
+
+
+def _lever_lines(group: dict[str, Any]) -> list[str]:
+    """Each lever mode against its base mode, measured in the same run: the lever's gain."""
+    modes = group["modes"]
+    rows = []
+    for mode, record in modes.items():
+        spec = MODES[mode]
+        base = modes.get(spec.base or "", {})
+        if not spec.levers or record.get("status") != "ok" or base.get("status") != "ok":
+            continue
+        step, base_step = record["step_ms"]["median"], base["step_ms"]["median"]
+        kernels = (record.get("profile") or {}).get("kernels"), (base.get("profile") or {}).get("kernels")
+        counts = {k: v for k, v in record.get("fusion", {}).get("counts", {}).items() if k in spec.levers}
+        rows.append(f"| {mode} | {spec.base} | {step:.2f} | {base_step:.2f} | {step - base_step:+.2f} | "
+                    f"{_fmt(kernels[0], 'd')} / {_fmt(kernels[1], 'd')} | {_fmt(record.get('peak_mb'), '.0f')} / "
+                    f"{_fmt(base.get('peak_mb'), '.0f')} | {_fmt(record.get('setup_s'), '.2f')} | {json.dumps(counts)} |")
+    if not rows:
+        return []
+    return ["", "Levers (opt-in families) against their base mode, same run:", "",
+            "| mode | base | step ms | base ms | delta ms | kernels (base) | peak MB (base) | setup s | sites |",
+            "|---|---|---|---|---|---|---|---|---|", *rows]
 
 
 def _chart(results: dict[str, Any], path: Path, console) -> None:

@@ -38,7 +38,6 @@ class Interrupted(BaseException):
 
 
 @dataclass
-
 class Item:
     config: str
     dtype: str
@@ -113,6 +112,8 @@ def _plan(settings: Settings) -> tuple[list[Item], list[str]]:
             for mode in settings.modes:
                 spec = MODES[mode]
                 if spec.compiles and not _matches(settings.compile_groups, config, dtype):
+                    continue
+                if mode in settings.mode_groups and not _matches(settings.mode_groups[mode], config, dtype):
                     continue
                 priority = spec.priority[1 if small else 0]
                 # compile time grows faster than the block count (26 s for 24 blocks, 84 s for 48)
@@ -189,7 +190,6 @@ def _on_sigterm(signum, frame):  # noqa: ARG001
 
 
 @contextlib.contextmanager
-
 def _compile_environment(settings: Settings):
     """For the run only, restored after: fresh Inductor/Triton cache folders (cold compiles), and
     Dynamo recompile limits raised. Each group compiles the same forward up to five times (once

@@ -28,8 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--dtypes", metavar="A,B",
                       help=f"dtypes (default GPU: {GPU_DEFAULTS['dtypes']}; CPU: {CPU_DEFAULTS['dtypes']})")
     what.add_argument("--modes", metavar="A,B",
-                      help=f"modes to measure, any of {', '.join(MODES)} (default GPU: all; CPU: "
-                           f"{CPU_DEFAULTS['modes']})")
+                      help=f"modes to measure, any of {', '.join(MODES)} (default GPU: all but the lever "
+                           f"modes; CPU: {CPU_DEFAULTS['modes']}); MODE@GLOB|GLOB limits a mode to the "
+                           "config/dtype groups matching a glob, e.g. compile@hunyuan3d-2/*")
     what.add_argument("--compile-groups", metavar="PATTERNS",
                       help="config/dtype globs in which the torch.compile modes run, or 'all' (default "
                            f"'{DEFAULT_COMPILE_GROUPS}'; 'all' when --modes is given; --quick: "
@@ -66,7 +67,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @dataclass
-
 class Settings:
     """The parsed, defaulted arguments."""
 
@@ -75,6 +75,7 @@ class Settings:
     configs: list[str]
     dtypes: list[str]
     modes: list[str]
+    mode_groups: dict[str, list[str]]  # mode -> config/dtype globs it is limited to (--modes MODE@GLOB|GLOB)
     compile_groups: list[str]
     e2e_groups: list[str]
     batch: int
@@ -112,10 +113,14 @@ def _settings(args: argparse.Namespace, cuda: bool) -> Settings:
     for name in dtypes:
         if name not in DTYPES:
             raise UsageError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
-    modes = _split(args.modes or defaults["modes"])
-    for name in modes:
+    modes, mode_groups = [], {}
+    for entry in _split(args.modes or defaults["modes"]):
+        name, _, globs = entry.partition("@")
         if name not in MODES:
             raise UsageError(f"unknown mode {name!r}; choose from {', '.join(MODES)}")
+        modes.append(name)
+        if globs:
+            mode_groups.setdefault(name, []).extend(g for g in globs.split("|") if g)
     if args.compile_groups:
         compile_groups = _split(args.compile_groups)
     elif args.modes or not cuda:
@@ -143,6 +148,7 @@ def _settings(args: argparse.Namespace, cuda: bool) -> Settings:
         configs=configs,
         dtypes=dtypes,
         modes=[m for m in RUN_ORDER if m in modes],
+        mode_groups=mode_groups,
         compile_groups=compile_groups,
         e2e_groups=e2e_groups,
         batch=args.batch,

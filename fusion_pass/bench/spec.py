@@ -6,7 +6,6 @@ from dataclasses import dataclass
 import torch
 
 
-
 FILES = ("bench.json", "bench.md", "bench.png", "profile_eager.txt", "profile_optimize.txt")
 """Everything the bench writes, directly in --out (the GPU box returns at most 8 files)."""
 
@@ -16,7 +15,6 @@ DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16"
 
 
 @dataclass(frozen=True)
-
 class ModeSpec:
     name: str
     what: str
@@ -26,6 +24,8 @@ class ModeSpec:
     #                            time budget higher numbers are dropped first (see Budget)
     estimate_s: float  # H200 wall time for a 48-block model (Hunyuan3D-2), set-up + measurement
     fusion: bool  # our pass is in it (the fidelity target applies)
+    levers: tuple[str, ...] = ()  # opt-in pattern families (patterns.OPT_IN) added to the defaults
+    base: str | None = None  # for a lever mode: the mode it adds its levers to
 
 MODES: dict[str, ModeSpec] = {spec.name: spec for spec in (
     ModeSpec("eager", "the model as written",
@@ -49,8 +49,34 @@ MODES: dict[str, ModeSpec] = {spec.name: spec for spec in (
 backend vs compile), compile-reduce-overhead of the small one (2mini is launch-bound: its target is
 optimize+cudagraph vs reduce-overhead), then the rest."""
 
-RUN_ORDER = ("eager", "optimize", "optimize+cudagraph", "backend-eager", "backend-inductor", "compile",
-             "compile-reduce-overhead", "backend-inductor-cudagraphs")
+
+def _lever_modes() -> list[ModeSpec]:
+    """``optimize+levers`` and ``optimize+cudagraph+levers`` (every opt-in family on), and
+    ``optimize+cudagraph+<family>`` per opt-in family: each lever's gain, measured in the same run
+    as its base mode. Never in the default --modes: name them."""
+    from patterns import OPT_IN_NAMES
+
+    def spec(name, base, levers, what):
+        return ModeSpec(name, what, compiles=False, needs_cuda=MODES[base].needs_cuda, priority=(0, 0),
+                        estimate_s=MODES[base].estimate_s, fusion=True, levers=tuple(levers), base=base)
+
+    levers = ", ".join(OPT_IN_NAMES)
+    modes = [spec("optimize+levers", "optimize", OPT_IN_NAMES, f"optimize() with the opt-in families too ({levers})"),
+             spec("optimize+cudagraph+levers", "optimize+cudagraph", OPT_IN_NAMES,
+                  f"optimize(cuda_graphs=True) with the opt-in families too ({levers})")]
+    modes += [spec(f"optimize+cudagraph+{name}", "optimize+cudagraph", (name,),
+                   f"optimize(cuda_graphs=True) with the opt-in family {name}") for name in OPT_IN_NAMES]
+    return modes
+
+
+DEFAULT_MODES = tuple(MODES)
+"""What --modes means when not given: every mode but the lever modes."""
+
+MODES.update((spec.name, spec) for spec in _lever_modes())
+
+RUN_ORDER = ("eager", "optimize", "optimize+levers", "optimize+cudagraph",
+             *(name for name, spec in MODES.items() if spec.base == "optimize+cudagraph"),
+             "backend-eager", "backend-inductor", "compile", "compile-reduce-overhead", "backend-inductor-cudagraphs")
 """Order within a group. Compile caches are shared within the process, so a later compile may
 reuse kernels of an earlier one: backend-inductor runs before compile, which makes the
 "backend compile time <= compile's" comparison conservative for the backend."""
@@ -63,7 +89,7 @@ E2E_BEST_OF = (("compile", "compile-reduce-overhead"),
 
 CPU_DEFAULTS = {"configs": "tiny", "dtypes": "float32", "modes": "eager,optimize,backend-eager"}
 
-GPU_DEFAULTS = {"configs": "hunyuan3d-2,hunyuan3d-2mini", "dtypes": "float16,bfloat16", "modes": ",".join(MODES)}
+GPU_DEFAULTS = {"configs": "hunyuan3d-2,hunyuan3d-2mini", "dtypes": "float16,bfloat16", "modes": ",".join(DEFAULT_MODES)}
 
 DEFAULT_COMPILE_GROUPS = "*/float16"
 
