@@ -295,3 +295,20 @@ def test_packing_on_cuda_keeps_peak_memory_and_outputs(cuda):
     assert torch.cuda.max_memory_allocated() <= before + 2**20
     assert group_weights([lin.weight for lin in linears(model)], [lin.bias for lin in linears(model)]) is not None
     torch.testing.assert_close(model(x, vec), expected, rtol=2e-3, atol=2e-3)
+
+
+def test_official_modulations_and_final_adaln_are_one_group():
+    """Hunyuan3D's ``Modulation.lin`` (two a double block, one a single block) and ``LastLayer``'s
+    adaLN Linear all compute ``lin(silu(vec))`` of one ``vec``: one group of 2 * depth + single + 1."""
+    from patterns import FAMILY_NAMES
+    from reference_models import example_inputs, get_config, load_official
+
+    model, config = load_official("tiny"), get_config("tiny")
+    inputs = example_inputs("tiny", seed=0)
+    expected = inputs.call(model)
+    fusion_pass.optimize(model, patterns=[*FAMILY_NAMES, FAMILY])
+    (site,) = fusion_pass.report(model).families[FAMILY].sites
+    assert site.detail.startswith(f"{2 * config.depth + config.depth_single_blocks + 1} Linears of silu")
+    assert graph_of(model).count("silu(") == 2  # the group's one and time_in's MLP's (of another input)
+    assert fusion_pass.report(model).totals() == {**config.expected_sites(), FAMILY: 1}
+    torch.testing.assert_close(inputs.call(model), expected, rtol=0, atol=0)
