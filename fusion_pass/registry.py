@@ -37,5 +37,6 @@ FUSED_OPS: dict[str, FusedOp] = {
         FusedOp("gelu_cat"),
         FusedOp("linear_group"),
         FusedOp("linear_gelu"),
+        FusedOp("linear_rows"),
     )
 }

@@ -12,6 +12,7 @@ from patterns.qk_rmsnorm_cat import QKRMSNormCat
 from patterns.residual_gate import ResidualGate
 from patterns.residual_norm_chain import ResidualNormChain
 from patterns.shared_input_linear import SharedInputLinear
+from patterns.token_slice_linear import TokenSliceLinear
 
 FAMILIES = (
     ResidualNormChain(),
@@ -25,6 +26,7 @@ FAMILIES = (
 OPT_IN = (
     SharedInputLinear(),
     LinearGelu(),
+    TokenSliceLinear(),
 )
 """Families applied only when named in ``patterns`` (``optimize(model, patterns=[*FAMILY_NAMES,
 "shared_input_linear"])``), after the default ones: performance levers still to be measured

@@ -18,6 +18,7 @@ from .qk_rmsnorm import QKNormOut, qk_rmsnorm, qk_rmsnorm_, reference_qk_rmsnorm
 from .qk_rmsnorm_cat import QKVCatOut, qk_rmsnorm_cat, reference_qk_rmsnorm_cat
 from .linear_gelu import linear_gelu, reference_linear_gelu
 from .linear_group import linear_group, reference_linear_group
+from .linear_rows import linear_rows, reference_linear_rows
 from .residual_gate import reference_residual_gate, residual_gate
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "layernorm_scale_shift",
     "linear_gelu",
     "linear_group",
+    "linear_rows",
     "qk_rmsnorm",
     "qk_rmsnorm_",
     "qk_rmsnorm_cat",
@@ -37,6 +39,7 @@ __all__ = [
     "reference_layernorm_scale_shift",
     "reference_linear_gelu",
     "reference_linear_group",
+    "reference_linear_rows",
     "reference_qk_rmsnorm",
     "reference_qk_rmsnorm_cat",
     "reference_residual_gate",
