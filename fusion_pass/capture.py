@@ -135,7 +135,9 @@ class _LeafOnFailureTracer(fx.Tracer):
             self._counted_chunks.add(chunk)
             length = self.create_proxy("call_function", len, (self.proxy(chunk),), {})
             equal = self.create_proxy("call_function", operator.eq, (length, n), {})
-            self.create_proxy("call_function", guards.assume, (equal, True, f"len({chunk.name}) == {n}"), {})
+            stack = list(chunk.meta.get("nn_module_stack", {}).values())
+            where = f"{stack[-1][0]}: " if stack and stack[-1][0] else ""
+            self.create_proxy("call_function", guards.assume, (equal, True, f"{where}len({chunk.name}) == {n}"), {})
         return len(pieces)
 
     def iter(self, obj: fx.Proxy):
