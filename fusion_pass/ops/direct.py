@@ -82,6 +82,8 @@ def _needs_dispatcher(args: tuple) -> bool:
         return True
     grad = torch.is_grad_enabled()
     for arg in args:
-        if isinstance(arg, torch.Tensor) and (type(arg) not in PLAIN_TENSOR_TYPES or (grad and arg.requires_grad)):
-            return True
+        for tensor in arg if isinstance(arg, (list, tuple)) else (arg,):  # Tensor[] arguments too
+            if isinstance(tensor, torch.Tensor) and (
+                    type(tensor) not in PLAIN_TENSOR_TYPES or (grad and tensor.requires_grad)):
+                return True
     return False
