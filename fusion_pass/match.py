@@ -226,3 +226,12 @@ def cat_arguments(node: Any) -> tuple[tuple[Any, ...], Any] | None:
     tensors = node.args[0] if node.args else node.kwargs.get("tensors")
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     return (tuple(tensors), dim) if isinstance(tensors, (tuple, list)) else None
+
+
+def linear_arguments(node: Any) -> tuple[Any, Any, Any] | None:
+    """``(x, weight, bias)`` of a canonical ``F.linear(x, weight[, bias])`` call (bias None when
+    absent); None for any other node."""
+    if not is_call(node, canon.LINEAR) or node.kwargs or len(node.args) not in (2, 3):
+        return None
+    x, weight, bias = (*node.args, None) if len(node.args) == 2 else node.args
+    return x, weight, bias

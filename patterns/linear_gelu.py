@@ -21,8 +21,7 @@ from typing import Any, Iterator
 import torch.nn.functional as F
 from torch import fx
 
-from fusion_pass import normalize as canon
-from fusion_pass.match import Match, MatchContext, NearMiss, describe, is_call, only_user, scan
+from fusion_pass.match import Match, MatchContext, NearMiss, describe, is_call, linear_arguments, only_user, scan
 
 NAME = "linear_gelu"
 
@@ -51,13 +50,14 @@ def match_site(gelu: fx.Node, ctx: MatchContext) -> LinearGeluSite | NearMiss | 
     source = gelu.args[0]
     copy = source if _is_contiguous_call(source) else None
     linear = copy.args[0] if copy is not None else source
-    if not is_call(linear, canon.LINEAR) or linear.kwargs or len(linear.args) not in (2, 3):
+    arguments = linear_arguments(linear)
+    if arguments is None:
         return None
     miss = lambda reason: NearMiss(NAME, ctx.where(linear), reason)  # noqa: E731
     approximate = gelu.kwargs.get("approximate", "none")
     if approximate != "tanh" or set(gelu.kwargs) - {"approximate"} or len(gelu.args) != 1:
         return miss(f"GELU approximate is {approximate!r}: the epilogue computes the tanh form only")
-    x, weight, bias = (*linear.args, None) if len(linear.args) == 2 else linear.args
+    x, weight, bias = arguments
     if bias is None:
         return miss("Linear has no bias: the epilogue adds one")
     for node in (linear, copy):

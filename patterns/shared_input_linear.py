@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fusion_pass import normalize as canon
-from fusion_pass.match import Match, MatchContext, NearMiss, describe, is_call
+from fusion_pass.match import Match, MatchContext, NearMiss, describe, linear_arguments
 
 NAME = "shared_input_linear"
 
@@ -62,23 +62,7 @@ def input_key(x: Any, merge_duplicates: bool) -> Any:
     kwargs = {k: v for k, v in x.kwargs.items() if not (k in DEFAULT_KWARGS and v == DEFAULT_KWARGS[k])}
     if kwargs.get("inplace"):
         return x
-    return (x.target, _hashable(x.args), _hashable(kwargs))
-
-
-def _hashable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, *(_hashable(v) for v in value))
-    return value
-
-
-def linear_parts(node: fx.Node) -> tuple[Any, Any, Any] | None:
-    """``(x, weight, bias)`` of a canonical ``F.linear`` call, or None."""
-    if not is_call(node, canon.LINEAR) or node.kwargs or len(node.args) not in (2, 3):
-        return None
-    x, weight, bias = (*node.args, None) if len(node.args) == 2 else node.args
-    return x, weight, bias
+    return (x.target, canon._hashable(x.args), canon._hashable(kwargs))
 
 
 def parameter_of(node: Any, root: nn.Module | None) -> nn.Parameter | None:
@@ -93,7 +77,7 @@ def parameter_of(node: Any, root: nn.Module | None) -> nn.Parameter | None:
 
 def site_of(linear: fx.Node, ctx: MatchContext, uses: dict[int, int]) -> LinearSite | str:
     """The site of one Linear whose input is shared, or the reason it cannot join a group."""
-    x, weight_node, bias_node = linear_parts(linear)
+    x, weight_node, bias_node = linear_arguments(linear)
     weight = parameter_of(weight_node, ctx.root)
     bias = parameter_of(bias_node, ctx.root) if bias_node is not None else None
     if weight is None or (bias_node is not None and bias is None):
@@ -124,13 +108,13 @@ class SharedInputLinear:
         merge = not any(canon.mutates(node, ctx.root) for node in graph.nodes)
         by_input: dict[Any, list[fx.Node]] = {}
         for node in graph.nodes:
-            parts = linear_parts(node)
+            parts = linear_arguments(node)
             if parts is not None and isinstance(parts[0], fx.Node):
                 by_input.setdefault(input_key(parts[0], merge), []).append(node)
         uses: dict[int, int] = {}
         for linears in by_input.values():
             for linear in linears:
-                for node in linear_parts(linear)[1:]:
+                for node in linear_arguments(linear)[1:]:
                     param = parameter_of(node, ctx.root)
                     if param is not None:
                         uses[id(param)] = uses.get(id(param), 0) + 1

@@ -21,8 +21,7 @@ from typing import Any, Iterator
 
 from torch import fx
 
-from fusion_pass import normalize as canon
-from fusion_pass.match import Match, MatchContext, NearMiss, is_call, scan, tensor_meta
+from fusion_pass.match import Match, MatchContext, NearMiss, is_call, linear_arguments, scan, tensor_meta
 
 NAME = "token_slice_linear"
 
@@ -44,9 +43,10 @@ def is_token_slice(node: Any) -> bool:
 
 
 def match_site(linear: fx.Node, ctx: MatchContext) -> TokenSliceLinearSite | NearMiss | None:
-    if not is_call(linear, canon.LINEAR) or linear.kwargs or len(linear.args) not in (2, 3):
+    arguments = linear_arguments(linear)
+    if arguments is None:
         return None
-    x, weight, bias = (*linear.args, None) if len(linear.args) == 2 else linear.args
+    x, weight, bias = arguments
     if not is_token_slice(x):
         return None
     meta = tensor_meta(x)
