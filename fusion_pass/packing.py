@@ -39,6 +39,8 @@ def pack_parameters(module: nn.Module, paths: tuple[str, ...]) -> bool:
             or any(type(p) is not nn.Parameter or p.dtype != first.dtype or p.device != first.device
                    or p.shape[1:] != first.shape[1:] for p in params)):
         return False
+    if first.device.type == "meta":
+        return False  # no values to lay out (a model built on the meta device only gets inspected)
     from fusion_pass.ops.linear_group import packed_rows
 
     if packed_rows([p.data for p in params]) is not None:
