@@ -294,7 +294,8 @@ def test_packing_on_cuda_keeps_peak_memory_and_outputs(cuda):
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() <= before + 2**20
     assert group_weights([lin.weight for lin in linears(model)], [lin.bias for lin in linears(model)]) is not None
-    torch.testing.assert_close(model(x, vec), expected, rtol=2e-3, atol=2e-3)
+    got = model(x, vec)  # one GEMM against separate ones: cuBLAS may sum in another order
+    assert float((got.float() - expected.float()).norm() / expected.float().norm()) <= 1e-3
 
 
 def test_official_modulations_and_final_adaln_are_one_group():
