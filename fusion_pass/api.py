@@ -10,6 +10,7 @@ from fusion_pass.capture import capture
 from fusion_pass.cuda_graphs import new_pool
 from fusion_pass.guards import describe_guard, guards_in
 from fusion_pass.install import alias_weight, install, is_installed, restore as _restore
+from fusion_pass.packing import pack_parameters
 from fusion_pass.pipeline import empty_report, fuse_graph, record
 from fusion_pass.report import Report
 
@@ -55,6 +56,8 @@ def optimize(
         for match in result.matches:
             for owner, attr in match.weight_owners:
                 alias_weight(graph.module.get_submodule(owner), attr)
+            for paths in match.pack:
+                pack_parameters(graph.module, paths)
     report.seconds = time.perf_counter() - start
     object.__setattr__(model, _REPORT_ATTR, report)
     if strict:

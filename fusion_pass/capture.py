@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+import operator
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Callable
@@ -103,6 +104,7 @@ class _LeafOnFailureTracer(fx.Tracer):
     def __init__(self, extra_leaves: set[str]):
         super().__init__(autowrap_modules=_leaf_function_modules())
         self.extra_leaves = extra_leaves
+        self._counted_chunks: set[fx.Node] = set()  # chunks whose number of pieces is assumed
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.extra_leaves:
@@ -118,6 +120,33 @@ class _LeafOnFailureTracer(fx.Tracer):
         expected, what = assumption
         self.create_proxy("call_function", guards.assume, (obj, expected, what), {})
         return expected
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _PiecesProxy(node, self)
+
+    def pieces(self, obj: fx.Proxy) -> int | None:
+        """How many pieces ``obj`` holds when it is a ``chunk(n)`` or a slice of one, under an
+        ``assume`` that chunk made ``n`` pieces (recorded once per chunk); None otherwise."""
+        found = guards.chunk_count(obj.node)
+        if found is None:
+            return None
+        chunk, n, pieces = found
+        if chunk not in self._counted_chunks:
+            self._counted_chunks.add(chunk)
+            length = self.create_proxy("call_function", len, (self.proxy(chunk),), {})
+            equal = self.create_proxy("call_function", operator.eq, (length, n), {})
+            stack = list(chunk.meta.get("nn_module_stack", {}).values())
+            where = f"{stack[-1][0]}: " if stack and stack[-1][0] else ""
+            self.create_proxy("call_function", guards.assume, (equal, True, f"{where}len({chunk.name}) == {n}"), {})
+        return len(pieces)
+
+    def iter(self, obj: fx.Proxy):
+        """Iterating the pieces of a ``chunk(n)`` (or a slice of them) yields one ``getitem``
+        proxy per piece (see ``pieces``); iterating anything else fails as in FX."""
+        count = self.pieces(obj)
+        if count is None:
+            return super().iter(obj)
+        return iter([obj[i] for i in range(count)])
 
     def create_arg(self, a):
         """A tensor that is neither a parameter nor a module attribute (built from Python
@@ -135,6 +164,15 @@ class _LeafOnFailureTracer(fx.Tracer):
             raise
         except Exception as exc:  # noqa: BLE001 - any tracing failure makes `m` a leaf
             raise _FailedInside(path, exc) from exc
+
+
+class _PiecesProxy(fx.Proxy):
+    """A proxy whose ``len()`` is known for the pieces of a ``chunk(n)`` (``f(*pieces)`` asks
+    for it before iterating); FX's error for anything else."""
+
+    def __len__(self) -> int:
+        count = self.tracer.pieces(self)
+        return super().__len__() if count is None else count
 
 
 def _trace(module: nn.Module) -> tuple[fx.Graph, tuple[str, ...]]:

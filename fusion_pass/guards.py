@@ -10,8 +10,15 @@ forward: an exact fallback, because capture accepts a guard only where nothing b
 in the graph modifies state (see ``capture.py``).
 
 Data-dependent branches (``if x.sum() > 0``) are not guardable: the module stays uncaptured.
+
+Iterating the pieces of ``x.chunk(n)`` (or a slice of them: Hunyuan3D's ``Modulation`` does
+``ModulationOut(*out[:3])``) follows the assumption that chunk made ``n`` pieces (it makes fewer
+when the dim is too short), checked by an ``assume`` on ``len(pieces) == n``: the number follows
+from shapes alone, like the predicates above.
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 from torch import fx
@@ -39,6 +46,25 @@ def assumption_for(node: fx.Node) -> tuple[bool, str] | None:
     if node.op == "call_method" and node.target in ASSUMED_METHODS:
         return ASSUMED_METHODS[node.target], f"{_name(node.args[0])}.{node.target}()"
     return None
+
+
+def chunk_count(node: fx.Node) -> tuple[fx.Node, int, range] | None:
+    """``(chunk node, n, which pieces)`` when ``node`` is ``x.chunk(n, ...)`` / ``torch.chunk(x, n, ...)``
+    with a constant ``n``, or a constant slice of one; None otherwise."""
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], slice):
+        inner = chunk_count(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        if inner is None:
+            return None
+        chunk, n, pieces = inner
+        return chunk, n, pieces[node.args[1]]
+    is_chunk = (node.op == "call_method" and node.target == "chunk") or (
+        node.op == "call_function" and node.target is torch.chunk)
+    if not is_chunk:
+        return None
+    n = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return None
+    return node, n, range(n)
 
 
 def guards_in(graph: fx.Graph) -> list[fx.Node]:

@@ -41,7 +41,11 @@ class Match:
     for a single-tensor result). ``internal`` nodes are erased once nothing uses them.
     ``cast_outputs[i]``, when set, is a node whose dtype anchor ``i`` is cast back to.
     ``weight_owners`` lists ``(module path, attribute)`` of norm parameters read here,
-    for the parameter-alias step of installation."""
+    for the parameter-alias step of installation. ``split_sizes``, when set, says the op
+    returns one tensor whose last dim concatenates the anchors' results: anchor ``i`` is
+    replaced by view ``i`` of ``torch.split(result, split_sizes, -1)``. ``pack`` lists groups
+    of parameter paths (relative to the graph's module) that installation lays out
+    consecutively in one buffer each (``fusion_pass/packing.py``)."""
 
     family: str
     op_key: str
@@ -53,6 +57,8 @@ class Match:
     output_fields: tuple[str | None, ...] = (None,)
     cast_outputs: tuple[fx.Node | None, ...] = (None,)
     weight_owners: tuple[tuple[str, str], ...] = ()
+    split_sizes: tuple[int, ...] | None = None
+    pack: tuple[tuple[str, ...], ...] = ()
 
 
 class PatternFamily(Protocol):
@@ -70,10 +76,13 @@ class PatternFamily(Protocol):
 @dataclass
 class MatchContext:
     """What a family may know besides the graph: the module path the graph came from
-    (prefix for report locations) and the nodes that earlier rewrites erased (a family
-    iterating over a snapshot of the graph skips those)."""
+    (prefix for report locations), the module itself when the graph reads its attributes
+    (``get_attr`` nodes; None for Dynamo graphs, whose parameters are placeholders), and the
+    nodes that earlier rewrites erased (a family iterating over a snapshot of the graph
+    skips those)."""
 
     path: str = ""
+    root: Any = None  # nn.Module | None
     erased: set = field(default_factory=set)
     _positions: dict = field(default_factory=dict)
 
@@ -217,3 +226,12 @@ def cat_arguments(node: Any) -> tuple[tuple[Any, ...], Any] | None:
     tensors = node.args[0] if node.args else node.kwargs.get("tensors")
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     return (tuple(tensors), dim) if isinstance(tensors, (tuple, list)) else None
+
+
+def linear_arguments(node: Any) -> tuple[Any, Any, Any] | None:
+    """``(x, weight, bias)`` of a canonical ``F.linear(x, weight[, bias])`` call (bias None when
+    absent); None for any other node."""
+    if not is_call(node, canon.LINEAR) or node.kwargs or len(node.args) not in (2, 3):
+        return None
+    x, weight, bias = (*node.args, None) if len(node.args) == 2 else node.args
+    return x, weight, bias

@@ -20,7 +20,7 @@ def fuse_graph(
     debug.dump(path, "captured", graph)
     normalize(graph, root)
     debug.dump(path, "normalized", graph)
-    result = rewrite(graph, families, MatchContext(path=path))
+    result = rewrite(graph, families, MatchContext(path=path, root=root))
     if result.matches:
         debug.dump(path, "rewritten", graph)
     return result

@@ -38,5 +38,8 @@ FUSED_OPS: dict[str, FusedOp] = {
         FusedOp("residual_add_layernorm", outputs=("residual", "normed")),
         FusedOp("qk_layernorm", outputs=("q", "k")),
         FusedOp("gelu_cat"),
+        FusedOp("linear_group"),
+        FusedOp("linear_gelu"),
+        FusedOp("linear_rows"),
     )
 }

@@ -7,7 +7,8 @@ applied at once (later candidates see the rewritten graph):
    first anchor; if a user of an anchor would then precede it, the match becomes a
    near-miss ("ordering conflict") and the graph is left as it was;
 2. each anchor's uses are redirected to the fused result (a named field of it for
-   multi-output ops, cast back to the input dtype where the match asks for it);
+   multi-output ops, a ``torch.split`` view of it for ops that concatenate their anchors'
+   results, cast back to the input dtype where the match asks for it);
 3. anchors and internal nodes that nothing uses any more are erased; internal nodes with
    other users stay (so a shared ``1 + scale`` keeps feeding its other users);
 4. an earlier match whose fused call this one erased (a family that folds another's calls
@@ -79,10 +80,20 @@ def apply_match(graph: fx.Graph, match: Match, ctx: MatchContext) -> fx.Node | s
     with graph.inserting_after(nodes[point]):
         fused = graph.call_function(fused_op.op, tuple(match.args))
     fused.meta = _meta_for(fused, dict(match.anchors[-1].meta))
-    cursor = fused
-    for anchor, field_name, cast_to in zip(match.anchors, match.output_fields, match.cast_outputs):
+    cursor = parts = fused
+    if match.split_sizes is not None:
+        with graph.inserting_after(cursor):
+            parts = graph.call_function(torch.split, (fused, list(match.split_sizes), -1))
+        parts.meta = _meta_for(parts, dict(match.anchors[0].meta))
+        cursor = parts
+    for index, (anchor, field_name, cast_to) in enumerate(zip(match.anchors, match.output_fields, match.cast_outputs)):
         value = fused
-        if field_name is not None:
+        if match.split_sizes is not None:
+            with graph.inserting_after(cursor):
+                value = graph.call_function(operator.getitem, (parts, index))
+            value.meta = _meta_for(value, dict(anchor.meta))
+            cursor = value
+        elif field_name is not None:
             with graph.inserting_after(cursor):
                 value = graph.call_function(operator.getitem, (fused, fused_op.output_index(field_name)))
             value.meta = _meta_for(value, dict(anchor.meta))

@@ -110,3 +110,18 @@ def test_without_cuda_the_bench_stops_with_one_line(tmp_path, monkeypatch, capsy
 def test_an_unknown_mode_is_a_usage_error(tmp_path, capsys):
     assert _run(tmp_path, "--modes", "eager,turbo") == 2
     assert "unknown mode 'turbo'" in capsys.readouterr().err
+
+
+def test_lever_mode_is_measured_against_its_base_and_mode_globs_limit_groups(tmp_path):
+    """``optimize+levers`` runs optimize() with the opt-in families too (``linear_gelu`` fuses the
+    tiny config's two double blocks' two MLPs); ``MODE@GLOB`` drops a mode from other groups."""
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = [arg for arg in SMOKE_ARGS]
+    args[args.index("--modes") + 1] = "optimize,optimize+levers@tiny/float32,backend-eager@nothing/*"
+    assert bench.run(parser.parse_args([*args, "--no-profile", "--out", str(tmp_path)])) == 0
+    group = _group(json.loads((tmp_path / "bench.json").read_text()))
+    assert set(group["modes"]) == {"optimize", "optimize+levers"}
+    assert group["modes"]["optimize+levers"]["fusion"]["counts"]["linear_gelu"] == 4  # 2 MLPs x 2 double blocks
+    assert group["modes"]["optimize+levers"]["err_vs_eager"] == 0.0  # the CPU runs the unfused expressions
+    assert "Levers (opt-in families)" in (tmp_path / "bench.md").read_text()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import fusion_pass
 from fusion_pass.install import graph_of, is_installed
-from fusion_pass.registry import FUSED_OPS
+from patterns import FAMILIES
 from reference_models import CONFIGS, build_model, example_inputs, get_config, load_official
 
 BUILDERS = {"ours": build_model, "official": load_official}
@@ -62,24 +62,53 @@ def test_unfused_ops_are_gone_and_fused_ops_present():
     model = tiny()
     fusion_pass.optimize(model)
     code = graph_of(model)
-    for name in FUSED_OPS:
+    for name in {family.op_key for family in FAMILIES}:  # the default families' ops (not the opt-in ones)
         assert f"fusion_pass_ops_direct_{name}_direct(" in code, name  # fused ops, called through fusion_pass.ops.direct
     assert "rsqrt" not in code and "layer_norm" not in code and "norm1(" not in code
     assert "pre_norm(" not in code and "torch.mean" not in code
 
 
-def test_the_whole_model_is_one_graph_under_a_dtype_guard_and_modulations_are_reported():
+def test_the_whole_model_is_one_graph_under_a_dtype_guard_and_chunk_count_guards():
     model = tiny()
     fusion_pass.optimize(model)
-    report = fusion_pass.report(model)
+    report, config = fusion_pass.report(model), get_config("tiny")
     assert report.graphs == ["<root>"] and is_installed(model)
-    assert report.assumptions == [("", "torch.is_floating_point(mul) is True")]
+    assert report.assumptions[0] == ("", "torch.is_floating_point(mul) is True")
+    # Modulation star-unpacks its chunk (ModulationOut(*out[:3])): followed under one assumption
+    # per Modulation (two a double block, one a single block) that chunk made its 6 or 3 pieces
+    pieces = [what for path, what in report.assumptions[1:] if what.split(":")[0].endswith(("_mod", ".modulation"))]
+    assert len(pieces) == len(report.assumptions) - 1 == 2 * config.depth + config.depth_single_blocks
+    assert not report.uncaptured
     assert not any(is_installed(m) for m in model.modules() if m is not model)
     code = graph_of(model)
     assert "assume(is_floating_point, True, 'torch.is_floating_point(mul)')" in code  # timestep_embedding's branch
     assert "_on(" in code  # its CPU arange: a per-device cached constant, no copy per call
-    uncaptured = dict(report.uncaptured)
-    assert "" not in uncaptured and any(path.endswith("img_mod") for path in uncaptured)  # star-unpacked chunk
+
+
+class StarUnpacked(torch.nn.Module):
+    """``Pair(*x.chunk(2, -1))``: the pieces are iterated; a last dim of 1 makes one piece only."""
+
+    def forward(self, x):
+        return torch.complex(*x.chunk(2, dim=-1))
+
+
+def test_a_chunk_with_fewer_pieces_than_assumed_runs_the_original_forward():
+    from fusion_pass.capture import capture
+    from fusion_pass.guards import describe_guard, guards_in
+    from fusion_pass.install import install
+
+    model = StarUnpacked()
+    (captured,) = capture(model).graphs
+    assert [describe_guard(g) for g in guards_in(captured.graph)] == ["len(chunk) == 2 is True"]
+    install(captured)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(model(x), torch.complex(x[:, :2], x[:, 2:]), rtol=0, atol=0)
+    short = torch.randn(3, 1)  # chunk(2) of a dim of 1 is one piece
+    with pytest.raises(TypeError) as fused_error:
+        model(short)
+    with pytest.raises(TypeError) as original_error:
+        StarUnpacked()(short)
+    assert str(fused_error.value) == str(original_error.value)  # the original forward ran
 
 
 @pytest.mark.parametrize("source", sorted(BUILDERS))

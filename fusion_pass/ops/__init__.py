@@ -18,6 +18,9 @@ from .qk_layernorm import qk_layernorm, reference_qk_layernorm
 from .qk_rmsnorm import QKNormOut, qk_rmsnorm, qk_rmsnorm_, reference_qk_rmsnorm
 from .qk_rmsnorm_cat import QKVCatOut, qk_rmsnorm_cat, reference_qk_rmsnorm_cat
 from .qk_rmsnorm_rope import qk_rmsnorm_rope, reference_qk_rmsnorm_rope
+from .linear_gelu import linear_gelu, reference_linear_gelu
+from .linear_group import linear_group, reference_linear_group
+from .linear_rows import linear_rows, reference_linear_rows
 from .residual_gate import reference_residual_gate, residual_gate
 from .residual_layernorm import reference_residual_add_layernorm, residual_add_layernorm
 
@@ -30,6 +33,9 @@ __all__ = [
     "interpret_on_cpu",
     "layernorm_scale_shift",
     "qk_layernorm",
+    "linear_gelu",
+    "linear_group",
+    "linear_rows",
     "qk_rmsnorm",
     "qk_rmsnorm_",
     "qk_rmsnorm_cat",
@@ -37,6 +43,9 @@ __all__ = [
     "reference_gelu_cat",
     "reference_layernorm_scale_shift",
     "reference_qk_layernorm",
+    "reference_linear_gelu",
+    "reference_linear_group",
+    "reference_linear_rows",
     "reference_qk_rmsnorm",
     "reference_qk_rmsnorm_cat",
     "reference_qk_rmsnorm_rope",

@@ -25,9 +25,10 @@ _BODIES: dict[Any, Callable] = {}  # op overload -> the op's Python body (same s
 _DIRECT: dict[Any, Callable] = {}  # op overload -> its direct-call wrapper, built once
 
 
-def fused_op(name: str) -> Callable:
+def fused_op(name: str, *, opaque: bool = False) -> Callable:
     """Decorator: `torch.library.triton_op("fusion_pass::<name>", mutates_args=())` of the
-    function, which is also recorded as the body that `direct_call` may enter directly.
+    function (`custom_op` when `opaque`: torch.compile calls it whole, never its body), which is
+    also recorded as the body that `direct_call` may enter directly.
 
     A `triton_op` is a custom op that torch.compile decomposes into its body (AOTAutograd calls
     it under `FunctionalTensorMode`; its launch goes into the graph through `wrap_triton`, see
@@ -36,7 +37,8 @@ def fused_op(name: str) -> Callable:
     keeps the op whole. Each op registers its own fake impl, which launches nothing."""
 
     def define(body: Callable):
-        op = torch.library.triton_op(f"fusion_pass::{name}", mutates_args=())(body)
+        define_op = torch.library.custom_op if opaque else torch.library.triton_op
+        op = define_op(f"fusion_pass::{name}", mutates_args=())(body)
         _BODIES[getattr(torch.ops.fusion_pass, name).default] = body
         return op
 
@@ -80,6 +82,8 @@ def _needs_dispatcher(args: tuple) -> bool:
         return True
     grad = torch.is_grad_enabled()
     for arg in args:
-        if isinstance(arg, torch.Tensor) and (type(arg) not in PLAIN_TENSOR_TYPES or (grad and arg.requires_grad)):
-            return True
+        for tensor in arg if isinstance(arg, (list, tuple)) else (arg,):  # Tensor[] arguments too
+            if isinstance(tensor, torch.Tensor) and (
+                    type(tensor) not in PLAIN_TENSOR_TYPES or (grad and tensor.requires_grad)):
+                return True
     return False

@@ -1,6 +1,6 @@
 """Where the host time of one fused-op call goes, layer by layer, on a CUDA machine.
 
-    python3 scripts/host_breakdown.py
+    python3 benchmarks/host_breakdown.py
 
 For `residual_gate_layernorm_scale_shift` on tiny fp16 tensors (B=2, L=1, D=1024: the GPU
 work is negligible), times N back-to-back calls without synchronising (host time per call):

@@ -4,7 +4,7 @@ the official Hunyuan3D-2 DiT in fp16, printing the top functions by cumulative a
 
 Run from the repository root with hy3dgen importable and fresh Inductor/Triton caches:
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TRITON_CACHE_DIR=$(mktemp -d) \
-        python3 scripts/profile_backend_compile.py 1      # 1: inductor_launches=True, 0: False
+        python3 benchmarks/profile_backend_compile.py 1      # 1: inductor_launches=True, 0: False
 """
 
 import cProfile

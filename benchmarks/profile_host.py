@@ -1,6 +1,6 @@
 """Where the host time of one optimized denoising step goes (cProfile), on a CUDA machine.
 
-    python3 scripts/profile_host.py [--config hunyuan3d-2] [--dtype float16] [--steps 5]
+    python3 benchmarks/profile_host.py [--config hunyuan3d-2] [--dtype float16] [--steps 5]
 
 Prints wall time per step for eager and optimize (synchronised), then the top functions by
 own time of the optimized step under cProfile.
