@@ -43,7 +43,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fusion_pass import guards
+from fusion_pass import explain, guards
 from fusion_pass.constants import TensorConstant, constant_node
 from fusion_pass.normalize import mutates
 
@@ -68,7 +68,8 @@ class Uncaptured:
     """A module whose own forward could not be traced (its children were tried instead)."""
 
     path: str
-    reason: str
+    reason: str  # in the user's terms (``explain.capture_failure``)
+    error: str = ""  # the exception, e.g. "TraceError: Proxy object cannot be iterated"
 
 
 @dataclass
@@ -214,13 +215,6 @@ def _restore_attributes(module: nn.Module, before: dict[nn.Module, dict]) -> lis
 _MISSING = object()
 
 
-def _describe(exc: BaseException) -> str:
-    """The exception's first sentence, e.g. "TraceError: Proxy object cannot be iterated"."""
-    lines = str(exc).strip().splitlines()
-    first = lines[0].split(". ")[0].rstrip(".") if lines else ""
-    return f"{type(exc).__name__}: {first}"
-
-
 def capture(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: False) -> CaptureResult:
     """Capture graphs for ``model``: the whole module when possible, else its children,
     recursively. Leaf submodules made during a successful trace are captured on their own
@@ -244,7 +238,7 @@ def _capture_into(module: nn.Module, path: str, result: CaptureResult, skip) -> 
     try:
         graph, leaves = _trace(module)
     except Exception as exc:  # noqa: BLE001 - any failure: descend instead
-        result.uncaptured.append(Uncaptured(path, _describe(exc)))
+        result.uncaptured.append(Uncaptured(path, explain.capture_failure(module, exc), explain.exception_line(exc)))
         for name, child in module.named_children():
             _capture_into(child, _join(path, name), result, skip)
         return

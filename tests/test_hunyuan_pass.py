@@ -73,10 +73,10 @@ def test_the_whole_model_is_one_graph_under_a_dtype_guard_and_modulations_are_re
     fusion_pass.optimize(model)
     report = fusion_pass.report(model)
     assert report.graphs == ["<root>"] and is_installed(model)
-    assert report.assumptions == [("", "torch.is_floating_point(mul) is True")]
+    assert report.assumptions == [("", "torch.is_floating_point(1000.0 * t) is True")]  # t: the forward's argument
     assert not any(is_installed(m) for m in model.modules() if m is not model)
     code = graph_of(model)
-    assert "assume(is_floating_point, True, 'torch.is_floating_point(mul)')" in code  # timestep_embedding's branch
+    assert "assume(is_floating_point, True, 'torch.is_floating_point(1000.0 * t)')" in code  # timestep_embedding's branch
     assert "_on(" in code  # its CPU arange: a per-device cached constant, no copy per call
     uncaptured = dict(report.uncaptured)
     assert "" not in uncaptured and any(path.endswith("img_mod") for path in uncaptured)  # star-unpacked chunk
