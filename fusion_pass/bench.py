@@ -204,8 +204,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="reuse the Inductor/Triton caches on disk (default: fresh ones, so compile times are cold)")
 
     out = parser.add_argument_group("output")
-    out.add_argument("--out", default="docs/bench", type=Path,
-                     help=f"folder for {', '.join(FILES)} (default %(default)s)")
+    out.add_argument("--out", default="fusion_pass_bench", type=Path,
+                     help=f"folder for {', '.join(FILES)} (default %(default)s, in the current folder)")
 
 
 @dataclass
@@ -1314,8 +1314,8 @@ def _write_outputs(results, profiles, settings: Settings, console, *, chart: boo
                   f"# {results['env'].get('device')}, torch {results['env'].get('torch')}, "
                   f"triton {results['env'].get('triton')}, {results['env'].get('date')}\n\n")
         (out / f"profile_{mode}.txt").write_text(header + ("".join(texts) or "(not profiled)\n"))
-    if chart:
-        _chart(results, out / "bench.png", console)
+    if chart and not _chart(results, out / "bench.png", console):
+        (out / "bench.png").unlink(missing_ok=True)  # no stale chart of an earlier run
 
 
 def _finite(value):
@@ -1413,7 +1413,7 @@ def _markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _chart(results: dict[str, Any], path: Path, console) -> None:
+def _chart(results: dict[str, Any], path: Path, console) -> bool:
     try:
         import matplotlib
 
@@ -1421,10 +1421,10 @@ def _chart(results: dict[str, Any], path: Path, console) -> None:
         import matplotlib.pyplot as plt
     except Exception as exc:  # noqa: BLE001
         console.print(f"[yellow]warning: no chart ({_one_line(exc)}); install matplotlib for bench.png[/yellow]")
-        return
+        return False
     groups = [g for g in results["groups"] if any(r.get("status") == "ok" for r in g["modes"].values())]
     if not groups:
-        return
+        return False
     cols = min(2, len(groups))
     rows = math.ceil(len(groups) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 3.2 * rows), squeeze=False)
@@ -1460,6 +1460,7 @@ def _chart(results: dict[str, Any], path: Path, console) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def _print_summary(results: dict[str, Any], console) -> None:
@@ -1510,8 +1511,9 @@ def _print_summary(results: dict[str, Any], console) -> None:
         console.print(table)
     for note in results.get("notes", []):
         console.print(f"note: {note}")
+    out = Path(results["settings"]["out"])
     console.print(f"{results.get('status')}; {results.get('elapsed_s', 0):.0f} s; "
-                  f"wrote {', '.join(FILES)} to {results['settings']['out']}")
+                  f"wrote {', '.join(name for name in FILES if (out / name).exists())} to {out}")
 
 
 _SHORT_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}

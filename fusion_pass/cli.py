@@ -508,7 +508,15 @@ def _render(console: Console, report, loaded: LoadedModel, args, expected, check
 
 # --- bench --------------------------------------------------------------------------------
 
+#: Kineto (the torch profiler's back end, used by ``bench`` for its kernel figures) logs
+#: "USDT: ... profiler_start/stop" lines straight to stderr at every profile; above its highest
+#: level (5) it logs nothing. Read when the profiler first starts; a value the user set is kept.
+KINETO_QUIET = {"KINETO_LOG_LEVEL": "6"}
+
+
 def _bench(argv: list[str]) -> int:
+    for name, value in KINETO_QUIET.items():
+        os.environ.setdefault(name, value)
     try:
         bench = importlib.import_module("fusion_pass.bench")
     except ModuleNotFoundError as exc:

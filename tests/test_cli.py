@@ -436,3 +436,23 @@ def test_check_shows_progress_on_a_terminal_and_nothing_in_a_pipe(capsys, monkey
     terminal.truncate(0)
     status, out, err = run(capsys, "inspect", f"{path}:make_model", "--check", "--json")
     assert status == cli.EXIT_OK and terminal.getvalue() == ""  # --json: machines read stdout, no progress
+
+
+def test_bench_writes_to_its_own_folder_quietly_and_names_only_the_files_it_wrote(tmp_path):
+    # A run from some folder without --out, on the CPU, where matplotlib cannot be imported.
+    stub = tmp_path / "stub" / "matplotlib"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('matplotlib is hidden by the test')\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    path = os.pathsep.join(filter(None, [str(tmp_path / "stub"), str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-m", "fusion_pass.cli", "bench", "--allow-cpu", "--configs", "tiny", "--dtypes", "float32",
+         "--modes", "eager", "--latent-tokens", "8", "--cond-tokens", "4", "--warmup", "1", "--repeat", "1"],
+        cwd=work, env=dict(os.environ, PYTHONPATH=path, COLUMNS="200"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = work / "fusion_pass_bench"  # the default --out: a folder of its own in the current one
+    assert (out / "bench.json").is_file() and not (out / "bench.png").exists()
+    wrote = next(line for line in done.stdout.splitlines() if "wrote" in line)
+    assert "bench.json" in wrote and "bench.png" not in wrote
+    assert "USDT" not in done.stdout + done.stderr  # the torch profiler's own log lines
