@@ -236,6 +236,6 @@ def render_plain(renderable, width: int = PLAIN_WIDTH) -> str:
 
 
 def _first_names(names: list[str], limit: int) -> str:
-    """``"a, b, ... (+N)"``: the first ``limit`` names."""
+    """``"a, b and 7 more"``: the first ``limit`` names."""
     rest = len(names) - limit
-    return ", ".join(names[:limit]) + (f", ... (+{rest})" if rest > 0 else "")
+    return ", ".join(names[:limit]) + (f" and {rest} more" if rest > 0 else "")
