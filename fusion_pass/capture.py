@@ -156,9 +156,9 @@ def _trace(module: nn.Module) -> tuple[fx.Graph, tuple[str, ...]]:
         finally:
             changed = _restore_attributes(module, before)
         if changed:
-            raise RuntimeError(f"forward assigns module attributes ({', '.join(changed)})")
+            raise explain.Refused(f"assigns module attributes ({', '.join(changed)}), which a captured graph would not")
         if drew_random() and any(isinstance(n.target, TensorConstant) for n in graph.nodes):
-            raise RuntimeError("forward draws random numbers into a tensor constant; capturing would freeze them")
+            raise explain.Refused("draws random numbers into a tensor constant; capturing would freeze them")
         _refuse_guards_after_side_effects(graph, module)
         return graph, tuple(sorted(leaves))
 
@@ -191,7 +191,8 @@ def _refuse_guards_after_side_effects(graph: fx.Graph, module: nn.Module) -> Non
             if node is guard:
                 break
             if mutates(node, module):
-                raise RuntimeError(f"control flow on {guard.args[2]} after {node.name}, which may modify state")
+                raise explain.Refused(f"has control flow on {guard.args[2]} after {explain.source_expression(node)}, "
+                                      "which may modify state (the original forward could not rerun exactly)")
 
 
 def _attribute_snapshot(module: nn.Module) -> dict[nn.Module, dict]:

@@ -35,8 +35,12 @@ _OPERATORS = {
     operator.pow: "**", operator.matmul: "@", operator.mod: "%",
 }
 
-_LIBRARY_DIRS = tuple(os.path.dirname(module.__file__) + os.sep for module in (torch, fx, nn))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 _OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+class Refused(RuntimeError):
+    """Capture declines a forward; the message completes "its forward ..." in the user's terms."""
 
 
 def exception_line(exc: BaseException) -> str:
@@ -50,11 +54,15 @@ def capture_failure(module: nn.Module, exc: BaseException) -> str:
     """Why ``module``'s forward could not be captured, naming its class and, where the failure
     happened in the user's code, the file and line."""
     text = str(exc)
-    sentence = next((said for known, said in _TRACE_FAILURES if known in text), None)
-    if sentence is None:
-        sentence = f"its forward {text.strip().splitlines()[0]}" if text.startswith("forward ") else \
-            f"its forward cannot be traced ({exception_line(exc)})"
-    where = [f"{type(module).__qualname__}.forward"]
+    if isinstance(exc, Refused):
+        sentence = f"its forward {text}"
+    elif isinstance(module, torch.jit.ScriptModule):
+        sentence = "it is a TorchScript module, which FX cannot trace (it runs as compiled by torch.jit)"
+    else:
+        sentence = next((said for known, said in _TRACE_FAILURES if known in text),
+                        f"its forward cannot be traced ({exception_line(exc)})")
+    name = module.original_name if isinstance(module, torch.jit.ScriptModule) else type(module).__qualname__
+    where = [f"{name}.forward"]
     line = _user_line(exc)
     if line is not None:
         where.append(line)
@@ -67,7 +75,7 @@ def _user_line(exc: BaseException) -> str | None:
     while exc is not None:
         for frame in traceback.extract_tb(exc.__traceback__):
             path = os.path.abspath(frame.filename)
-            if not path.startswith(_LIBRARY_DIRS) and not path.startswith(_OWN_DIR) and "<" not in frame.filename:
+            if not path.startswith((_TORCH_DIR, _OWN_DIR)) and "<" not in frame.filename:
                 found = f"{os.path.basename(path)}:{frame.lineno}"
         exc = exc.__cause__
     return found
