@@ -61,8 +61,9 @@ def optimize(
                 alias_weight(graph.module.get_submodule(owner), attr)
     report.seconds = time.perf_counter() - start
     object.__setattr__(model, _REPORT_ATTR, report)
-    if strict and report.strict_failures():
-        raise NothingFused("strict: " + "; ".join(report.strict_failures()))
+    shortfalls = report.strict_failures() if strict else []
+    if shortfalls:
+        raise NothingFused("strict: " + "; ".join(shortfalls))
     return model
 
 
