@@ -11,6 +11,8 @@ setup:
 
 demo: setup
 	$(VENV)/bin/fusion-pass inspect hunyuan3d-2
+	@echo "fusion-pass and the examples run in $(VENV): 'source $(VENV)/bin/activate', then 'fusion-pass --help' or"
+	@echo "'python examples/optimize_hunyuan3d.py' (or call $(VENV)/bin/fusion-pass, $(VENV)/bin/python directly)"
 
 test: setup
 	$(PY) -m pytest -q

@@ -18,7 +18,9 @@ _REPORT_ATTR = "_fusion_pass_report"
 
 
 class NothingFused(RuntimeError):
-    """``strict=True`` and a selected pattern family fused nothing."""
+    """``strict=True`` and the run fell short of :meth:`Report.strict_failures`: a selected family
+    that has candidates in the model fused none of them, a near-miss has no reason, or nothing
+    fused at all. The report is still available as ``fusion_pass.report(model)``."""
 
 
 def optimize(
@@ -31,7 +33,8 @@ def optimize(
     rewritten forward on the modules where something fused. Parameters, buffers, the
     module tree and ``state_dict()`` are untouched. Safe to call twice (the second call
     skips modules already optimized). ``strict=True`` raises :class:`NothingFused` when a
-    selected family found no site. ``cuda_graphs=True`` replays each optimized module as a
+    selected family has candidates but fused none (a family with no candidate in this model is
+    fine), a near-miss has no reason, or nothing fused (``Report.strict_failures``). ``cuda_graphs=True`` replays each optimized module as a
     CUDA graph on CUDA inputs with autograd off (one launch per module; outputs are reused
     buffers, as with ``mode="reduce-overhead"``: see ``fusion_pass.cuda_graphs``). The report
     is available as ``fusion_pass.report(model)``.
@@ -45,6 +48,7 @@ def optimize(
     pool = new_pool() if cuda_graphs else None
     report.already_optimized.extend(captured.skipped)
     report.uncaptured.extend((u.path, u.reason) for u in captured.uncaptured)
+    report.uncaptured_errors.update((u.path, u.error) for u in captured.uncaptured)
     for graph in captured.graphs:
         result = fuse_graph(graph.graph, families, root=graph.module, path=graph.path)
         record(report, result)
@@ -60,8 +64,9 @@ def optimize(
                 pack_parameters(graph.module, paths)
     report.seconds = time.perf_counter() - start
     object.__setattr__(model, _REPORT_ATTR, report)
-    if strict:
-        _check_strict(report)
+    shortfalls = report.strict_failures() if strict else []
+    if shortfalls:
+        raise NothingFused("strict: " + "; ".join(shortfalls))
     return model
 
 
@@ -86,15 +91,3 @@ def _select(names):
     if isinstance(names, str):
         names = [names]
     return select(names)
-
-
-def _check_strict(report: Report) -> None:
-    totals = report.totals()
-    empty = [name for name, total in totals.items() if total == 0]
-    if empty:
-        reasons = "; ".join(
-            f"{name}: " + (report.families[name].near_misses[0].reason if report.families[name].near_misses
-                           else "no candidate found")
-            for name in empty
-        )
-        raise NothingFused(f"strict: nothing fused for {', '.join(empty)} ({reasons})")

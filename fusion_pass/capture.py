@@ -44,7 +44,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fusion_pass import guards
+from fusion_pass import explain, guards
 from fusion_pass.constants import TensorConstant, constant_node
 from fusion_pass.normalize import mutates
 
@@ -69,7 +69,8 @@ class Uncaptured:
     """A module whose own forward could not be traced (its children were tried instead)."""
 
     path: str
-    reason: str
+    reason: str  # in the user's terms (``explain.capture_failure``)
+    error: str = ""  # the exception, e.g. "TraceError: Proxy object cannot be iterated"
 
 
 @dataclass
@@ -193,9 +194,9 @@ def _trace(module: nn.Module) -> tuple[fx.Graph, tuple[str, ...]]:
         finally:
             changed = _restore_attributes(module, before)
         if changed:
-            raise RuntimeError(f"forward assigns module attributes ({', '.join(changed)})")
+            raise explain.Refused(f"assigns module attributes ({', '.join(changed)}), which a captured graph would not")
         if drew_random() and any(isinstance(n.target, TensorConstant) for n in graph.nodes):
-            raise RuntimeError("forward draws random numbers into a tensor constant; capturing would freeze them")
+            raise explain.Refused("draws random numbers into a tensor constant; capturing would freeze them")
         _refuse_guards_after_side_effects(graph, module)
         return graph, tuple(sorted(leaves))
 
@@ -228,7 +229,8 @@ def _refuse_guards_after_side_effects(graph: fx.Graph, module: nn.Module) -> Non
             if node is guard:
                 break
             if mutates(node, module):
-                raise RuntimeError(f"control flow on {guard.args[2]} after {node.name}, which may modify state")
+                raise explain.Refused(f"has control flow on {guard.args[2]} after {explain.source_expression(node)}, "
+                                      "which may modify state (the original forward could not rerun exactly)")
 
 
 def _attribute_snapshot(module: nn.Module) -> dict[nn.Module, dict]:
@@ -250,13 +252,6 @@ def _restore_attributes(module: nn.Module, before: dict[nn.Module, dict]) -> lis
 
 
 _MISSING = object()
-
-
-def _describe(exc: BaseException) -> str:
-    """The exception's first sentence, e.g. "TraceError: Proxy object cannot be iterated"."""
-    lines = str(exc).strip().splitlines()
-    first = lines[0].split(". ")[0].rstrip(".") if lines else ""
-    return f"{type(exc).__name__}: {first}"
 
 
 def capture(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: False) -> CaptureResult:
@@ -282,7 +277,7 @@ def _capture_into(module: nn.Module, path: str, result: CaptureResult, skip) -> 
     try:
         graph, leaves = _trace(module)
     except Exception as exc:  # noqa: BLE001 - any failure: descend instead
-        result.uncaptured.append(Uncaptured(path, _describe(exc)))
+        result.uncaptured.append(Uncaptured(path, explain.capture_failure(module, exc), explain.exception_line(exc)))
         for name, child in module.named_children():
             _capture_into(child, _join(path, name), result, skip)
         return

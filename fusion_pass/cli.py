@@ -10,36 +10,42 @@ and renders the :class:`~fusion_pass.report.Report` it leaves behind (rich table
 with ``--json``). A failure the user can act on is one line on stderr plus an exit status:
 ``EXIT_SHORTFALL`` when the pass ran but fused less than required, ``EXIT_USAGE`` when the
 model could not be built or the arguments are wrong (argparse's own status for bad options).
+Long steps show their progress on stderr when it is a terminal (:class:`Progress`).
+
+torch, the pass and the models are imported inside the commands, never at import time:
+``fusion-pass --help`` and ``--version`` start in about a tenth of a second.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-import torch
 from rich.console import Console
 from rich.text import Text
-from torch import nn
-from torch.utils._pytree import tree_leaves
 
-import fusion_pass
-from patterns import FAMILY_NAMES, select as select_families
-from reference_models import CONFIGS, DiTConfig, INSTALL_HINT, build_model, example_inputs, load_official
+if TYPE_CHECKING:  # torch, the pass and the models load inside the commands: --help stays instant
+    import torch
+    from torch import nn
+
+    from fusion_pass.report import Report
+    from reference_models import DiTConfig
 
 PROG = "fusion-pass"
 EXIT_OK = 0
 EXIT_SHORTFALL = 1
 EXIT_USAGE = 2
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")
 
 #: ``--check`` fails above this max |after - before| / max |before|, per dtype.
 CHECK_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
@@ -58,27 +64,36 @@ class CLIError(Exception):
 
 # --- the parser ---------------------------------------------------------------------------
 
-_MODEL_FORMS = f"""\
+def _model_forms(configs: Sequence[str]) -> str:
+    return f"""\
 MODEL is one of
-  a built-in config   {', '.join(CONFIGS)}
+  a built-in config   {', '.join(configs)}
                       (the Hunyuan3D-2 DiT variants from reference_models; "tiny" has every
                       code path of the full model at a size that runs on a CPU in seconds)
   a factory           path/to/file.py:make_model
                       (the file is loaded by path, make_model() is called with no arguments
                       and must return a torch.nn.Module; for --check the file may also define
-                      {FACTORY_INPUTS_FUNCTION}() returning the tuple of positional arguments)
+                      {FACTORY_INPUTS_FUNCTION}() returning the tuple of positional arguments: it is
+                      called once, and the same inputs feed the runs before and after the pass)
 """
 
-_INSPECT_EPILOG = _MODEL_FORMS + f"""
+
+_INSPECT_EPILOG = f"""
 Built-in configs are built on the meta device by default: the pass reads the module
 structure only, so even the 1.1B-parameter model takes no memory and no time to build.
 Factories are built on the CPU by default. For a built-in config the fused counts are
 compared with DiTConfig.expected_sites(); a chained residual->norm site counts toward both
 layernorm_modulate and residual_gate.
 
+--strict: every selected family that has a candidate in this model fused (a family with no
+candidate, e.g. the joint-attention cat in a DiT without one, is fine), every near-miss has a
+reason, and something fused at all; the same test as fusion_pass.optimize(model, strict=True).
+
+On a terminal, --check and the build of a large model show their progress on stderr.
+
 exit status
-  {EXIT_OK}  the pass ran; for a built-in config every expected count was met; with --strict every
-     selected family fused at least one site; with --check the error was within tolerance
+  {EXIT_OK}  the pass ran; for a built-in config every expected count was met; --strict and
+     --check, when given, passed
   {EXIT_SHORTFALL}  the pass ran but fused less than that, or --check found too large an error
   {EXIT_USAGE}  bad arguments, or the model could not be built (one line on stderr says why)
 
@@ -102,7 +117,10 @@ In Python the same is one call: fusion_pass.optimize(model); print(fusion_pass.r
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(details: bool = True) -> argparse.ArgumentParser:
+    """The ``fusion-pass`` parser. ``details=False`` leaves out what only ``inspect --help``
+    shows and needs torch to know (the built-in configs, the pattern families), so that
+    ``fusion-pass --help`` and ``--version`` import neither."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Fuse the adaLN modulation, gated residuals and q/k RMSNorm of diffusion\n"
@@ -113,32 +131,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    if details:
+        from patterns import FAMILY_NAMES
+        from reference_models import CONFIGS, INSTALL_HINT
+
+        model_forms, families, needs = _model_forms(tuple(CONFIGS)), f": {', '.join(FAMILY_NAMES)}", f"; needs `{INSTALL_HINT}`"
+    else:
+        model_forms = families = needs = ""
     inspect = commands.add_parser(
         "inspect",
         help="build a model, run the pass on it and show what fused (and what did not, and why)",
         description="Build MODEL, run fusion_pass.optimize on it and print the report: per pattern\n"
                     "family the sites fused (with the module they came from), the near-misses with\n"
                     "a reason each, and the modules that could not be captured.",
-        epilog=_INSPECT_EPILOG,
+        epilog=model_forms + _INSPECT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     inspect.add_argument("model", metavar="MODEL", help="a built-in config name or path/to/file.py:FUNCTION (see below)")
     inspect.add_argument("--official", action="store_true",
                          help="build the official Hunyuan3D DiT file from the installed hy3dgen package "
-                              f"instead of our clean-room copy (built-in configs only; needs `{INSTALL_HINT}`)")
+                              f"instead of our clean-room copy (built-in configs only{needs})")
     inspect.add_argument("--json", action="store_true",
                          help="print the report as JSON on stdout (and nothing else); for a built-in config "
                               'it has an "expected" block')
     inspect.add_argument("--device", metavar="DEV",
                          help="where to build the model: meta, cpu, cuda, cuda:1, ... (default: meta for "
                               "built-in configs, which needs no memory and is instant; cpu for factories)")
-    inspect.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+    inspect.add_argument("--dtype", choices=DTYPES, default="float32",
                          help="parameter dtype (default: %(default)s)")
     inspect.add_argument("--patterns", metavar="A,B",
-                         help=f"comma-separated pattern families to apply (default: all): {', '.join(FAMILY_NAMES)}; "
+                         help=f"comma-separated pattern families to apply (default: all){families}; "
                               "the chained family comes along when both of its halves are selected")
     inspect.add_argument("--strict", action="store_true",
-                         help=f"exit {EXIT_SHORTFALL} when a selected family fused nothing")
+                         help=f"exit {EXIT_SHORTFALL} unless every family with a candidate in the model fused "
+                              "(see below)")
     inspect.add_argument("--check", action="store_true",
                          help="run the model on example inputs before and after the pass and print the max "
                               "relative error, max|after - before| / max|before| (needs a real device, not meta)")
@@ -162,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv[:1] == ["bench"]:
             return _bench(argv[1:])
-        args = build_parser().parse_args(argv)
+        args = build_parser(details=argv[:1] == ["inspect"]).parse_args(argv)
         return args.handler(args)
     except CLIError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
@@ -179,22 +205,31 @@ class LoadedModel:
     label: str
     device: torch.device
     config: DiTConfig | None = None  # set for built-in configs: expected counts
-    run: Callable[[nn.Module], Any] | None = None  # one forward on example inputs, for --check
+    inputs: Callable[[], tuple[tuple, dict]] | None = None  # (args, kwargs) of one forward, for --check
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    import fusion_pass
+
+    progress = Progress(enabled=not args.json)
     patterns = _parse_patterns(args.patterns)
-    loaded = _load_model(args.model, official=args.official, device=args.device, dtype=DTYPES[args.dtype])
+    with progress.step(f"building {args.model}"):
+        loaded = _load_model(args.model, official=args.official, device=args.device, dtype=args.dtype)
     if args.check:
         _require_runnable(loaded, args.model)
     model = loaded.model.eval()
 
-    before = _forward(loaded) if args.check else None
     failures: list[str] = []
-    try:
-        fusion_pass.optimize(model, patterns=patterns, strict=args.strict)
-    except fusion_pass.NothingFused as exc:
-        failures.append(str(exc))
+    if args.check:
+        with progress.step("making example inputs"):
+            inputs = loaded.inputs()  # once: the runs before and after the pass see the same values
+        with progress.step("running the model before the pass"):
+            before = _forward(model, inputs, loaded.device)
+    with progress.step("fusion_pass.optimize"):
+        try:
+            fusion_pass.optimize(model, patterns=patterns, strict=args.strict)
+        except fusion_pass.NothingFused as exc:
+            failures.append(str(exc))
     report = fusion_pass.report(model)
 
     expected = _expected_rows(loaded.config, report) if loaded.config is not None else None
@@ -205,7 +240,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
     check = None
     if args.check:
-        error = _relative_error(_forward(loaded), before)
+        with progress.step("running the model after the pass"):
+            error = _relative_error(_forward(model, inputs, loaded.device), before)
         tolerance = CHECK_TOLERANCE[args.dtype] if args.tolerance is None else args.tolerance
         check = {"max_rel_error": error, "tolerance": tolerance, "ok": error <= tolerance}
         if not check["ok"]:
@@ -220,7 +256,38 @@ def _inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def progress_console() -> Console:
+    """Where progress goes: stderr (stdout carries the report, or the JSON)."""
+    return Console(stderr=True)
+
+
+class Progress:
+    """A spinner with the elapsed time for each step of a long command, then one line with its
+    time, on stderr; silent when stderr is not a terminal (a pipe, a log, CI) or when disabled
+    (``--json``)."""
+
+    def __init__(self, enabled: bool = True):
+        console = progress_console()
+        self.console = console if enabled and console.is_terminal else None
+
+    @contextlib.contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        if self.console is None:
+            yield
+            return
+        from rich import progress as bar
+
+        start = time.perf_counter()
+        with bar.Progress(bar.SpinnerColumn(), bar.TextColumn("{task.description}"), bar.TimeElapsedColumn(),
+                          console=self.console, transient=True) as spinner:
+            spinner.add_task(f"{what} ...", total=None)
+            yield
+        self.console.print(Text(f"{what}: {time.perf_counter() - start:.1f} s", style="dim"))
+
+
 def _parse_patterns(text: str | None) -> list[str] | None:
+    from patterns import FAMILY_NAMES, select as select_families
+
     if text is None:
         return None
     names = [name.strip() for name in text.split(",") if name.strip()]
@@ -233,7 +300,11 @@ def _parse_patterns(text: str | None) -> list[str] | None:
     return names
 
 
-def _load_model(spec: str, *, official: bool, device: str | None, dtype: torch.dtype) -> LoadedModel:
+def _load_model(spec: str, *, official: bool, device: str | None, dtype: str) -> LoadedModel:
+    import torch
+    from reference_models import CONFIGS
+
+    dtype = getattr(torch, dtype)
     if spec in CONFIGS:
         return _load_builtin(spec, official=official, device=_device(device or "meta"), dtype=dtype)
     if ":" in spec or spec.endswith(".py"):
@@ -245,6 +316,8 @@ def _load_model(spec: str, *, official: bool, device: str | None, dtype: torch.d
 
 
 def _device(text: str) -> torch.device:
+    import torch
+
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError):
@@ -255,6 +328,9 @@ def _device(text: str) -> torch.device:
 
 
 def _load_builtin(name: str, *, official: bool, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    import torch
+    from reference_models import CONFIGS, build_model, example_inputs, load_official
+
     torch.manual_seed(0)  # --check compares a model with itself, but keep runs reproducible
     if official:
         try:
@@ -267,13 +343,17 @@ def _load_builtin(name: str, *, official: bool, device: torch.device, dtype: tor
         label = f"{name} (reference_models)"
     config = CONFIGS[name]
 
-    def run(module: nn.Module):
-        return example_inputs(config, dtype=dtype, device=device, seed=0).call(module)
+    def inputs():
+        made = example_inputs(config, dtype=dtype, device=device, seed=0)
+        return made.args, made.kwargs
 
-    return LoadedModel(model, label, device, config=config, run=run)
+    return LoadedModel(model, label, device, config=config, inputs=inputs)
 
 
 def _load_factory(spec: str, *, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    import torch
+    from torch import nn
+
     path_text, sep, function = spec.rpartition(":")
     if not sep or not function.isidentifier():  # "file.py", "file.py:", a Windows path "C:\dir\file.py"
         raise CLIError(f"name the factory function: {spec.rstrip(':')}:make_model (path/to/file.py:FUNCTION)")
@@ -299,17 +379,20 @@ def _load_factory(spec: str, *, device: torch.device, dtype: torch.dtype) -> Loa
     except Exception as exc:  # noqa: BLE001
         raise CLIError(f"cannot move the model to {device} {dtype}: {_one_line(exc)}") from None
 
-    run = None
+    inputs = None
     make_inputs = getattr(module, FACTORY_INPUTS_FUNCTION, None)
     if callable(make_inputs):
-        def run(target: nn.Module):
-            inputs = make_inputs()
-            inputs = inputs if isinstance(inputs, tuple) else (inputs,)
-            inputs = tuple(x.to(device=device, dtype=dtype) if torch.is_tensor(x) and x.is_floating_point()
-                           else x.to(device) if torch.is_tensor(x) else x for x in inputs)
-            return target(*inputs)
+        def inputs():
+            with _importable_from(path.parent):
+                try:
+                    made = make_inputs()
+                except Exception as exc:  # noqa: BLE001 - the user's code: report it in one line
+                    raise CLIError(f"{path_text}:{FACTORY_INPUTS_FUNCTION}() raised {_one_line(exc)}") from None
+            made = made if isinstance(made, tuple) else (made,)
+            return tuple(x.to(device=device, dtype=dtype) if torch.is_tensor(x) and x.is_floating_point()
+                         else x.to(device) if torch.is_tensor(x) else x for x in made), {}
 
-    return LoadedModel(model, spec, device, run=run)
+    return LoadedModel(model, spec, device, inputs=inputs)
 
 
 def _import_file(path: Path):
@@ -349,14 +432,22 @@ def _one_line(exc: BaseException) -> str:
 def _require_runnable(loaded: LoadedModel, spec: str) -> None:
     if loaded.device.type == "meta":
         raise CLIError("--check runs the model, which the meta device cannot: add --device cpu (or cuda)")
-    if loaded.run is None:
+    if loaded.inputs is None:
         raise CLIError(f"--check needs inputs: define {FACTORY_INPUTS_FUNCTION}() in the factory file of {spec}, "
                        "returning the tuple of positional arguments")
 
 
-def _forward(loaded: LoadedModel) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return [leaf for leaf in tree_leaves(loaded.run(loaded.model)) if torch.is_tensor(leaf)]
+def _forward(model: nn.Module, inputs: tuple[tuple, dict], device: torch.device) -> list[torch.Tensor]:
+    """The output tensors of ``model(*args, **kwargs)`` on a copy of ``inputs`` (a forward that
+    modifies its inputs in place cannot change what the next run sees), with the random state
+    seeded the same for every run and restored after."""
+    import torch
+    from torch.utils._pytree import tree_leaves, tree_map
+
+    args, kwargs = tree_map(lambda x: x.clone() if torch.is_tensor(x) else x, inputs)
+    with torch.no_grad(), torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        return [leaf for leaf in tree_leaves(model(*args, **kwargs)) if torch.is_tensor(leaf)]
 
 
 def _relative_error(after: list[torch.Tensor], before: list[torch.Tensor]) -> float:
@@ -426,12 +517,20 @@ def _render(console: Console, report, loaded: LoadedModel, args, expected, check
 
 # --- bench --------------------------------------------------------------------------------
 
+#: Kineto (the torch profiler's back end, used by ``bench`` for its kernel figures) logs
+#: "USDT: ... profiler_start/stop" lines straight to stderr at every profile; above its highest
+#: level (5) it logs nothing. Read when the profiler first starts; a value the user set is kept.
+KINETO_QUIET = {"KINETO_LOG_LEVEL": "6"}
+
+
 def _bench(argv: list[str]) -> int:
+    for name, value in KINETO_QUIET.items():
+        os.environ.setdefault(name, value)
     try:
         bench = importlib.import_module("fusion_pass.bench")
     except ModuleNotFoundError as exc:
         if exc.name == "fusion_pass.bench":
-            raise CLIError("`bench` is not available: this installation has no fusion_pass/bench.py") from None
+            raise CLIError("`bench` is not available: this installation has no fusion_pass/bench package") from None
         raise CLIError(f"`bench` needs a module that is not installed: {_one_line(exc)}") from None
     parser = argparse.ArgumentParser(prog=f"{PROG} bench", description=(bench.__doc__ or "").strip() or None,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)

@@ -106,12 +106,13 @@ def make_backend(
     return FusionBackend(inner, patterns=patterns, cudagraphs=cudagraphs, inductor_launches=inductor_launches)
 
 
+NAME = "fusion_pass"
 _registered = None
 
 
 def fusion_pass_backend(gm: fx.GraphModule, example_inputs):
-    """The backend registered as ``"fusion_pass"`` (entry point ``torch_dynamo_backends``):
-    the default inner compiler; its report is :func:`last_report`."""
+    """The backend registered as ``"fusion_pass"``: the default inner compiler; its report is
+    :func:`last_report`."""
     global _registered
     if _registered is None:
         _registered = make_backend()
@@ -123,9 +124,19 @@ def last_report() -> Report | None:
     return None if _registered is None else _registered.report
 
 
-try:  # also register by name without the entry point (e.g. running from a source tree)
-    from torch._dynamo import register_backend
+def _register_by_name() -> None:
+    """Make ``backend="fusion_pass"`` resolve to :func:`fusion_pass_backend`, exactly once.
 
-    register_backend(name="fusion_pass")(fusion_pass_backend)
-except Exception:  # noqa: BLE001 - already registered through the entry point
-    pass
+    An installed package declares the name as an entry point (``torch_dynamo_backends`` in
+    pyproject.toml): Dynamo imports this module on the first lookup of the name and registers
+    the function itself, so registering here too would be a duplicate (Dynamo asserts). Only
+    where no entry point declares the name (a source tree on ``sys.path``, not pip-installed)
+    does importing this module register it.
+    """
+    from torch._dynamo import list_backends, register_backend
+
+    if NAME not in list_backends(exclude_tags=()):  # entry points and names registered so far
+        register_backend(fusion_pass_backend, name=NAME)
+
+
+_register_by_name()

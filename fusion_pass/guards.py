@@ -23,6 +23,8 @@ import operator
 import torch
 from torch import fx
 
+from fusion_pass.explain import source_expression
+
 #: predicate -> the value assumed at capture (the common case in inference code)
 ASSUMED_FUNCTIONS = {torch.is_floating_point: True, torch.is_complex: False}
 ASSUMED_METHODS = {"is_floating_point": True, "is_complex": False}
@@ -42,9 +44,9 @@ def assume(value, expected: bool, what: str) -> None:
 def assumption_for(node: fx.Node) -> tuple[bool, str] | None:
     """``(assumed value, description)`` when ``node`` computes a guardable predicate."""
     if node.op == "call_function" and node.target in ASSUMED_FUNCTIONS:
-        return ASSUMED_FUNCTIONS[node.target], f"torch.{node.target.__name__}({_name(node.args[0])})"
+        return ASSUMED_FUNCTIONS[node.target], f"torch.{node.target.__name__}({source_expression(node.args[0])})"
     if node.op == "call_method" and node.target in ASSUMED_METHODS:
-        return ASSUMED_METHODS[node.target], f"{_name(node.args[0])}.{node.target}()"
+        return ASSUMED_METHODS[node.target], f"{source_expression(node.args[0])}.{node.target}()"
     return None
 
 
@@ -72,10 +74,8 @@ def guards_in(graph: fx.Graph) -> list[fx.Node]:
 
 
 def describe_guard(guard: fx.Node) -> str:
-    """``"torch.is_floating_point(mul) is True"``: what an ``assume`` node checks."""
+    """``"torch.is_floating_point(1000.0 * t) is True"``: what an ``assume`` node checks, in
+    the forward's own terms (see ``explain.source_expression``)."""
     _, expected, what = guard.args
     return f"{what} is {expected}"
 
-
-def _name(arg) -> str:
-    return arg.name if isinstance(arg, fx.Node) else repr(arg)

@@ -1,17 +1,28 @@
 """The report of one pass run: per family, the sites fused and the near-misses with reasons.
 
 Nothing in the pass prints: ``optimize``, the compile backend and the CLI build a
-:class:`Report`, and the CLI/logs render it (``rich`` table or JSON).
+:class:`Report`, and render it through :meth:`Report.sections`: ``rich.print(report)`` and
+the CLI print those renderables, ``str(report)`` is the same as plain text (no colour, module
+names never broken at any width), ``report.to_json()`` is for machines. A new kind of row
+(e.g. the guards each graph holds) is one more section method listed in ``sections``.
+
+``strict_failures`` is the one definition of ``optimize(strict=True)`` and ``--strict``.
 """
 from __future__ import annotations
 
+import io
 import json
+import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from rich.console import Group
+from rich import box
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
+
+#: ``str(report)`` renders at the terminal's width, or this where there is none (pipes, logs).
+PLAIN_WIDTH = 100
 
 
 @dataclass(frozen=True)
@@ -47,7 +58,7 @@ class FamilyReport:
         return len(self.sites) + len(self.folded)
 
 
-@dataclass
+@dataclass(repr=False)
 class Report:
     """What one pass run did. ``source`` is ``"optimize"`` or ``"backend"``."""
 
@@ -57,6 +68,7 @@ class Report:
     uncaptured: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     already_optimized: list[str] = field(default_factory=list)
     assumptions: list[tuple[str, str]] = field(default_factory=list)  # (graph path, guarded predicate)
+    uncaptured_errors: dict[str, str] = field(default_factory=dict)  # path -> the exception, for --json
     seconds: float = 0.0
 
     def counts(self) -> dict[str, int]:
@@ -85,7 +97,8 @@ class Report:
             "totals": self.totals(),
             "families": {name: asdict(fam) | {"count": fam.count} for name, fam in self.families.items()},
             "graphs": self.graphs,
-            "uncaptured": [{"where": w, "reason": r} for w, r in self.uncaptured],
+            "uncaptured": [{"where": w, "reason": r, "error": self.uncaptured_errors.get(w, "")}
+                           for w, r in self.uncaptured],
             "already_optimized": self.already_optimized,
             "assumptions": [{"graph": g, "assumes": a} for g, a in self.assumptions],
         }
@@ -104,53 +117,125 @@ class Report:
         self.uncaptured.extend(other.uncaptured)
         self.already_optimized.extend(other.already_optimized)
         self.assumptions.extend(other.assumptions)
+        self.uncaptured_errors.update(other.uncaptured_errors)
         self.seconds += other.seconds
 
-    def __rich__(self):
-        return Group(*self.renderables())
+    @property
+    def near_miss_count(self) -> int:
+        return sum(len(fam.near_misses) for fam in self.families.values())
 
-    def renderables(self, max_sites: int = 4):
-        title = f"fusion_pass ({self.source}): {self.total} fused calls in {self.seconds:.2f} s"
-        summary = Table(title=title)
-        for column in ("family", "sites", "near-misses", "where (first sites)"):
-            summary.add_column(column, overflow="fold")
+    def strict_failures(self) -> list[str]:
+        """Why this run is not "strict": empty when every family that has a candidate in the
+        model fused (a family with no candidate at all is fine: not every DiT has every
+        pattern), every near-miss has a reason, and something fused at all (a model where
+        nothing fused, e.g. because nothing could be captured, is not a pass that worked)."""
+        failures = []
+        totals = self.totals()
+        for name, fam in self.families.items():
+            if not fam.covers and fam.near_misses and totals.get(name, 0) == 0:
+                first = fam.near_misses[0]
+                failures.append(f"{name} fused none of its {len(fam.near_misses)} candidates "
+                                f"({first.where or '<root>'}: {first.reason})")
+            unexplained = [m.where or "<root>" for m in fam.near_misses if not m.reason.strip()]
+            if unexplained:
+                failures.append(f"{name} left {', '.join(unexplained)} unfused without a reason")
+        if self.total == 0 and not failures:
+            uncaptured = f"; {len(self.uncaptured)} modules could not be captured" if self.uncaptured else ""
+            failures.append(f"nothing fused: no candidate for {', '.join(self.families)} in this model{uncaptured}")
+        return failures
+
+    # --- rendering ------------------------------------------------------------------------
+
+    def __rich__(self) -> Group:
+        return Group(*self.sections())
+
+    def __str__(self) -> str:
+        """The CLI's report as plain text (no colour), at the terminal's width or ``PLAIN_WIDTH``."""
+        return render_plain(self, shutil.get_terminal_size((PLAIN_WIDTH, 24)).columns)
+
+    def __repr__(self) -> str:
+        return (f"<Report {self.source}: {self.total} fused calls, {self.near_miss_count} near-misses, "
+                f"{self.seconds:.1f} s>")
+
+    def sections(self, max_sites: int = 4) -> list:
+        """The report as rich renderables, in reading order. Tables hold numbers; names and
+        sentences are listed under a heading and wrap at spaces, so a module name is never
+        split at any width."""
+        parts = [self._summary(), self._first_sites(max_sites), self._legend(), self._near_misses(),
+                 self._uncaptured(), self._assumptions(), self._already_optimized()]
+        return [part for part in parts if part is not None]
+
+    def _summary(self) -> Table:
+        summary = Table(title=f"fusion_pass ({self.source}): {self.total} fused calls in {self.seconds:.2f} s",
+                        title_justify="left", box=box.SIMPLE_HEAD)
+        for column in ("family", "fused calls", "near-misses"):
+            summary.add_column(column, no_wrap=True)
         for fam in self.families.values():
-            covers = f" (counts for {' + '.join(fam.covers)})" if fam.covers else ""
             folded = f" (+{len(fam.folded)} folded)" if fam.folded else ""
-            summary.add_row(fam.name + covers, f"{fam.count}{folded}", str(len(fam.near_misses)),
-                            _abbreviate([s.where for s in fam.sites], max_sites))
-        legend = Table(title="what each family fuses", show_header=True)
-        for column in ("family", "math", "fused op (fusion_pass::)"):
-            legend.add_column(column, overflow="fold")
+            summary.add_row(fam.name, f"{fam.count}{folded}", str(len(fam.near_misses)))
+        return summary
+
+    def _first_sites(self, max_sites: int):
+        rows = [(fam.name, _first_names([s.where for s in fam.sites], max_sites))
+                for fam in self.families.values() if fam.sites]
+        return _listing("where (first sites):", rows)
+
+    def _legend(self):
+        return _listing("what each family fuses:", [
+            (fam.name, f"{fam.math} -> fusion_pass::{fam.fused_op}"
+                       + (f"; each site counts for {' + '.join(fam.covers)}" if fam.covers else ""))
+            for fam in self.families.values()])
+
+    def _near_misses(self):
+        grouped: dict[tuple[str, str], list[str]] = {}
         for fam in self.families.values():
-            legend.add_row(fam.name, fam.math, fam.fused_op)
-        parts = [summary, legend]
-        misses = [(fam.name, m) for fam in self.families.values() for m in fam.near_misses]
-        if misses:
-            table = Table(title="near-misses (left unfused)")
-            for column in ("family", "where", "reason"):
-                table.add_column(column, overflow="fold")
-            for name, miss in misses:
-                table.add_row(name, miss.where, miss.reason)
-            parts.append(table)
-        if self.uncaptured:
-            grouped = Counter(reason for _, reason in self.uncaptured)
-            text = Text("not traceable as a whole, so run as before while their children were captured:\n")
-            for reason, n in grouped.items():
-                first = next(w for w, r in self.uncaptured if r == reason) or "<root>"
-                text.append(f"  {n} x {first}{' and similar' if n > 1 else ''}: {reason}\n")
-            parts.append(text)
-        if self.assumptions:
-            text = Text("captured under assumptions, checked every call (the original forward runs when one fails):\n")
-            for graph, assumption in self.assumptions:
-                text.append(f"  {graph or '<root>'}: {assumption}\n")
-            parts.append(text)
-        if self.already_optimized:
-            parts.append(Text(f"already optimized, left as is: {len(self.already_optimized)} modules"))
-        return parts
+            for miss in fam.near_misses:
+                grouped.setdefault((fam.name, miss.reason), []).append(miss.where or "<root>")
+        return _listing("near-misses (left unfused):", [
+            (family, f"{_first_names(where, 2)}: {reason}") for (family, reason), where in grouped.items()])
+
+    def _uncaptured(self):
+        rows = []
+        for reason, n in Counter(reason for _, reason in self.uncaptured).items():
+            first = next(w for w, r in self.uncaptured if r == reason) or "<root>"
+            rows.append((None, f"{n} x {first}{' and similar' if n > 1 else ''}: {reason}"))
+        return _listing("not captured as a whole (they run their own forward; their children were captured):", rows)
+
+    def _assumptions(self):
+        return _listing("captured under assumptions, checked every call (the original forward runs when one fails):",
+                        [(None, f"{graph or '<root>'}: {assumption}") for graph, assumption in self.assumptions])
+
+    def _already_optimized(self) -> Text | None:
+        if not self.already_optimized:
+            return None
+        return Text(f"already optimized, left as is: {len(self.already_optimized)} modules")
 
 
-def _abbreviate(items: list[str], limit: int) -> str:
-    if len(items) <= limit:
-        return ", ".join(items)
-    return ", ".join(items[:limit]) + f", ... (+{len(items) - limit})"
+def _listing(title: str, rows: list[tuple[str | None, str]]) -> Group | None:
+    """A bold heading over indented items ``(label, text)``; an item's text wraps at spaces and
+    its continuation lines stay indented under it. None when there are no items."""
+    if not rows:
+        return None
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True)  # indent
+    labelled = any(label for label, _ in rows)
+    if labelled:
+        grid.add_column(no_wrap=True, style="bold")
+    grid.add_column(overflow="fold")
+    for label, text in rows:
+        grid.add_row(" ", *((f"{label}:",) if labelled else ()), text)
+    return Group(Text(title, style="bold"), grid, Text(""))
+
+
+def render_plain(renderable, width: int = PLAIN_WIDTH) -> str:
+    """``renderable`` (a report, a table, ...) as plain text ``width`` columns wide."""
+    console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False,
+                      highlight=False, emoji=False, soft_wrap=False)
+    console.print(renderable)
+    return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines()) + "\n"
+
+
+def _first_names(names: list[str], limit: int) -> str:
+    """``"a, b and 7 more"``: the first ``limit`` names."""
+    rest = len(names) - limit
+    return ", ".join(names[:limit]) + (f" and {rest} more" if rest > 0 else "")

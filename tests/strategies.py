@@ -6,7 +6,9 @@ every part is optional and spelled one of the ways the pattern modules accept (o
 ``+``/``.add``/``torch.add``/``addcmul``, module vs functional LayerNorm, ``1 + s``/``s + 1``,
 chunk layouts, ``unsqueeze(1)``/``[:, None, :]``/``[:, None]``, ...). A branch may be an
 attention whose q/k RMSNorms (again in any accepted spelling) feed
-``F.scaled_dot_product_attention``, optionally jointly with a second token stream.
+``F.scaled_dot_product_attention``, optionally jointly with a second token stream, or a
+single-stream block's parallel MLP ``fc2(cat((a, gelu(b)), -1))`` with ``a, b`` split from
+one projection (the gelu_cat family).
 
 A part may instead carry one *planted near-miss* (``miss``): a spelling the pass must leave
 unfused and report with a reason. :func:`expected_sites` and :func:`expected_near_misses` derive,
@@ -68,6 +70,11 @@ QK_CAT_MISSES = {  # why a joint attention's two q/k pairs and three cats do not
     "v_normed_too": "no cat of the streams' v",
 }
 BROADCAST_OVER_HIDDEN = ("shift_broadcast_over_hidden", "scale_broadcast_over_hidden")
+GELU_CAT = "gelu_cat"
+GELU_CAT_MISSES = {
+    "gelu_has_extra_user": "GELU output is also used by",
+    "gelu_on_first_operand": "GELU is on the first cat operand",
+}
 
 # --- spellings -----------------------------------------------------------------------------
 ONE_PLUS = ("1 + s", "s + 1", "1.0 + s", "s.add(1)", "torch.add(s, 1)")
@@ -84,7 +91,9 @@ UPCAST = ("float()", "to(torch.float32)", "to(dtype=torch.float32)")
 DOWNCAST = ("to(dtype=dtype)", "to(dtype)", "to(x.dtype)")
 QKV = ("reshape_permute_unpack", "unbind", "einops", "chunk", "separate")
 NORM_AT = ("heads_last", "before_transpose", "before_head_split")  # [B,H,L,Dh], [B,L,H,Dh], [B,L,H*Dh]
-BRANCHES = ("linear", "mlp", "attention")
+BRANCHES = ("linear", "mlp", "attention", "gelu_cat")
+GELU_SPLITS = ("split", "chunk_like_split", "slices")  # how a, b come out of one projection
+GELU_CAT_DIMS = ("-1", "2", "dim=-1")  # the cat's dim: 2 is the last of [B, L, D]
 DTYPES = (torch.float32, torch.float32, torch.bfloat16, torch.float16, torch.float64)  # fp32 twice as often
 
 
@@ -168,11 +177,25 @@ class Attention:
 
 
 @dataclass(frozen=True)
+class GeluCat:
+    """``fc2(cat((a, gelu(b)), dim))``, ``a, b = fc1(h)`` split into hidden and 2 * hidden + 1."""
+
+    approximate: str  # "none" or "tanh"
+    module: bool  # an ``nn.GELU`` module, else ``F.gelu``
+    contiguous: bool  # ``gelu(b.contiguous())``: the copy is skipped, b read through its strides
+    as_list: bool  # ``cat([a, g])``, else a tuple
+    dim: str  # a key of GELU_CAT_DIMS
+    split: str  # a key of GELU_SPLITS
+    miss: str | None  # a key of GELU_CAT_MISSES
+
+
+@dataclass(frozen=True)
 class Segment:
     modulation: Modulation
     norm: LNModulate | None
     branch: str
     attention: Attention | None
+    gelu_cat: GeluCat | None
     gate: Gate | None  # None: ungated ``x + branch``; for the final segment: no residual at all
     final: bool  # ``lin(LN-modulate(x))``, no residual: the last layer of a DiT
     early_user_of_input: bool  # plants a chain ordering conflict (see expected_near_misses)
@@ -194,7 +217,7 @@ class Program:
         """Planted near-misses by name (for statistics)."""
         found = Counter()
         for seg in self.segments:
-            for part in (seg.norm, seg.gate, seg.attention):
+            for part in (seg.norm, seg.gate, seg.attention, seg.gelu_cat):
                 if part is not None and part.miss:
                     found[part.miss] += 1
             if seg.early_user_of_input:
@@ -279,6 +302,18 @@ def attentions(miss=sometimes(st.sampled_from(sorted(QK_MISSES)), 3)):
     return build()
 
 
+def gelu_cats(miss=sometimes(st.sampled_from(sorted(GELU_CAT_MISSES)), 4)):
+    @st.composite
+    def build(draw):
+        return GeluCat(
+            approximate=draw(st.sampled_from(("none", "tanh"))), module=draw(st.booleans()),
+            contiguous=draw(st.booleans()), as_list=draw(st.booleans()), dim=draw(st.sampled_from(GELU_CAT_DIMS)),
+            split=draw(st.sampled_from(GELU_SPLITS)), miss=draw(miss),
+        )
+
+    return build()
+
+
 @st.composite
 def modulations(draw, can_share: bool):
     layout = draw(st.sampled_from(LAYOUTS))
@@ -300,12 +335,13 @@ def segments(draw, previous: Segment | None, modulations_first: bool, final: boo
     norm = None if not final and draw(rarely(5)) else draw(ln_modulates())
     branch = "linear" if final else draw(st.sampled_from(BRANCHES))
     attention = draw(attentions()) if branch == "attention" else None
+    gelu_cat = draw(gelu_cats()) if branch == "gelu_cat" else None
     gate = None if final or draw(rarely(5)) else draw(gates())
     # An early user of the segment's input conflicts with a chained fused op only when this
     # segment's shift/scale are computed after it (lazily, unshared, not parameters).
     lazy = not modulations_first and not modulation.shared and modulation.layout != "vector"
     early = previous is not None and lazy and draw(rarely(8))
-    return Segment(modulation, norm, branch, attention, gate, final, early)
+    return Segment(modulation, norm, branch, attention, gelu_cat, gate, final, early)
 
 
 @st.composite
@@ -363,6 +399,8 @@ def expected_sites(program: Program, path: str) -> dict[str, int]:
             if _fold(seg.attention) == "fold":  # both pairs become one qk_rmsnorm_cat call
                 counts[QK] -= 2
                 counts[QK_CAT] += 1
+        if seg.gelu_cat is not None and seg.gelu_cat.miss is None:
+            counts[GELU_CAT] += 1
     return counts
 
 
@@ -381,6 +419,8 @@ def expected_near_misses(program: Program, path: str) -> Counter:
                 found[QK, reason] += 1
             if _fold(seg.attention) in QK_CAT_MISSES:
                 found[QK_CAT, QK_CAT_MISSES[_fold(seg.attention)]] += 1
+        if seg.gelu_cat is not None and seg.gelu_cat.miss:
+            found[GELU_CAT, GELU_CAT_MISSES[seg.gelu_cat.miss]] += 1
     return found
 
 
@@ -552,6 +592,10 @@ class SegmentParams(nn.Module):
             self.lin = nn.Linear(d, d)
         elif seg.branch == "mlp":
             self.fc1, self.fc2 = nn.Linear(d, 2 * d + 1), nn.Linear(2 * d + 1, d)
+        elif seg.branch == "gelu_cat":
+            self.fc1, self.fc2 = nn.Linear(d, 3 * d + 1), nn.Linear(3 * d + 1, d)
+            if seg.gelu_cat.module:
+                self.act = nn.GELU(approximate=seg.gelu_cat.approximate)
         else:
             self.attn = AttentionBranch(d, seg.attention)
 
@@ -614,6 +658,8 @@ class GeneratedNet(nn.Module):
             y = params.lin(h)
         elif seg.branch == "mlp":
             y = params.fc2(F.gelu(params.fc1(h), approximate="tanh"))
+        elif seg.branch == "gelu_cat":
+            y = self._gelu_cat(params, seg.gelu_cat, h, sides)
         else:
             y = self._attention(params.attn, seg.attention, h, c, sides)
         if seg.final:
@@ -655,6 +701,28 @@ class GeneratedNet(nn.Module):
         if spec.result_has_extra_user:
             sides.append(out)
         return out
+
+    def _gelu_cat(self, params, spec: GeluCat, h, sides):
+        d = self.program.hidden
+        both = params.fc1(h)
+        if spec.split == "split":
+            a, b = both.split([d, 2 * d + 1], dim=-1)
+        elif spec.split == "chunk_like_split":
+            a, b = torch.split(both, [d, 2 * d + 1], -1)
+        else:
+            a, b = both[..., :d], both[..., d:]
+        if spec.contiguous:
+            b = b.contiguous()
+        g = params.act(b) if spec.module else F.gelu(b, approximate=spec.approximate)
+        if spec.miss == "gelu_has_extra_user":
+            sides.append(g)
+        operands = (g, a) if spec.miss == "gelu_on_first_operand" else (a, g)
+        operands = list(operands) if spec.as_list else operands
+        if spec.dim == "dim=-1":
+            cat = torch.cat(operands, dim=-1)
+        else:
+            cat = torch.cat(operands, int(spec.dim))
+        return params.fc2(cat)
 
     def _gated_residual(self, i, spec: Gate, x, y, vec, tok, chunks, sides):
         gate = self._part(i, vec, chunks, 2)

@@ -6,8 +6,11 @@ Runs ``fusion_pass.cli.main`` in-process (capsys), and once as ``python -m fusio
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -94,8 +97,9 @@ def test_inspect_tiny_prints_the_report_and_one_line_per_expected_family(capsys)
     assert "on meta" in out  # built-in configs default to the meta device
     assert "expected sites for tiny" in out
     expected = CONFIGS["tiny"].expected_sites()
+    expected_block = out.split("expected sites for tiny")[1]
     for family, count in expected.items():
-        line = next(line for line in out.splitlines() if line.strip().startswith(family + " "))
+        line = next(line for line in expected_block.splitlines() if line.strip().startswith(family + " "))
         assert f"{count} / {count}" in line and "ok" in line
     assert "Traceback" not in err
 
@@ -324,3 +328,131 @@ def test_bench_parses_its_options_with_the_bench_module_and_returns_its_status(c
     with pytest.raises(SystemExit):
         cli.main(["bench", "--help"])
     assert "timed steps" in capsys.readouterr().out
+
+
+# --- what a new user trips over (issue 15) --------------------------------------------------
+
+# The same model, with example_inputs() as users write it: unseeded, new numbers every call.
+UNSEEDED_FACTORY = ADALN_FACTORY.replace(
+    "generator = torch.Generator().manual_seed(0)\n", "").replace(", generator=generator", "")
+
+
+def test_check_with_an_unseeded_example_inputs_compares_outputs_of_the_same_inputs(capsys, tmp_path):
+    path = write_factory(tmp_path, UNSEEDED_FACTORY)
+    assert "manual_seed" not in path.read_text()
+    status, out, err = run(capsys, "inspect", f"{path}:make_model", "--check", "--json")
+    assert status == cli.EXIT_OK, err
+    check = json.loads(out)["check"]
+    assert check["ok"] and check["max_rel_error"] <= 1e-6  # CPU: the fused op runs its exact reference
+
+
+def test_strict_passes_when_every_family_with_a_candidate_fused(capsys, tmp_path):
+    # The model has one adaLN modulation and nothing of the other families (no gate, no q/k
+    # norm, no GELU + cat): those have no candidate, which is not a failure.
+    path = write_factory(tmp_path, ADALN_FACTORY)
+    status, out, err = run(capsys, "inspect", f"{path}:make_model", "--strict")
+    assert status == cli.EXIT_OK, err
+
+
+def test_strict_fails_when_a_family_has_candidates_but_fused_none_naming_the_reason(capsys, tmp_path):
+    # `norm(x) * scale + shift`: a modulation without the `1 +`, layernorm_modulate's near-miss.
+    path = write_factory(tmp_path, ADALN_FACTORY.replace("(1 + scale[:, None])", "scale[:, None]"))
+    status, out, err = run(capsys, "inspect", f"{path}:make_model")
+    assert status == cli.EXIT_OK, err
+    status, out, err = run(capsys, "inspect", f"{path}:make_model", "--strict")
+    assert status == cli.EXIT_SHORTFALL
+    assert_one_line_error(err, "layernorm_modulate fused none of its 1 candidates", "norm")
+
+
+def test_strict_means_the_same_in_optimize_and_the_cli(capsys, tmp_path):
+    import fusion_pass
+    from fusion_pass.report import Report
+
+    path = write_factory(tmp_path, ADALN_FACTORY.replace("(1 + scale[:, None])", "scale[:, None]"))
+    status, _, err = run(capsys, "inspect", f"{path}:make_model", "--strict")
+    spec = importlib.util.spec_from_file_location("strict_factory", path)
+    factory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(factory)
+    model = factory.make_model()
+    with pytest.raises(fusion_pass.NothingFused) as raised:
+        fusion_pass.optimize(model, strict=True)
+    assert isinstance(fusion_pass.report(model), Report)
+    assert str(raised.value) in err  # the CLI says exactly what optimize(strict=True) raises
+
+
+def test_help_and_version_do_not_import_torch():
+    code = textwrap.dedent("""
+        import contextlib, io, sys
+        from fusion_pass import cli
+        for argv in (["--help"], ["--version"]):
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                try:
+                    cli.main(argv)
+                except SystemExit as exit_:
+                    assert exit_.code == 0, exit_.code
+            assert out.getvalue().strip(), argv
+        print(sorted(name for name in ("torch", "triton", "reference_models", "patterns", "fusion_pass.api")
+                     if name in sys.modules))
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def module_names_in(text: str, roots: tuple[str, ...]) -> list[str]:
+    """Dotted names in ``text`` that start like one of the model's top-level modules."""
+    return [token for token in re.findall(r"[A-Za-z_][\w.]*\w", text) if token.split(".")[0] in roots]
+
+
+def test_module_names_are_never_split_at_80_columns(capsys, monkeypatch):
+    from reference_models import load_official
+
+    monkeypatch.setenv("COLUMNS", "80")  # what rich reads for the width of a pipe or a terminal
+    status, out, err = run(capsys, "inspect", "hunyuan3d-2", "--official")
+    assert status == cli.EXIT_OK, err
+    assert max(len(line) for line in out.splitlines()) <= 80
+    modules = {name for name, _ in load_official("hunyuan3d-2", device="meta").named_modules()}
+    roots = tuple({name.split(".")[0] for name in modules if name})
+    shown = module_names_in(out, roots)
+    assert len(shown) >= 20  # first sites of each family and the uncaptured modules
+    assert [name for name in shown if name not in modules] == []
+
+
+def test_check_shows_progress_on_a_terminal_and_nothing_in_a_pipe(capsys, monkeypatch, tmp_path):
+    from rich.console import Console
+
+    path = write_factory(tmp_path, ADALN_FACTORY)
+    status, out, err = run(capsys, "inspect", f"{path}:make_model", "--check")
+    assert status == cli.EXIT_OK and err == ""  # not a terminal: silent
+    terminal = io.StringIO()
+    monkeypatch.setattr(cli, "progress_console", lambda: Console(file=terminal, force_terminal=True, width=80))
+    status, out, err = run(capsys, "inspect", f"{path}:make_model", "--check")
+    assert status == cli.EXIT_OK, err
+    shown = terminal.getvalue()
+    for step in ("building", "running the model before", "optimize", "running the model after"):
+        assert step in shown, shown
+    terminal.truncate(0)
+    status, out, err = run(capsys, "inspect", f"{path}:make_model", "--check", "--json")
+    assert status == cli.EXIT_OK and terminal.getvalue() == ""  # --json: machines read stdout, no progress
+
+
+def test_bench_writes_to_its_own_folder_quietly_and_names_only_the_files_it_wrote(tmp_path):
+    # A run from some folder without --out, on the CPU, where matplotlib cannot be imported.
+    stub = tmp_path / "stub" / "matplotlib"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('matplotlib is hidden by the test')\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    path = os.pathsep.join(filter(None, [str(tmp_path / "stub"), str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-m", "fusion_pass.cli", "bench", "--allow-cpu", "--configs", "tiny", "--dtypes", "float32",
+         "--modes", "eager", "--latent-tokens", "8", "--cond-tokens", "4", "--warmup", "1", "--repeat", "1"],
+        cwd=work, env=dict(os.environ, PYTHONPATH=path, COLUMNS="200"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = work / "fusion_pass_bench"  # the default --out: a folder of its own in the current one
+    assert (out / "bench.json").is_file() and not (out / "bench.png").exists()
+    wrote = next(line for line in done.stdout.splitlines() if "wrote" in line)
+    assert "bench.json" in wrote and "bench.png" not in wrote
+    assert "USDT" not in done.stdout + done.stderr  # the torch profiler's own log lines

@@ -73,7 +73,7 @@ def test_the_whole_model_is_one_graph_under_a_dtype_guard_and_chunk_count_guards
     fusion_pass.optimize(model)
     report, config = fusion_pass.report(model), get_config("tiny")
     assert report.graphs == ["<root>"] and is_installed(model)
-    assert report.assumptions[0] == ("", "torch.is_floating_point(mul) is True")
+    assert report.assumptions[0] == ("", "torch.is_floating_point(1000.0 * t) is True")  # t: the forward's argument
     # Modulation star-unpacks its chunk (ModulationOut(*out[:3])): followed under one assumption
     # per Modulation (two a double block, one a single block) that chunk made its 6 or 3 pieces
     pieces = [what for path, what in report.assumptions[1:] if what.split(":")[0].endswith(("_mod", ".modulation"))]
@@ -81,7 +81,7 @@ def test_the_whole_model_is_one_graph_under_a_dtype_guard_and_chunk_count_guards
     assert not report.uncaptured
     assert not any(is_installed(m) for m in model.modules() if m is not model)
     code = graph_of(model)
-    assert "assume(is_floating_point, True, 'torch.is_floating_point(mul)')" in code  # timestep_embedding's branch
+    assert "assume(is_floating_point, True, 'torch.is_floating_point(1000.0 * t)')" in code  # timestep_embedding's branch
     assert "_on(" in code  # its CPU arange: a per-device cached constant, no copy per call
 
 

@@ -24,7 +24,8 @@ def _write_outputs(results, profiles, settings: Settings, console, *, chart: boo
                   f"triton {results['env'].get('triton')}, {results['env'].get('date')}\n\n")
         (out / f"profile_{mode}.txt").write_text(header + ("".join(texts) or "(not profiled)\n"))
     if chart:
-        _chart(results, out / "bench.png", console)
+        if not _chart(results, out / "bench.png", console):
+            (out / "bench.png").unlink(missing_ok=True)  # no stale chart of an earlier run
 
 
 def _finite(value):
@@ -144,7 +145,7 @@ def _lever_lines(group: dict[str, Any]) -> list[str]:
             "|---|---|---|---|---|---|---|---|---|", *rows]
 
 
-def _chart(results: dict[str, Any], path: Path, console) -> None:
+def _chart(results: dict[str, Any], path: Path, console) -> bool:
     try:
         import matplotlib
 
@@ -152,10 +153,10 @@ def _chart(results: dict[str, Any], path: Path, console) -> None:
         import matplotlib.pyplot as plt
     except Exception as exc:  # noqa: BLE001
         console.print(f"[yellow]warning: no chart ({_one_line(exc)}); install matplotlib for bench.png[/yellow]")
-        return
+        return False
     groups = [g for g in results["groups"] if any(r.get("status") == "ok" for r in g["modes"].values())]
     if not groups:
-        return
+        return False
     cols = min(2, len(groups))
     rows = math.ceil(len(groups) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 3.2 * rows), squeeze=False)
@@ -191,6 +192,7 @@ def _chart(results: dict[str, Any], path: Path, console) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def _print_summary(results: dict[str, Any], console) -> None:
@@ -241,8 +243,10 @@ def _print_summary(results: dict[str, Any], console) -> None:
         console.print(table)
     for note in results.get("notes", []):
         console.print(f"note: {note}")
+    out = Path(results["settings"]["out"])
     console.print(f"{results.get('status')}; {results.get('elapsed_s', 0):.0f} s; "
-                  f"wrote {', '.join(FILES)} to {results['settings']['out']}")
+                  f"wrote {', '.join(name for name in FILES if (out / name).exists())} to {out}")
+
 
 _SHORT_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 

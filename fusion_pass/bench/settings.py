@@ -62,8 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="reuse the Inductor/Triton caches on disk (default: fresh ones, so compile times are cold)")
 
     out = parser.add_argument_group("output")
-    out.add_argument("--out", default="docs/bench", type=Path,
-                     help=f"folder for {', '.join(FILES)} (default %(default)s)")
+    out.add_argument("--out", default="fusion_pass_bench", type=Path,
+                     help=f"folder for {', '.join(FILES)} (default %(default)s, in the current folder)")
 
 
 @dataclass

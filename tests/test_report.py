@@ -1,0 +1,98 @@
+"""The report as a user reads it: ``print(report)`` is the CLI's report in plain text, ``repr`` is
+one short line, and what could not be captured or was assumed is said in terms of the user's
+own code (argument names, class and line), never graph node names or tracer jargon."""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+import fusion_pass
+from fusion_pass.report import render_plain
+
+D = 8
+
+
+class AdaLN(nn.Module):
+    """One adaLN modulation (the layernorm_modulate family) and one plain `norm(x) * scale + shift`
+    (its near-miss: no `1 +`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(D, elementwise_affine=False)
+        self.other = nn.LayerNorm(D, elementwise_affine=False)
+
+    def forward(self, x, shift, scale):
+        return self.norm(x) * (1 + scale) + shift, self.other(x) * scale + shift
+
+
+class Unpacks(nn.Module):
+    def forward(self, x):
+        return torch.maximum(*x.chunk(2, dim=-1))  # star-unpacking a traced value: FX cannot follow it
+
+
+class BranchesOnValue(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return x
+        return -x
+
+
+class BranchesOnDtype(AdaLN):
+    """A dtype branch on ``x`` after ``depth`` multiplications, before a fused modulation (the
+    report lists the assumptions of graphs that fused something)."""
+
+    def __init__(self, depth):
+        super().__init__()
+        self.depth = depth
+
+    def forward(self, x, shift, scale):
+        y = x
+        for _ in range(self.depth):
+            y = y * 2
+        if torch.is_floating_point(y):
+            return self.norm(x) * (1 + scale) + shift
+        return x
+
+
+def optimized_report(module: nn.Module):
+    return fusion_pass.report(fusion_pass.optimize(module))
+
+
+def test_print_shows_the_cli_report_as_plain_text(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "90")  # str() fits the terminal; here, 90 columns
+    report = optimized_report(AdaLN())
+    text = str(report)
+    assert text == render_plain(report, 90)  # what the CLI prints, without colour
+    assert "\x1b[" not in text and max(map(len, text.splitlines())) <= 90
+    assert "fusion_pass (optimize): 1 fused calls" in text
+    assert re.search(r"^\s+layernorm_modulate:\s+norm$", text, re.MULTILINE)  # where it fused
+    assert re.search(r"^\s+layernorm_modulate:\s+other: scale has no \+1", text, re.MULTILINE)  # near-miss, why
+
+
+def test_repr_is_one_short_line():
+    report = optimized_report(AdaLN())
+    assert re.fullmatch(r"<Report optimize: 1 fused calls, 1 near-misses, \d+\.\d s>", repr(report))
+
+
+def test_an_unpacking_forward_is_explained_with_its_class_and_line():
+    report = optimized_report(Unpacks())
+    [(where, reason)] = report.uncaptured
+    assert where == ""
+    assert "unpacks a tensor into Python values" in reason
+    assert re.search(r"\(Unpacks\.forward, test_report\.py:\d+\)", reason)
+    assert "Proxy" not in str(report) and "TraceError" not in str(report)
+    assert report.to_dict()["uncaptured"][0]["error"].startswith("TraceError: Proxy object cannot be iterated")
+
+
+def test_a_branch_on_a_tensor_value_is_explained_as_data_dependent_control_flow():
+    [(_, reason)] = optimized_report(BranchesOnValue()).uncaptured
+    assert "control flow on a tensor's value" in reason and "BranchesOnValue.forward" in reason
+
+
+def test_a_guard_names_the_forward_argument_not_a_graph_node():
+    assert optimized_report(BranchesOnDtype(1)).assumptions == [("", "torch.is_floating_point(x * 2) is True")]
+    assert optimized_report(BranchesOnDtype(2)).assumptions == [("", "torch.is_floating_point((x * 2) * 2) is True")]
+    deep = optimized_report(BranchesOnDtype(3)).assumptions
+    assert deep == [("", "torch.is_floating_point(a value computed from x) is True")]
