@@ -7,7 +7,9 @@ Accepts    one LayerNorm feeding several modulations and nothing else (SD3.5's
            ``torch.addcmul(shift, LN(x), 1 + scale)``; ``nn.LayerNorm`` modules and
            ``F.layer_norm`` calls; shift/scale of any broadcastable shape (``[B,1,D]``
            chunk views, ``[B,D]`` after ``[:, None, :]`` or ``unsqueeze(1)``, ``[D]``).
-Refuses    (near-miss) scale without the ``+1``, an offset other than 1, LN over more than
+Refuses    (near-miss) a LayerNorm rounded to another dtype before the modulation
+           (``LN(x).to(torch.float16) * ...``; casts to its own dtype are gone after ``normalize``),
+           scale without the ``+1``, an offset other than 1, LN over more than
            the last dim, an LN output that a non-modulation also uses, a modulated value that
            other nodes also use, and (when the
            graph has shapes) shift or scale that broadcast over the hidden dim.
@@ -22,7 +24,7 @@ from torch import fx
 
 from fusion_pass import normalize as canon
 from fusion_pass.match import (
-    Match, MatchContext, NearMiss, broadcasts_over_last_dim, describe, is_call, is_number,
+    Match, MatchContext, NearMiss, broadcasts_over_last_dim, describe, is_call, is_cast, is_number,
     only_user, other_operand,
 )
 
@@ -58,9 +60,10 @@ def match_site(norm: fx.Node, ctx: MatchContext, skip: frozenset = frozenset()) 
     x, shape, weight, bias, eps = norm.args
     users = list(norm.users)
     products = [u for u in users if is_call(u, canon.MUL) and u not in skip]
-    if not products:
-        return None
     miss = lambda reason: NearMiss(NAME, ctx.where(norm), reason)  # noqa: E731
+    if not products:
+        rounded = _rounded_before_modulation(users)
+        return None if rounded is None else miss(f"LayerNorm output is rounded to {rounded} before the modulation")
     others = [u for u in users if not is_call(u, canon.MUL)]
     if others:
         return miss(f"LayerNorm output is also used by {', '.join(describe(u) for u in others)}")
@@ -75,6 +78,15 @@ def match_site(norm: fx.Node, ctx: MatchContext, skip: frozenset = frozenset()) 
     product, one_plus, scale, result, shift = modulations[0]
     eps = eps if isinstance(eps, fx.Node) else float(eps)  # a node: Dynamo's symbolic float (dynamic=True)
     return LayerNormModulateSite(norm, product, result, x, shift, scale, one_plus, eps, weight, bias)
+
+
+def _rounded_before_modulation(users: list[fx.Node]):
+    """The dtype a LayerNorm's only user casts it to, when that cast feeds a modulation's
+    product (``normalize`` has dropped casts to the norm's own dtype: this one rounds)."""
+    if len(users) != 1 or not is_cast(users[0]):
+        return None
+    cast = users[0]
+    return cast.args[1] if any(is_call(u, canon.MUL) for u in cast.users) else None
 
 
 def _modulation(product: fx.Node, norm: fx.Node, x: fx.Node) -> tuple | str:

@@ -65,7 +65,7 @@ QK_CAT = "qk_rmsnorm_cat"
 QK_CAT_MISSES = {  # why a joint attention's two q/k pairs and three cats do not fold (the first cause checked)
     "q_has_extra_user": "the normed q of a stream is also used by",
     "cast": "other than all by `.to(v)` of their stream",
-    "v_normed_too": "no cat of the streams' v",
+    "v_normed_too": "no cat of the streams' v",  # also for separate q/k/v projections
 }
 BROADCAST_OVER_HIDDEN = ("shift_broadcast_over_hidden", "scale_broadcast_over_hidden")
 
@@ -157,14 +157,9 @@ class Attention:
     @property
     def pairs(self) -> int:
         """q/k pairs that fuse."""
-        if self.separate_projections_unpaired or self.miss not in (None, "v_normed_too"):
+        if self.miss not in (None, "v_normed_too"):
             return 0
-        return 1 + self.joint
-
-    @property
-    def separate_projections_unpaired(self) -> bool:
-        """q and k from different projections pair only in single-stream attention."""
-        return self.qkv == "separate" and self.joint
+        return 1 + self.joint  # q and k from separate projections pair by the stream they project
 
 
 @dataclass(frozen=True)
@@ -199,8 +194,6 @@ class Program:
                     found[part.miss] += 1
             if seg.early_user_of_input:
                 found["chain_ordering_conflict"] += 1
-            if seg.attention is not None and seg.attention.separate_projections_unpaired and not seg.attention.miss:
-                found["joint_q_k_from_separate_projections"] += 1
         return found
 
 
@@ -393,27 +386,17 @@ def _fold(att: Attention) -> str | None:
     if att.q_has_extra_user:
         return "q_has_extra_user"
     casts_back = any(norm.form in ("functional", "module") for norm in (att.q_norm, att.k_norm))
-    if casts_back or (att.cast_to_v and att.miss == "v_normed_too"):  # .to(x.dtype), or .to(a normed v)
+    # separate projections: v is cut from none of q's or k's projections, so a .to(v) cast does not
+    # count as their stream's, and no v cat is found
+    v_elsewhere = att.miss == "v_normed_too" or att.qkv == "separate"
+    if casts_back or (att.cast_to_v and v_elsewhere):  # .to(x.dtype), or .to(a v of no stream)
         return "cast"
-    return "v_normed_too" if att.miss == "v_normed_too" else "fold"
+    return "v_normed_too" if v_elsewhere else "fold"
 
 
 def _qk_reasons(att: Attention) -> list[str]:
     """The qk_rmsnorm near-miss reasons one attention branch must produce."""
-    streams = 1 + att.joint
-    if not att.separate_projections_unpaired:
-        return list(QK_MISSES[att.miss]) * streams if att.miss else []
-    # q and k of a joint attention from separate projections never pair: every q or k norm
-    # that is a valid RMSNorm is reported without a partner.
-    q_invalid = att.miss in ("q_norm_over_non_last_dim", "q_and_k_norm_over_non_last_dim", "q_upcast_never_cast_back")
-    k_valid = att.miss not in ("q_and_k_norm_over_non_last_dim", "only_q_normed")
-    reasons = [QK_MISSES[att.miss][0]] if q_invalid else []
-    if att.miss == "q_and_k_norm_over_non_last_dim":
-        reasons.append("not the last dim")
-    if att.miss == "v_normed_too":
-        reasons.append(QK_MISSES[att.miss][0])
-    reasons += [NO_PARTNER] * ((not q_invalid) + k_valid)
-    return reasons * streams
+    return list(QK_MISSES[att.miss]) * (1 + att.joint) if att.miss else []
 
 
 # --- the network ---------------------------------------------------------------------------
