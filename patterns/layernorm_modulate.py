@@ -7,7 +7,7 @@ Accepts    one LayerNorm feeding several modulations and nothing else (SD3.5's
            ``torch.addcmul(shift, LN(x), 1 + scale)``; ``nn.LayerNorm`` modules and
            ``F.layer_norm`` calls; shift/scale of any broadcastable shape (``[B,1,D]``
            chunk views, ``[B,D]`` after ``[:, None, :]`` or ``unsqueeze(1)``, ``[D]``).
-Refuses    (near-miss) a LayerNorm rounded to another dtype before the modulation
+Refuses    (near-miss) an RMSNorm modulated the same way (LTX; no fused op yet), a LayerNorm rounded to another dtype before the modulation
            (``LN(x).to(torch.float16) * ...``; casts to its own dtype are gone after ``normalize``),
            scale without the ``+1``, an offset other than 1, LN over more than
            the last dim, an LN output that a non-modulation also uses, a modulated value that
@@ -25,8 +25,9 @@ from torch import fx
 from fusion_pass import normalize as canon
 from fusion_pass.match import (
     Match, MatchContext, NearMiss, broadcasts_over_last_dim, describe, is_call, is_cast, is_number,
-    only_user, other_operand,
+    only_user, operand_orders, other_operand,
 )
+from patterns.qk_rmsnorm import rsqrt_of_mean_square
 
 NAME = "layernorm_modulate"
 
@@ -55,6 +56,8 @@ def match_site(norm: fx.Node, ctx: MatchContext, skip: frozenset = frozenset()) 
     """Match a modulation that follows the LayerNorm node ``norm`` (None: not a candidate).
     When the LayerNorm feeds several modulations (and nothing else), the first whose
     product is not in ``skip`` is returned: each becomes its own fused call."""
+    if is_call(norm, canon.RMS_NORM) or _is_unweighted_rms_norm(norm):
+        return _rms_modulation(norm, ctx)
     if not is_call(norm, canon.LAYER_NORM):
         return None
     x, shape, weight, bias, eps = norm.args
@@ -78,6 +81,21 @@ def match_site(norm: fx.Node, ctx: MatchContext, skip: frozenset = frozenset()) 
     product, one_plus, scale, result, shift = modulations[0]
     eps = eps if isinstance(eps, fx.Node) else float(eps)  # a node: Dynamo's symbolic float (dynamic=True)
     return LayerNormModulateSite(norm, product, result, x, shift, scale, one_plus, eps, weight, bias)
+
+
+def _is_unweighted_rms_norm(node: fx.Node) -> bool:
+    """``x * rsqrt(mean(x ** 2, -1, keepdim=True) + eps)`` (diffusers' ``RMSNorm`` without weight)."""
+    return is_call(node, canon.MUL) and any(
+        rsqrt_of_mean_square(rsqrt, x) is not None for x, rsqrt in operand_orders(node))
+
+
+def _rms_modulation(norm: fx.Node, ctx: MatchContext) -> NearMiss | None:
+    """An RMSNorm modulated like a LayerNorm (LTX: ``rms_norm(x) * (1 + scale) + shift``): the
+    same shape of site, which the fused op cannot compute yet (it normalizes with LayerNorm)."""
+    products = [u for u in norm.users if is_call(u, canon.MUL)]
+    if len(products) != 1 or isinstance(_modulation(products[0], norm, norm), str):
+        return None
+    return NearMiss(NAME, ctx.where(norm), "RMSNorm modulation: the fused op normalizes with LayerNorm only")
 
 
 def _rounded_before_modulation(users: list[fx.Node]):

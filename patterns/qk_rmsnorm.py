@@ -56,14 +56,14 @@ def match_rms_norm(node: fx.Node, ctx: MatchContext) -> RMSNormSite | NearMiss |
         if not is_call(core, canon.MUL) or not isinstance(weight, fx.Node):
             continue
         for upcast, rsqrt in operand_orders(core):
-            statistic = _rsqrt_of_mean_square(rsqrt, upcast)
+            statistic = rsqrt_of_mean_square(rsqrt, upcast)
             if statistic is None:
                 continue
             return _decomposed_site(node, ctx, cast, core, upcast, weight, rsqrt, statistic)
     return None
 
 
-def _rsqrt_of_mean_square(rsqrt, source):
+def rsqrt_of_mean_square(rsqrt, source):
     """``rsqrt(eps + mean(square(source), dim, keepdim))`` -> (add, mean, square) or None."""
     if not is_call(rsqrt, canon.RSQRT) or not is_call(rsqrt.args[0], canon.ADD):
         return None

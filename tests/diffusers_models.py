@@ -8,6 +8,7 @@ attention in its first block and ``qk_norm="rms_norm"``). diffusers==0.42.1 (the
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 import diffusers
@@ -131,3 +132,77 @@ def build(name: str, seed: int = 0) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(seed)
     model, inputs = BUILDERS[name](torch.Generator().manual_seed(seed))
     return model.eval(), {**inputs, "return_dict": False}
+
+
+@dataclass(frozen=True)
+class Sites:
+    """Sites in a model's code: ``modulations`` are ``LN(x) * (1 + scale) + shift``, ``gates``
+    ``x + gate * f(...)``, ``qk`` q/k RMSNorm pairs feeding one attention. ``unsupported``: sites
+    of a family no fused op covers yet (``rms_modulate``: an RMSNorm modulated; ``qk_layernorm``:
+    q/k LayerNorm pairs). ``norms_left``: the LayerNorm/RMSNorm calls that stay in the graph
+    once every supported site is fused (the unsupported sites' norms among them)."""
+
+    modulations: int
+    gates: int
+    qk: int
+    norms_left: int
+    unsupported: dict = field(default_factory=dict)
+
+
+def expected_sites(name: str, config) -> Sites:
+    """The sites of the tiny ``name`` model's code, from its config (diffusers 0.42.1)."""
+    c = config
+    if name == "flux":
+        # FluxTransformerBlock: norm1 + norm1_context (AdaLayerNormZero) and the two norm2 modulations
+        # `norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]`; 4 gates (attn, ff, context attn,
+        # context ff); q/k pairs: norm_q/norm_k and norm_added_q/norm_added_k. FluxSingleTransformerBlock:
+        # 1 modulation (AdaLayerNormZeroSingle), 1 gate, 1 q/k pair. norm_out: AdaLayerNormContinuous.
+        return Sites(4 * c.num_layers + c.num_single_layers + 1, 4 * c.num_layers + c.num_single_layers,
+                     2 * c.num_layers + c.num_single_layers, 0)
+    if name == "sd3":
+        # JointTransformerBlock: norm1 (SD35AdaLayerNormZeroX: one LayerNorm, two modulations, in dual-attention
+        # layers; AdaLayerNormZero otherwise), norm1_context (AdaLayerNormZero, or AdaLayerNormContinuous in the
+        # last, context_pre_only block), norm2, and norm2_context unless context_pre_only. Gates: gate_msa,
+        # gate_msa2 (dual), gate_mlp, and c_gate_msa + c_gate_mlp unless context_pre_only. q/k pairs
+        # (qk_norm="rms_norm", diffusers RMSNorm): attn's image and added pairs, attn2's one pair (dual).
+        # SD3Transformer2DModel builds its last block with context_pre_only=True (`i == num_layers - 1`).
+        dual, pre_only, layers = len(c.dual_attention_layers), 1, c.num_layers
+        return Sites(layers * 3 + dual + (layers - pre_only) + 1, layers * 2 + dual + 2 * (layers - pre_only),
+                     2 * layers + dual, 0)
+    if name == "wan":
+        # WanTransformerBlock: norm1 and norm3 modulated (FP32LayerNorm, cast to fp32 and back), norm2 the
+        # affine cross-attention norm (unmodulated); gates on attn1 and ffn; q/k pairs of attn1 and attn2
+        # (qk_norm="rms_norm_across_heads": one RMSNorm over all heads). norm_out: FP32LayerNorm modulated.
+        return Sites(2 * c.num_layers + 1, 2 * c.num_layers, 2 * c.num_layers, c.num_layers)
+    if name == "hunyuan_video":
+        # HunyuanVideoTransformerBlock: 4 modulations, 4 gates, 2 q/k pairs (image and added); single block:
+        # 1 modulation, 1 gate, 1 q/k pair; the token refiner's blocks: 2 gates (HunyuanVideoAdaNorm) after
+        # two unmodulated affine LayerNorms, attention without q/k norms. norm_out: AdaLayerNormContinuous.
+        return Sites(4 * c.num_layers + c.num_single_layers + 1,
+                     4 * c.num_layers + c.num_single_layers + 2 * c.num_refiner_layers,
+                     2 * c.num_layers + c.num_single_layers, 2 * c.num_refiner_layers)
+    if name == "cogvideox":
+        # CogVideoXBlock: norm1 and norm2 (CogVideoXLayerNormZero: `norm(x) * (1 + scale)[:, None, :] + shift`
+        # on the video and the text stream each), 4 gates; q/k LayerNorms (qk_layernorm: no fused op yet).
+        # norm_final (affine LayerNorm, unmodulated); norm_out: AdaLayerNorm `(1 + scale)[:, None, :]`.
+        return Sites(4 * c.num_layers + 1, 4 * c.num_layers, 0, 1 + 2 * c.num_layers,
+                     {"qk_layernorm": c.num_layers})
+    if name == "ltx":
+        # LTXVideoTransformerBlock: norm1/norm2 are RMSNorms modulated `norm(x) * (1 + scale) + shift`
+        # (rms modulation: no fused op yet), gates on attn1 and ff, q/k pairs of attn1 and attn2
+        # (rms_norm_across_heads). norm_out: LayerNorm `* (1 + scale) + shift`.
+        return Sites(1, 2 * c.num_layers, 2 * c.num_layers, 2 * c.num_layers, {"rms_modulate": 2 * c.num_layers})
+    if name == "sana":
+        # SanaTransformerBlock: norm1, norm2 modulated, 2 gates, no q/k norms (qk_norm=None);
+        # caption_norm (RMSNorm on the text input); norm_out: SanaModulatedNorm.
+        return Sites(2 * c.num_layers + 1, 2 * c.num_layers, 0, 1)
+    if name in ("pixart", "dit"):
+        # BasicTransformerBlock (ada_norm_single / ada_norm_zero): norm1 and norm2 modulated, 2 gates,
+        # no q/k norms; the output norm modulated (`norm_out(x) * (1 + scale) + shift`).
+        return Sites(2 * c.num_layers + 1, 2 * c.num_layers, 0, 0)
+    if name == "qwen_image":
+        # QwenImageTransformerBlock: img/txt norm1 and norm2 modulated (4), 4 gates, q/k pairs: image and
+        # added (QwenDoubleStreamAttnProcessor2_0, diffusers RMSNorm); txt_norm (RMSNorm on the text input);
+        # norm_out: AdaLayerNormContinuous.
+        return Sites(4 * c.num_layers + 1, 4 * c.num_layers, 2 * c.num_layers, 1)
+    raise KeyError(name)

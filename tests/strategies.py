@@ -351,9 +351,10 @@ def expected_sites(program: Program, path: str) -> dict[str, int]:
         counts[LN_MOD] += _ln_fuses(seg.norm, path) and not chained[i]
         gate_chained = i + 1 < len(segs) and chained[i + 1]
         counts[GATE] += _gate_fuses(seg.gate, path) and not gate_chained
-        if seg.attention is not None:
-            counts[QK] += seg.attention.pairs
-            if _fold(seg.attention) == "fold":  # both pairs become one qk_rmsnorm_cat call
+        attention = _as_seen(seg.attention, program, path)
+        if attention is not None:
+            counts[QK] += attention.pairs
+            if _fold(attention) == "fold":  # both pairs become one qk_rmsnorm_cat call
                 counts[QK] -= 2
                 counts[QK_CAT] += 1
     return counts
@@ -369,12 +370,22 @@ def expected_near_misses(program: Program, path: str) -> Counter:
             found[GATE, GATE_MISSES[seg.gate.miss][0]] += 1
         if chain and _conflicts(seg):
             found[CHAIN, CHAIN_CONFLICT] += 1
-        if seg.attention is not None:
-            for reason in _qk_reasons(seg.attention):
+        attention = _as_seen(seg.attention, program, path)
+        if attention is not None:
+            for reason in _qk_reasons(attention):
                 found[QK, reason] += 1
-            if _fold(seg.attention) in QK_CAT_MISSES:
-                found[QK_CAT, QK_CAT_MISSES[_fold(seg.attention)]] += 1
+            if _fold(attention) in QK_CAT_MISSES:
+                found[QK_CAT, QK_CAT_MISSES[_fold(attention)]] += 1
     return found
+
+
+def _as_seen(att: Attention | None, program: Program, path: str) -> Attention | None:
+    """The attention as the pass sees it: in an fp32 Dynamo graph (dtypes known) an upcast
+    ``x.float()`` of fp32 x is no cast at all (``normalize`` drops it), so a q norm never
+    cast back is the plain spelling."""
+    if att is not None and att.miss == "q_upcast_never_cast_back" and path == DYNAMO and program.dtype == torch.float32:
+        return replace(att, miss=None)
+    return att
 
 
 def _fold(att: Attention) -> str | None:
