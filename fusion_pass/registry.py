@@ -34,6 +34,8 @@ FUSED_OPS: dict[str, FusedOp] = {
         FusedOp("residual_gate_layernorm_scale_shift", outputs=("residual", "normed")),
         FusedOp("qk_rmsnorm", outputs=("q", "k")),
         FusedOp("qk_rmsnorm_cat", outputs=("q", "k", "v")),
+        FusedOp("qk_rmsnorm_rope", outputs=("q", "k")),
+        FusedOp("residual_add_layernorm", outputs=("residual", "normed")),
         FusedOp("gelu_cat"),
     )
 }

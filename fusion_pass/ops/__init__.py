@@ -16,7 +16,9 @@ from .layernorm_modulate import (
 )
 from .qk_rmsnorm import QKNormOut, qk_rmsnorm, qk_rmsnorm_, reference_qk_rmsnorm
 from .qk_rmsnorm_cat import QKVCatOut, qk_rmsnorm_cat, reference_qk_rmsnorm_cat
+from .qk_rmsnorm_rope import qk_rmsnorm_rope, reference_qk_rmsnorm_rope
 from .residual_gate import reference_residual_gate, residual_gate
+from .residual_layernorm import reference_residual_add_layernorm, residual_add_layernorm
 
 __all__ = [
     "MAX_BLOCK",
@@ -29,12 +31,16 @@ __all__ = [
     "qk_rmsnorm",
     "qk_rmsnorm_",
     "qk_rmsnorm_cat",
+    "qk_rmsnorm_rope",
     "reference_gelu_cat",
     "reference_layernorm_scale_shift",
     "reference_qk_rmsnorm",
     "reference_qk_rmsnorm_cat",
+    "reference_qk_rmsnorm_rope",
+    "reference_residual_add_layernorm",
     "reference_residual_gate",
     "reference_residual_gate_layernorm_scale_shift",
+    "residual_add_layernorm",
     "residual_gate",
     "residual_gate_layernorm_scale_shift",
     "use_triton",

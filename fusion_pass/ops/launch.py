@@ -10,7 +10,7 @@
   otherwise leave each program too little work).
 - `row_layout(shape, *tensors)`: the row index space and per-tensor strides of tensors (their
   `TensorMeta`s) of (or broadcasting into) one shape, stride 0 on broadcast dims, so kernels
-  read operands in place.
+  read operands in place; `grouped_row_layout` allows one more (outermost) row dim, as groups.
 - `rows_fit_kernel(cpu_kernels, x, *operands)`: the conditions every kernel shares; else ops use
   the reference.
 - `promoted_dtype(dtype, *operands)`: the dtype an elementwise expression over floats yields.
@@ -280,6 +280,37 @@ def row_layout(shape: tuple[int, ...], *tensors: TensorMeta) -> RowLayout | None
     becomes `(B, L)`. Returns None when more than two row dims remain (callers fall back) or
     a tensor does not broadcast into `shape`.
     """
+    merged = _merged_row_dims(shape, tensors)
+    if merged is None or len(merged[0]) > 2:
+        return None
+    return _as_row_layout(*merged, len(tensors))
+
+
+class GroupedRowLayout(NamedTuple):
+    """`row_layout` with one more, outermost, row dim: group `g` of `n_groups` holds the rows of
+    `rows` at `g * group_strides[i]` elements from tensor `i`'s data pointer."""
+
+    n_groups: int
+    group_strides: tuple[int, ...]  # per tensor
+    rows: RowLayout
+
+
+def grouped_row_layout(shape: tuple[int, ...], *tensors: TensorMeta) -> GroupedRowLayout | None:
+    """`row_layout` allowing three row dims, the outermost as groups of rows (a kernel offsets
+    its pointers per group). Needed where an operand varies along a middle dim: RoPE tables
+    `[L, D]` over `[B, H, L, D]` views of a qkv projection, whose rows are `(B, L, H)` in memory.
+    None when more than three row dims remain or a tensor does not broadcast into `shape`."""
+    merged = _merged_row_dims(shape, tensors)
+    if merged is None or len(merged[0]) > 3:
+        return None
+    dims, cols = merged
+    n_groups, group_strides = dims.pop(0) if len(dims) == 3 else (1, [0] * len(tensors))
+    return GroupedRowLayout(n_groups, tuple(group_strides), _as_row_layout(dims, cols, len(tensors)))
+
+
+def _merged_row_dims(shape: tuple[int, ...], tensors: tuple[TensorMeta, ...]):
+    """`(dims, col_strides)`: the leading dims of `shape` merged as far as every tensor allows,
+    outermost first, each `(size, per-tensor strides)`; None where a tensor does not broadcast."""
     all_strides = [broadcast_strides(t, shape) for t in tensors]
     if None in all_strides:
         return None
@@ -292,13 +323,14 @@ def row_layout(shape: tuple[int, ...], *tensors: TensorMeta) -> RowLayout | None
             merged[-1] = (merged[-1][0] * size, strides)
         else:
             merged.append((size, strides))
-    if len(merged) > 2:
-        return None
-    while len(merged) < 2:
-        merged.insert(0, (1, [0] * len(tensors)))
-    (n_outer, outer), (n_inner, inner) = merged
-    col = [s[-1] for s in all_strides]
-    return RowLayout(n_outer, n_inner, tuple(zip(outer, inner, col)))
+    return merged, [s[-1] for s in all_strides]
+
+
+def _as_row_layout(dims: list[tuple[int, list[int]]], cols: list[int], n_tensors: int) -> RowLayout:
+    """Up to two merged row dims (outermost first) as a `RowLayout`, padded with unit dims."""
+    dims = [(1, [0] * n_tensors)] * (2 - len(dims)) + dims
+    (n_outer, outer), (n_inner, inner) = dims
+    return RowLayout(n_outer, n_inner, tuple(zip(outer, inner, cols)))
 
 
 def launch_kernel(kernel, programs: int, args: tuple, constexprs: dict, num_warps: int, *, traced: bool = False) -> None:

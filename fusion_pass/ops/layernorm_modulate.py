@@ -1,4 +1,4 @@
-"""LayerNorm + adaLN modulation, optionally preceded by a gated residual, in one row-wise kernel.
+"""LayerNorm (+ adaLN modulation), optionally preceded by a (gated) residual, in one row-wise kernel.
 
 Ops (x, residual, y: `[..., D]`, normalised over the last dim D; shift, scale, gate broadcast to
 x, typically `[B, 1, D]` chunk views of a `[B, 1, 6D]` modulation; weight, bias: `[D]` or None):
@@ -8,11 +8,14 @@ x, typically `[B, 1, D]` chunk views of a `[B, 1, 6D]` modulation; weight, bias:
     fusion_pass::residual_gate_layernorm_scale_shift(residual, y, gate, shift, scale, eps,
                                                      weight, bias) -> (r, normed)
         r = residual + gate * y;  normed = layer_norm(r) * (1 + scale) + shift
+    fusion_pass::residual_add_layernorm(x, y, weight, bias, eps) -> (residual, normed)
+        r = x + y;  normed = layer_norm(r)                 (pre-LN blocks: hy3dgen's ShapeVAE)
 
 with `layer_norm(x) = (x - mean) / sqrt(var + eps) * weight + bias` (biased variance). Dtypes
 and shapes are those of the unfused expression: fp16 x with an fp32 scale gives an fp32 out.
 The kernel (fp16/bf16/fp32) computes in fp32 and rounds once per output; it normalises the
-rounded r that it returns, as the unfused expression does. Anything else (other dtypes, an
+rounded r that it returns, as the unfused expression does; y of `residual_add_layernorm` must
+have x's shape (a plain residual add, no broadcast), else the reference runs. Anything else (other dtypes, an
 operand that adds dims, D > MAX_BLOCK, CPU tensors outside `interpret_on_cpu()`) runs the
 reference. `residual_gate.py` reuses the kernel with NORMALIZE off.
 """
@@ -49,21 +52,21 @@ from .row_access import load_row_f32, row_offsets, row_tile, store_row
 
 
 class ResidualNormOut(NamedTuple):
-    residual: Tensor  # r = residual + gate * y
-    normed: Tensor  # layer_norm(r) * (1 + scale) + shift
+    residual: Tensor  # r = residual + gate * y (residual_add_layernorm: x + y)
+    normed: Tensor  # layer_norm(r) * (1 + scale) + shift (residual_add_layernorm: layer_norm(r))
 
 
 @triton.jit
 def _residual_norm_modulate_kernel(
     X,  # [rows, D] x, or the residual when HAS_RESIDUAL
     Y,  # [rows, D] y of r = x + gate * y (read when HAS_RESIDUAL)
-    GATE,  # gate broadcast to [rows, D] (read when HAS_RESIDUAL)
-    SHIFT,  # shift broadcast to [rows, D] (read when NORMALIZE)
-    SCALE,  # scale broadcast to [rows, D] (read when NORMALIZE)
+    GATE,  # gate broadcast to [rows, D] (read when HAS_GATE)
+    SHIFT,  # shift broadcast to [rows, D] (read when MODULATE)
+    SCALE,  # scale broadcast to [rows, D] (read when MODULATE)
     W,  # LayerNorm weight [D] (read when HAS_WEIGHT)
     B,  # LayerNorm bias [D] (read when HAS_BIAS)
     R_OUT,  # [rows, D] r, written when HAS_RESIDUAL
-    OUT,  # [rows, D] modulated LayerNorm, written when NORMALIZE
+    OUT,  # [rows, D] (modulated) LayerNorm, written when NORMALIZE
     eps,  # LayerNorm epsilon
     n_rows,  # rows in all
     n_inner,  # rows per outer index: row r is (r // n_inner, r % n_inner)
@@ -82,8 +85,10 @@ def _residual_norm_modulate_kernel(
     w_sc: tl.constexpr,
     b_sc: tl.constexpr,
     o_sc: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,  # x := x + gate * y first, and store it to R_OUT
-    NORMALIZE: tl.constexpr,  # compute and store the modulated LayerNorm
+    HAS_RESIDUAL: tl.constexpr,  # x := x + gate * y (x + y without HAS_GATE) first, and store it to R_OUT
+    HAS_GATE: tl.constexpr,
+    NORMALIZE: tl.constexpr,  # compute and store the LayerNorm
+    MODULATE: tl.constexpr,  # ... modulated: * (1 + scale) + shift
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,  # rows per program
@@ -91,22 +96,24 @@ def _residual_norm_modulate_kernel(
 ):
     """BLOCK_ROWS rows per program, each:
 
-        x      = x + gate * y                              (HAS_RESIDUAL; stored, rounded, to R_OUT)
+        x      = x + gate * y  (x + y without HAS_GATE)    (HAS_RESIDUAL; stored, rounded, to R_OUT)
         mean   = sum(x) / D;  var = sum((x - mean)^2) / D;  rstd = 1 / sqrt(var + eps)
-        out    = ((x - mean) * rstd * w + b) * (1 + scale) + shift           (NORMALIZE)
+        out    = (x - mean) * rstd * w + b                                   (NORMALIZE)
+        out    = out * (1 + scale) + shift                                   (MODULATE)
 
     All arithmetic in fp32; each output is rounded once, on store.
     """
     first_row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS
     outer, inner, cols, mask = row_tile(first_row, n_rows, n_inner, n_cols, BLOCK_ROWS, BLOCK_D)
     x = load_row_f32(X, row_offsets(outer, inner, x_s0, x_s1, x_sc, cols), mask)
-    if NORMALIZE:  # issued with x's load, so their latency hides behind it, not after the reductions
+    if MODULATE:  # issued with x's load, so their latency hides behind it, not after the reductions
         shift = load_row_f32(SHIFT, row_offsets(outer, inner, sh_s0, sh_s1, sh_sc, cols), mask)
         scale = load_row_f32(SCALE, row_offsets(outer, inner, sc_s0, sc_s1, sc_sc, cols), mask)
     if HAS_RESIDUAL:
         y = load_row_f32(Y, row_offsets(outer, inner, y_s0, y_s1, y_sc, cols), mask)
-        gate = load_row_f32(GATE, row_offsets(outer, inner, g_s0, g_s1, g_sc, cols), mask)
-        x = x + gate * y
+        if HAS_GATE:
+            y = y * load_row_f32(GATE, row_offsets(outer, inner, g_s0, g_s1, g_sc, cols), mask)
+        x = x + y
         store_row(R_OUT, row_offsets(outer, inner, o_s0, o_s1, o_sc, cols), mask, x)
         # Normalise r as stored, like the unfused layer_norm(r) does.
         x = x.to(R_OUT.dtype.element_ty).to(tl.float32)
@@ -120,12 +127,14 @@ def _residual_norm_modulate_kernel(
             normed = normed * load_row_f32(W, row_offsets(outer, inner, 0, 0, w_sc, cols), mask)
         if HAS_BIAS:
             normed = normed + load_row_f32(B, row_offsets(outer, inner, 0, 0, b_sc, cols), mask)
-        store_row(OUT, row_offsets(outer, inner, o_s0, o_s1, o_sc, cols), mask, normed * (1.0 + scale) + shift)
+        if MODULATE:
+            normed = normed * (1.0 + scale) + shift
+        store_row(OUT, row_offsets(outer, inner, o_s0, o_s1, o_sc, cols), mask, normed)
 
 
 class _OutputDtypes(NamedTuple):
     r: torch.dtype | None  # r = x + gate * y (HAS_RESIDUAL), else None
-    out: torch.dtype | None  # the modulated LayerNorm (NORMALIZE), else None
+    out: torch.dtype | None  # the (modulated) LayerNorm (NORMALIZE), else None
 
 
 class _LaunchPlan(NamedTuple):
@@ -135,16 +144,25 @@ class _LaunchPlan(NamedTuple):
     n_cols: int
     elem_bytes: int  # of x, for `row_settings`
     args: tuple  # the kernel's arguments from n_rows to o_s1
-    constexprs: Mapping[str, object]  # column strides and the HAS_*/NORMALIZE switches
+    constexprs: Mapping[str, object]  # column strides and the HAS_*/NORMALIZE/MODULATE switches
+
+
+def _normalizes(shift, normalize: bool | None = None) -> bool:
+    """Whether the kernel computes the LayerNorm: `normalize`, by default where shift is given."""
+    return shift is not None if normalize is None else normalize
 
 
 @plan_cache
-def _output_dtypes(cpu_kernels, x, y, gate, shift, scale, weight, bias) -> _OutputDtypes | None:
+def _output_dtypes(cpu_kernels, x, y, gate, shift, scale, weight, bias, normalize=None) -> _OutputDtypes | None:
     """Output dtypes of the kernel on operands with these `tensor_key`s (None where absent), or
     None where the reference must run: the kernel conditions (`rows_fit_kernel`) and
-    F.layer_norm's, weight and bias `[D]` in the normalised dtype (x's, or r's)."""
+    F.layer_norm's, weight and bias `[D]` in the normalised dtype (x's, or r's); an ungated y
+    of x's shape. `normalize` (None: whether shift is given) computes the LayerNorm."""
     x, y, gate, shift, scale, weight, bias = map(tensor_meta, (x, y, gate, shift, scale, weight, bias))
-    r_dtype = promoted_dtype(x.dtype, gate, y) if y is not None else None
+    normalize = _normalizes(shift, normalize)
+    if y is not None and gate is None and y.shape != x.shape:
+        return None
+    r_dtype = promoted_dtype(x.dtype, *(t for t in (gate, y) if t is not None)) if y is not None else None
     norm_dtype = x.dtype if r_dtype is None else r_dtype
     operands = [t for t in (y, gate, shift, scale) if t is not None]
     params = [p for p in (weight, bias) if p is not None]
@@ -153,8 +171,9 @@ def _output_dtypes(cpu_kernels, x, y, gate, shift, scale, weight, bias) -> _Outp
         and all(p.shape == x.shape[-1:] and p.dtype == norm_dtype for p in params)
     ):
         return None
-    out_dtype = promoted_dtype(norm_dtype, scale, shift) if shift is not None else None
-    return _OutputDtypes(r_dtype, out_dtype)
+    if not normalize:
+        return _OutputDtypes(r_dtype, None)
+    return _OutputDtypes(r_dtype, promoted_dtype(norm_dtype, scale, shift) if shift is not None else norm_dtype)
 
 
 @plan_cache
@@ -162,7 +181,8 @@ def _launch_plan(key: tuple, out_stride: tuple[int, ...]) -> _LaunchPlan | None:
     """The launch on operands with `_output_dtypes` key `key` and outputs of `out_stride`, or
     None where the rows do not coalesce into two row dims (`row_layout`)."""
     _, *tensor_keys = key
-    x, y, gate, shift, scale, weight, bias = map(tensor_meta, tensor_keys)
+    x, y, gate, shift, scale, weight, bias = map(tensor_meta, tensor_keys[:7])
+    normalize = _normalizes(shift, *tensor_keys[7:])  # a key may end before `normalize` (its default)
     slots = (x, y, gate, shift, scale, weight, bias, x._replace(stride=out_stride))
     layout = row_layout(x.shape, *(t for t in slots if t is not None))
     if layout is None:
@@ -174,7 +194,9 @@ def _launch_plan(key: tuple, out_stride: tuple[int, ...]) -> _LaunchPlan | None:
     constexprs = dict(
         x_sc=x_s[2], y_sc=y_s[2], g_sc=g_s[2], sh_sc=sh_s[2], sc_sc=sc_s[2], w_sc=w_s[2], b_sc=b_s[2], o_sc=o_s[2],
         HAS_RESIDUAL=y is not None,
-        NORMALIZE=shift is not None,
+        HAS_GATE=gate is not None,
+        NORMALIZE=normalize,
+        MODULATE=shift is not None,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
     )
@@ -192,19 +214,21 @@ def run_residual_norm_modulate(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     eps: float = 0.0,
+    normalize: bool | None = None,
     launch: Launch = Launch.EAGER,
 ) -> ResidualNormOut | None:
     """The kernel's outputs over rows of `x` (`[..., D]`), or None, launching nothing, where
     the reference must run; operands broadcast into x's shape.
 
-    Pass y and gate for the gated residual (`.residual`); shift and scale (weight, bias
-    optional) for the modulated LayerNorm (`.normed`); the other output is None. `launch`: see
+    Pass y (and gate) for the (gated) residual (`.residual`); shift and scale (weight, bias
+    optional) for the modulated LayerNorm (`.normed`), or `normalize=True` without them for the
+    plain LayerNorm (None: normalise where shift is given); the other output is None. `launch`: see
     `launch.Launch` (`Launch.NONE`, the fake impls, allocates the outputs and launches nothing).
     """
     key = (
         kernels_on_cpu(x, launch),
         tensor_key(x), tensor_key(y), tensor_key(gate), tensor_key(shift), tensor_key(scale),
-        tensor_key(weight), tensor_key(bias),
+        tensor_key(weight), tensor_key(bias), normalize,
     )
     dtypes = launch.planner(_output_dtypes)(*key)
     if dtypes is None:

@@ -118,10 +118,11 @@ def default_eps(x: Tensor | TensorMeta, eps: float | None) -> float:
     return torch.finfo(x.dtype).eps if eps is None else eps
 
 
-def reference_rmsnorm(x: Tensor, weight: Tensor, eps: float | None) -> Tensor:
+def reference_rmsnorm(x: Tensor, weight: Tensor | None, eps: float | None) -> Tensor:
     x_float = x.to(torch.promote_types(x.dtype, torch.float32))  # fp64 stays fp64
     rms_inv = torch.rsqrt(torch.mean(x_float**2, dim=-1, keepdim=True) + default_eps(x, eps))
-    return (x_float * rms_inv).to(x.dtype) * weight
+    normed = (x_float * rms_inv).to(x.dtype)
+    return normed if weight is None else normed * weight
 
 
 def reference_qk_rmsnorm(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float | None) -> tuple[Tensor, Tensor]:

@@ -170,10 +170,48 @@ def _residual_gate_args(x_shape, dtype, layout="chunk", device="cpu"):
     return residual, y, gate
 
 
+def _residual_add_layernorm_args(x_shape, dtype, layout="unused", device="cpu", affine=False):
+    """x, y `[..., D]` of one shape (a pre-LN residual and its sublayer's output)."""
+    x = randn(*x_shape, dtype=dtype, scale=3.0, mean=1.0, device=device)
+    y = randn(*x_shape, dtype=dtype, scale=2.0, device=device)
+    weight, bias = layernorm_params(x_shape[-1], dtype, device) if affine else (None, None)
+    return x, y, weight, bias, 1e-6
+
+
 def _qk_args(q_shape, dtype, layout="unused", device="cpu"):
     q, k = qkv_views(q_shape, dtype, device)
     q_weight, k_weight = (randn(q_shape[-1], dtype=dtype, scale=0.5, mean=1.0, device=device) for _ in "qk")
     return q, k, q_weight, k_weight, 1e-6
+
+
+ROPE_FORMS = ("interleaved", "half", "complex")
+"""RoPE tables as the models pass them: `interleaved` (Flux, HunyuanVideo, LTX: diffusers'
+`use_real_unbind_dim=-1`, cos/sin `[L, D]` repeat-interleaved), `half` (`use_real_unbind_dim=-2`,
+cos/sin `[L, D]` = cat of two halves), `complex` (QwenImage's `freqs_cis`: one value per pair,
+cos/sin the `[L, D/2]` strided views `view_as_real(freqs_cis).unbind(-1)`)."""
+
+
+def rope_tables(length: int, d: int, form: str, dtype=torch.float32, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of RoPE angles `p * 10000^(-2j/D)` at positions p = 3, 10, 17, ... (not 0:
+    one token still rotates), laid out as `form` (see ROPE_FORMS)."""
+    positions = torch.arange(length, dtype=torch.float64) * 7 + 3
+    angles = positions[:, None] * 10000.0 ** (-2 * torch.arange(d // 2, dtype=torch.float64) / d)
+    if form == "complex":
+        freqs_cis = torch.polar(torch.ones_like(angles), angles).to(device, dtype.to_complex())
+        return torch.view_as_real(freqs_cis).unbind(-1)
+    if form == "interleaved":
+        angles = angles.repeat_interleave(2, dim=-1)
+    else:
+        angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(device, dtype), angles.sin().to(device, dtype)
+
+
+def _rope_args(q_shape, dtype, layout="unused", device="cpu", form="interleaved"):
+    """q/k RMSNorm + RoPE arguments: `[B, H, L, D]` qkv views, weights, cos/sin `[L, D]` in `form`,
+    fp32 as diffusers' position embedders make them (fp64 for fp64 q/k: gradcheck)."""
+    q, k, q_weight, k_weight, eps = _qk_args(q_shape, dtype, layout, device)
+    cos, sin = rope_tables(q_shape[-2], q_shape[-1], form, torch.promote_types(dtype, torch.float32), device)
+    return q, k, q_weight, k_weight, eps, cos, sin, form != "half"
 
 
 def _on_float64(reference: Callable) -> Callable:
@@ -206,6 +244,19 @@ OP_CASES = {
         truth=lambda q, k, q_weight, k_weight, eps: (rmsnorm_float64(q, q_weight, eps), rmsnorm_float64(k, k_weight, eps)),
         x_shape=(2, 2, 4, 64),
         model_shape=lambda length: (2, 16, length, 64),
+        broadcast_operand=2,
+    ),
+    "residual_add_layernorm": _row_case(
+        ops.residual_add_layernorm, ops.reference_residual_add_layernorm, _residual_add_layernorm_args,
+        broadcast_operand=1,
+    ),
+    "qk_rmsnorm_rope": OpCase(
+        op=ops.qk_rmsnorm_rope,
+        reference=ops.reference_qk_rmsnorm_rope,
+        make_args=_rope_args,
+        truth=_on_float64(ops.reference_qk_rmsnorm_rope),  # in fp64 the reference rounds nowhere
+        x_shape=(2, 2, 4, 64),
+        model_shape=lambda length: (1, 24, length, 128),  # Flux-dev: 24 heads of 128
         broadcast_operand=2,
     ),
 }

@@ -51,12 +51,13 @@ def test_zero_size_runs_reference(interpreted, name):
 @pytest.mark.parametrize("name", OP_CASES)
 def test_rows_wider_than_max_block_run_reference(interpreted, name):
     case = OP_CASES[name]
-    shape = (*[1] * (len(case.x_shape) - 1), MAX_BLOCK + 1)
+    shape = (*[1] * (len(case.x_shape) - 1), MAX_BLOCK + 2)  # even: RoPE needs column pairs
     assert_runs_reference(case, case.make_args(shape, torch.float32, "chunk"))
     assert interpreted.count == 0
 
 
-@pytest.mark.parametrize("name", OP_CASES)
+# qk_rmsnorm_rope takes three row dims (row groups): its own tests refuse four.
+@pytest.mark.parametrize("name", [name for name in OP_CASES if name != "qk_rmsnorm_rope"])
 def test_rows_that_do_not_coalesce_run_reference(interpreted, name):
     case = OP_CASES[name]
     args = list(case.make_args((2, 3, 4, 16), torch.float32, "full"))

@@ -13,6 +13,7 @@ from fusion_pass.ops.launch import (
     MAX_BLOCK,
     PLAN_CACHE_SIZE,
     interpret_on_cpu,
+    grouped_row_layout,
     promoted_dtype,
     row_layout,
     row_settings,
@@ -25,6 +26,7 @@ from ops_testing import FLOAT_DTYPES, OP_CASES, ROW_OPS, assert_op_accurate, out
 # The op modules (the package exports `qk_rmsnorm` the op under its module's name).
 layernorm_modulate = import_module("fusion_pass.ops.layernorm_modulate")
 qk_rmsnorm = import_module("fusion_pass.ops.qk_rmsnorm")
+qk_rmsnorm_rope = import_module("fusion_pass.ops.qk_rmsnorm_rope")
 
 
 def layout_of(*tensors: torch.Tensor):
@@ -91,6 +93,31 @@ def test_three_unmergeable_row_dims_have_no_layout():
     assert layout_of(x) is None
 
 
+def test_rope_table_over_permuted_heads_makes_batch_a_row_group():
+    """cos `[L, D]` over `[B, H, L, D]` views of `[B, L, 3 * H * D]`: memory order (B, L, H), and
+    the table varies along L alone, so B becomes the group and (L, H) the rows."""
+    q, _ = qkv_views((2, 4, 5, 8), torch.float32)
+    cos = torch.randn(5, 8)
+    metas = [tensor_meta(tensor_key(t)) for t in (q, cos)]
+    assert row_layout(q.shape, *metas) is None
+    grouped = grouped_row_layout(q.shape, *metas)
+    assert (grouped.n_groups, grouped.group_strides) == (2, (5 * 3 * 4 * 8, 0))
+    assert (grouped.rows.n_outer, grouped.rows.n_inner) == (5, 4)
+    assert grouped.rows.strides == ((3 * 4 * 8, 8, 1), (8, 0, 1))
+
+
+def test_grouped_layout_without_a_third_dim_is_one_group():
+    x = torch.randn(2, 5, 8)
+    grouped = grouped_row_layout(x.shape, tensor_meta(tensor_key(x)))
+    assert (grouped.n_groups, grouped.group_strides) == (1, (0,))
+    assert grouped.rows == layout_of(x)
+
+
+def test_four_unmergeable_row_dims_have_no_grouped_layout():
+    x = torch.randn(2000).as_strided((2, 3, 4, 5, 1), (1000, 300, 60, 10, 1))
+    assert grouped_row_layout(x.shape, tensor_meta(tensor_key(x))) is None
+
+
 dtype_with_dims = st.tuples(st.sampled_from(FLOAT_DTYPES), st.booleans())
 
 
@@ -108,6 +135,8 @@ PLANNERS = (
     layernorm_modulate._launch_plan,
     qk_rmsnorm._output_dtypes,
     qk_rmsnorm._launch_plan,
+    qk_rmsnorm_rope._output_dtypes,
+    qk_rmsnorm_rope._launch_plan,
 )
 
 
@@ -118,7 +147,7 @@ def test_planners_keep_a_bounded_number_of_signatures():
 @pytest.mark.parametrize("name", OP_CASES)
 def test_repeated_call_signature_reuses_its_launch_plan(interpreted, name):
     case = OP_CASES[name]
-    shape = (3, 5, 7, 24) if name == "qk_rmsnorm" else (3, 7, 24)
+    shape = (3, 5, 7, 24) if name.startswith("qk_") else (3, 7, 24)
     case.op(*case.make_args(shape, torch.float32, "chunk"))
     misses = [planner.cache_info().misses for planner in PLANNERS]
     # Fresh tensors of the same shapes, strides, dtypes and device: the planners are not run again.

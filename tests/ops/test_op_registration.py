@@ -15,7 +15,7 @@ def overload(name: str) -> torch._ops.OpOverload:
 def small_args(name: str, dtype: torch.dtype, requires_grad: bool = False) -> list:
     """Tiny inputs with LayerNorm weight and bias where the op takes them."""
     case = OP_CASES[name]
-    shape = (2, 2, 3, 8) if name == "qk_rmsnorm" else (2, 3, 8)
+    shape = (2, 2, 3, 8) if name.startswith("qk_") else (2, 3, 8)  # q/k ops: [B, H, L, D]
     affine = {"affine": True} if "layernorm" in name else {}
     args = list(case.make_args(shape, dtype, "chunk", **affine))
     # Leaves: views into one modulation tensor would share gradients.

@@ -1,4 +1,5 @@
-"""The kernels on a CUDA device at Hunyuan3D-2 shapes (B = 2, hidden 1024, 16 heads of 64),
+"""The kernels on a CUDA device at Hunyuan3D-2 shapes (B = 2, hidden 1024, 16 heads of 64; Flux-dev's 24 heads
+of 128 for the RoPE op),
 against float64. Real GPU casts round to nearest, so bf16 gets no interpreter allowance."""
 
 import pytest
@@ -14,6 +15,7 @@ pytestmark = [
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 LENGTHS = (1, 1370, 3072)  # one token, condition tokens, latent tokens
+KERNEL_NAMES = {"qk_rmsnorm": "_qk_rmsnorm_kernel", "qk_rmsnorm_rope": "_qk_rmsnorm_rope_kernel"}
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
@@ -60,5 +62,5 @@ def test_in_place_qk_rmsnorm_on_gpu(launches, dtype):
 def test_inductor_launches_the_kernel_itself(name, dynamic):
     case = OP_CASES[name]
     args = case.make_args(case.model_shape(1370), torch.float16, "chunk", device="cuda")
-    kernel = "_qk_rmsnorm_kernel" if name == "qk_rmsnorm" else "_residual_norm_modulate_kernel"
+    kernel = KERNEL_NAMES.get(name, "_residual_norm_modulate_kernel")
     assert_inductor_launches_the_kernel(case.op, args, kernel, dynamic=dynamic)

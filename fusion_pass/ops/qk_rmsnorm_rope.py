@@ -1,0 +1,373 @@
+"""q/k RMSNorm followed by rotary position embedding (RoPE), both tensors in one kernel launch:
+
+    fusion_pass::qk_rmsnorm_rope(q, k, q_weight, k_weight, eps, cos, sin, interleaved) -> (q_out, k_out)
+
+per tensor x (q or k), over its last dim D (D even), the unfused diffusers code it replaces:
+
+    n   = rmsnorm(x) * w           diffusers' `RMSNorm` / `torch.nn.RMSNorm` (w [D] or None)
+    out = (n.float() * cos + rotate(n).float() * sin).to(n.dtype)
+
+with `rotate` that of diffusers' `apply_rotary_emb(n, (cos, sin), use_real=True, ...)`
+(`models/embeddings.py`), on pairs (n_a, n_b) -> (-n_b, n_a):
+
+- `interleaved=True`  (`use_real_unbind_dim=-1`; Flux, HunyuanVideo, CogVideoX, LTX): pairs are
+  columns (2j, 2j + 1);
+- `interleaved=False` (`use_real_unbind_dim=-2`; CogView4, Cosmos, OmniGen): pairs are columns
+  (j, j + D/2).
+
+cos, sin: the full form `[..., D]` (diffusers' real form, one value per column) or the pair form
+`[..., D/2]` (one value per pair, used for both of its columns): the complex form
+`x * freqs_cis` (QwenImage's `apply_rotary_emb_qwen(use_real=False)`, Lumina) is the interleaved
+pair form with `cos, sin = torch.view_as_real(freqs_cis).unbind(-1)`, and Wan's rotary is it
+with `cos = freqs_cos[..., 0::2], sin = freqs_sin[..., 1::2]`. Their leading dims broadcast into
+q's and into k's (`[L, D]` for `[B, H, L, D]`, `[L, 1, D]` or `[1, L, 1, D]` for `[B, L, H, D]`,
+`[B, L, D]` for LTX's `[B, L, H * D]` rows), read through strides, never materialised.
+
+q `[..., D]` and k `[..., D]` (same D; Hk and L may differ) of any strides, typically
+`qkv.view(B, L, 3, H, D).permute(2, 0, 3, 1, 4)` views or `[B, L, H, D]` unflattened projections.
+Outputs: `torch.empty_like(x)` (x's dim order, as the eager ops give), of dtype
+`torch.result_type(rmsnorm(x), w)` (x's dtype without weight). eps=None means
+`torch.finfo(x.dtype).eps` (torch.nn.RMSNorm's convention).
+
+Rounding: the kernel computes in fp32 and rounds once, on store (the unfused code rounds the
+norm's output, its product with w, then the rotation): never less accurate. fp16/bf16/fp32 with
+D <= MAX_BLOCK on CUDA (or the CPU interpreter), per-channel weights and at most three row dims
+per tensor after coalescing (`launch.grouped_row_layout`: `[B, H, L, D]` qkv views under
+`[L, D]` tables are rows `(B, L, H)`) take the kernel; the rest runs the reference (the unfused code in fp32, or
+fp64 for fp64 inputs). An odd D, q and k of different D, or cos/sin of a width other than D or
+D/2 raise ValueError.
+
+Not covered (the matcher refuses them): a norm over all heads followed by per-head RoPE (Wan's
+`rms_norm_across_heads` norms `[B, L, H * D]` rows, then rotates `[B, L, H, D]`); RoPE on part of
+the tokens or a cat between norm and RoPE (HunyuanVideo's single blocks, Flux's double blocks
+concatenate text and image q before RoPE: the rotation of each stream is the op with that
+stream's rows of cos/sin); partial rotary (RoPE on the first rot_dim < D columns).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .direct import fused_op
+from .launch import (
+    GroupedRowLayout,
+    Launch,
+    TensorMeta,
+    broadcast_strides,
+    grouped_row_layout,
+    kernels_on_cpu,
+    launch_kernel,
+    launch_mode,
+    on_device_of,
+    plan_cache,
+    promoted_dtype,
+    row_settings,
+    rows_fit_kernel,
+    tensor_key,
+    tensor_meta,
+)
+from .qk_rmsnorm import QKNormOut, default_eps, reference_rmsnorm
+from .reference_autograd import register_reference_autograd
+from .row_access import load_row_f32, row_offsets, row_tile, store_row
+
+
+@triton.jit
+def _rmsnorm_rope_tile(
+    first_row,  # first row of this program's tile
+    n_rows,  # rows of this tensor
+    n_inner,  # rows per outer index: row r is (r // n_inner, r % n_inner)
+    n_pairs,  # D / 2
+    X, x_s0, x_s1, x_sc,  # [rows, D] input, (outer, inner, col) strides
+    W, w_sc,  # per-channel weight [D] (read when HAS_WEIGHT)
+    COS, c_s0, c_s1, c_sc,  # cos broadcast to [rows, D] ([rows, D/2] when PAIR_FREQS), 0 where broadcast
+    SIN, s_s0, s_s1, s_sc,  # sin, likewise
+    OUT, o_s0, o_s1, o_sc,  # [rows, D] output
+    eps,
+    HAS_WEIGHT: tl.constexpr,
+    INTERLEAVED: tl.constexpr,  # pairs (2j, 2j + 1); else (j, j + D/2)
+    PAIR_FREQS: tl.constexpr,  # cos/sin hold one value per pair j; else one per column
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # next_power_of_2(D / 2)
+):
+    """BLOCK_ROWS rows, each as its D/2 pairs (a, b) of columns (col_a, col_b):
+
+        rstd = 1 / sqrt(sum(x^2) / D + eps);  n = x * rstd * w
+        out[col_a] = n_a * cos[col_a] - n_b * sin[col_a]
+        out[col_b] = n_b * cos[col_b] + n_a * sin[col_b]
+
+    (cos/sin at pair j for both columns when PAIR_FREQS). fp32 throughout, one cast on store."""
+    outer, inner, pairs, mask = row_tile(first_row, n_rows, n_inner, n_pairs, BLOCK_ROWS, BLOCK_P)
+    if INTERLEAVED:
+        col_a = 2 * pairs
+        col_b = col_a + 1
+    else:
+        col_a = pairs
+        col_b = pairs + n_pairs
+    x_a = load_row_f32(X, row_offsets(outer, inner, x_s0, x_s1, x_sc, col_a), mask)
+    x_b = load_row_f32(X, row_offsets(outer, inner, x_s0, x_s1, x_sc, col_b), mask)
+    if PAIR_FREQS:
+        cos_a = load_row_f32(COS, row_offsets(outer, inner, c_s0, c_s1, c_sc, pairs), mask)
+        sin_a = load_row_f32(SIN, row_offsets(outer, inner, s_s0, s_s1, s_sc, pairs), mask)
+        cos_b = cos_a
+        sin_b = sin_a
+    else:
+        cos_a = load_row_f32(COS, row_offsets(outer, inner, c_s0, c_s1, c_sc, col_a), mask)
+        cos_b = load_row_f32(COS, row_offsets(outer, inner, c_s0, c_s1, c_sc, col_b), mask)
+        sin_a = load_row_f32(SIN, row_offsets(outer, inner, s_s0, s_s1, s_sc, col_a), mask)
+        sin_b = load_row_f32(SIN, row_offsets(outer, inner, s_s0, s_s1, s_sc, col_b), mask)
+    rstd = 1.0 / tl.sqrt(tl.sum(x_a * x_a + x_b * x_b, axis=1)[:, None] / (2 * n_pairs) + eps)
+    n_a = x_a * rstd
+    n_b = x_b * rstd
+    if HAS_WEIGHT:
+        n_a = n_a * load_row_f32(W, row_offsets(outer, inner, 0, 0, w_sc, col_a), mask)
+        n_b = n_b * load_row_f32(W, row_offsets(outer, inner, 0, 0, w_sc, col_b), mask)
+    store_row(OUT, row_offsets(outer, inner, o_s0, o_s1, o_sc, col_a), mask, n_a * cos_a - n_b * sin_a)
+    store_row(OUT, row_offsets(outer, inner, o_s0, o_s1, o_sc, col_b), mask, n_b * cos_b + n_a * sin_b)
+
+
+@triton.jit
+def _qk_rmsnorm_rope_kernel(
+    Q,  # [q_groups, q_rows, D] queries
+    QW,  # q weight [D] (None without)
+    Q_OUT,  # [q_groups, q_rows, D] output
+    K,  # [k_groups, k_rows, D] keys
+    KW,  # k weight [D] (None without)
+    K_OUT,  # [k_groups, k_rows, D] output
+    COS,  # cos, broadcast to q's and to k's rows through the strides below
+    SIN,  # sin, likewise
+    q_group_programs,  # programs per row group of q: q program p takes group p // q_group_programs
+    q_programs,  # programs [0, q_programs) take q tiles, the rest k tiles
+    k_group_programs,
+    q_eps, k_eps,
+    q_rows, k_rows,  # rows per group
+    q_inner, k_inner,  # rows per outer index of q and of k
+    n_pairs,  # D / 2
+    q_sg, q_s0, q_s1,  # (group, outer, inner) strides of Q; likewise below (0 where broadcast)
+    qo_sg, qo_s0, qo_s1,
+    qc_sg, qc_s0, qc_s1,  # COS over q's rows
+    qs_sg, qs_s0, qs_s1,  # SIN over q's rows
+    k_sg, k_s0, k_s1,
+    ko_sg, ko_s0, ko_s1,
+    kc_sg, kc_s0, kc_s1,  # COS over k's rows
+    ks_sg, ks_s0, ks_s1,  # SIN over k's rows
+    q_sc: tl.constexpr,  # column strides, constexpr: 1 but for odd views
+    qw_sc: tl.constexpr,
+    qo_sc: tl.constexpr,
+    k_sc: tl.constexpr,
+    kw_sc: tl.constexpr,
+    ko_sc: tl.constexpr,
+    c_sc: tl.constexpr,
+    s_sc: tl.constexpr,
+    Q_HAS_WEIGHT: tl.constexpr,
+    K_HAS_WEIGHT: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    PAIR_FREQS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,  # rows per program
+    BLOCK_P: tl.constexpr,  # next_power_of_2(D / 2)
+):
+    """BLOCK_ROWS rows of q or of k per program: RMSNorm, weight, rotation (`_rmsnorm_rope_tile`)."""
+    program = tl.program_id(0).to(tl.int64)
+    if program < q_programs:
+        g = program // q_group_programs
+        _rmsnorm_rope_tile((program % q_group_programs) * BLOCK_ROWS, q_rows, q_inner, n_pairs,
+                           Q + g * q_sg, q_s0, q_s1, q_sc, QW, qw_sc,
+                           COS + g * qc_sg, qc_s0, qc_s1, c_sc, SIN + g * qs_sg, qs_s0, qs_s1, s_sc,
+                           Q_OUT + g * qo_sg, qo_s0, qo_s1, qo_sc, q_eps,
+                           Q_HAS_WEIGHT, INTERLEAVED, PAIR_FREQS, BLOCK_ROWS, BLOCK_P)
+    else:
+        program = program - q_programs
+        g = program // k_group_programs
+        _rmsnorm_rope_tile((program % k_group_programs) * BLOCK_ROWS, k_rows, k_inner, n_pairs,
+                           K + g * k_sg, k_s0, k_s1, k_sc, KW, kw_sc,
+                           COS + g * kc_sg, kc_s0, kc_s1, c_sc, SIN + g * ks_sg, ks_s0, ks_s1, s_sc,
+                           K_OUT + g * ko_sg, ko_s0, ko_s1, ko_sc, k_eps,
+                           K_HAS_WEIGHT, INTERLEAVED, PAIR_FREQS, BLOCK_ROWS, BLOCK_P)
+
+
+def check_rope_operands(x: Tensor | TensorMeta, other: Tensor | TensorMeta, cos, sin) -> None:
+    """ValueError unless x and other share an even D and cos/sin are D or D/2 wide."""
+    d = x.shape[-1] if len(x.shape) else 0
+    if d % 2 or len(x.shape) == 0:
+        raise ValueError(f"RoPE rotates pairs of columns: the last dim of q/k must be even, got {tuple(x.shape)}")
+    if len(other.shape) == 0 or other.shape[-1] != d:
+        raise ValueError(f"q and k must share their last dim for one RoPE, got {tuple(x.shape)} and {tuple(other.shape)}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if len(t.shape) == 0 or t.shape[-1] not in (d, d // 2):
+            raise ValueError(f"{name} must be {d} wide (one value per column) or {d // 2} (one per pair), "
+                             f"got {tuple(t.shape)} for q/k of last dim {d}")
+
+
+def reference_rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+    """diffusers' `apply_rotary_emb(x, (cos, sin), use_real=True, use_real_unbind_dim=-1 if
+    interleaved else -2)` with cos/sin already broadcastable to x; pair-form (`[..., D/2]`)
+    cos/sin are first widened to one value per column. Computes in fp32 (fp64 stays fp64)."""
+    if 2 * cos.shape[-1] == x.shape[-1]:
+        cos, sin = (t.repeat_interleave(2, dim=-1) if interleaved else torch.cat((t, t), dim=-1) for t in (cos, sin))
+    half = x.shape[-1] // 2  # not -1: a tensor without elements has no inferable dim
+    if interleaved:
+        real, imag = x.reshape(*x.shape[:-1], half, 2).unbind(-1)
+        rotated = torch.stack((-imag, real), dim=-1).flatten(-2)
+    else:
+        real, imag = x.reshape(*x.shape[:-1], 2, half).unbind(-2)
+        rotated = torch.cat((-imag, real), dim=-1)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    return (x.to(compute) * cos + rotated.to(compute) * sin).to(x.dtype)
+
+
+def reference_qk_rmsnorm_rope(
+    q: Tensor, k: Tensor, q_weight: Tensor | None, k_weight: Tensor | None, eps: float | None,
+    cos: Tensor, sin: Tensor, interleaved: bool,
+) -> tuple[Tensor, Tensor]:
+    check_rope_operands(q, k, cos, sin)
+    return (
+        reference_rope(reference_rmsnorm(q, q_weight, eps), cos, sin, interleaved),
+        reference_rope(reference_rmsnorm(k, k_weight, eps), cos, sin, interleaved),
+    )
+
+
+class _OutputDtypes(NamedTuple):
+    q: torch.dtype
+    k: torch.dtype
+
+
+class _LaunchPlan(NamedTuple):
+    """What a launch takes from the call signature alone."""
+
+    q_groups: int  # row groups of q (`launch.grouped_row_layout`)
+    k_groups: int
+    q_rows: int  # rows per group
+    k_rows: int
+    n_cols: int  # D, for `row_settings`
+    elem_bytes: int  # the wider of q's and k's element sizes
+    args: tuple  # the kernel's arguments from q_eps to ks_s1
+    constexprs: Mapping[str, object]  # column strides and switches
+
+
+@plan_cache
+def _output_dtypes(cpu_kernels, q, k, q_weight, k_weight, cos, sin) -> _OutputDtypes | None:
+    """Output dtypes of the kernel on operands with these `tensor_key`s, or None where the
+    reference must run (`rows_fit_kernel`, one device)."""
+    q, k, q_weight, k_weight, cos, sin = map(tensor_meta, (q, k, q_weight, k_weight, cos, sin))
+    q_operands = [t for t in (q_weight, cos, sin) if t is not None]
+    k_operands = [t for t in (k_weight, cos, sin) if t is not None]
+    if not (rows_fit_kernel(cpu_kernels, q, *q_operands) and rows_fit_kernel(cpu_kernels, k, *k_operands)
+            and q.device == k.device):
+        return None
+    weights = (q_weight, k_weight)
+    return _OutputDtypes(*(x.dtype if w is None else promoted_dtype(x.dtype, w) for x, w in zip((q, k), weights)))
+
+
+def _leading(t: TensorMeta) -> TensorMeta:
+    """`t` with its last dim cut to one unit column: a `row_layout` operand of the rows alone,
+    for cos/sin whose last dim (D/2 in the pair form) need not be x's."""
+    return t._replace(shape=(*t.shape[:-1], 1), stride=(*t.stride[:-1], 1))
+
+
+def _channel_stride(weight: TensorMeta | None, x: TensorMeta) -> int | None:
+    """The column stride of a per-channel weight broadcast into x (0 without a weight: unread),
+    or None for a weight that varies along x's rows."""
+    if weight is None:
+        return 0
+    strides = broadcast_strides(weight, x.shape)
+    return None if strides is None or any(strides[:-1]) else strides[-1]
+
+
+@plan_cache
+def _launch_plan(
+    key: tuple, q_out_stride: tuple[int, ...], k_out_stride: tuple[int, ...], eps: float | None, interleaved: bool
+) -> _LaunchPlan | None:
+    """The launch on operands with `_output_dtypes` key `key`, outputs of these strides, `eps`
+    and `interleaved`, or None where a weight is not per-channel, cos/sin add dims to q or k,
+    or rows do not coalesce into three row dims (`grouped_row_layout`)."""
+    _, *tensor_keys = key
+    q, k, q_weight, k_weight, cos, sin = map(tensor_meta, tensor_keys)
+    layouts = []
+    for x, out_stride in ((q, q_out_stride), (k, k_out_stride)):
+        rows = (*x.shape[:-1], 1)
+        layouts.append(grouped_row_layout(rows, *map(_leading, (x, x._replace(stride=out_stride), cos, sin))))
+    weight_cols = (_channel_stride(q_weight, q), _channel_stride(k_weight, k))
+    if None in layouts or None in weight_cols:
+        return None
+    q_layout, k_layout = layouts
+
+    def strides(layout: GroupedRowLayout) -> tuple[int, ...]:  # (group, outer, inner) of x, out, cos, sin
+        return tuple(s for g, (s0, s1, _) in zip(layout.group_strides, layout.rows.strides) for s in (g, s0, s1))
+
+    d = q.shape[-1]
+    args = (
+        default_eps(q, eps), default_eps(k, eps),
+        q_layout.rows.n_rows, k_layout.rows.n_rows,
+        q_layout.rows.n_inner, k_layout.rows.n_inner,
+        d // 2,
+        *strides(q_layout), *strides(k_layout),
+    )
+    constexprs = dict(
+        q_sc=q.stride[-1], qw_sc=weight_cols[0], qo_sc=q_out_stride[-1],
+        k_sc=k.stride[-1], kw_sc=weight_cols[1], ko_sc=k_out_stride[-1],
+        c_sc=cos.stride[-1], s_sc=sin.stride[-1],
+        Q_HAS_WEIGHT=q_weight is not None, K_HAS_WEIGHT=k_weight is not None,
+        INTERLEAVED=bool(interleaved), PAIR_FREQS=2 * cos.shape[-1] == d,
+    )
+    elem_bytes = max(q.dtype.itemsize, k.dtype.itemsize)
+    return _LaunchPlan(q_layout.n_groups, k_layout.n_groups, q_layout.rows.n_rows, k_layout.rows.n_rows, d,
+                       elem_bytes, args, MappingProxyType(constexprs))
+
+
+def _qk_rmsnorm_rope(q, k, q_weight, k_weight, eps, cos, sin, interleaved, launch: Launch) -> tuple[Tensor, Tensor]:
+    """The op's body (`launch_mode(q)`) and fake impl (`Launch.NONE`, which allocates the
+    outputs and launches nothing): kernel or reference."""
+    check_rope_operands(q, k, cos, sin)
+    key = (kernels_on_cpu(q, launch), *map(tensor_key, (q, k, q_weight, k_weight, cos, sin)))
+    dtypes = launch.planner(_output_dtypes)(*key)
+    if dtypes is None:
+        return reference_qk_rmsnorm_rope(q, k, q_weight, k_weight, eps, cos, sin, interleaved)
+    q_out, k_out = torch.empty_like(q, dtype=dtypes.q), torch.empty_like(k, dtype=dtypes.k)
+    plan = launch.planner(_launch_plan)(key, q_out.stride(), k_out.stride(), eps, interleaved)
+    if plan is None:
+        return reference_qk_rmsnorm_rope(q, k, q_weight, k_weight, eps, cos, sin, interleaved)
+    if launch is not Launch.NONE:
+        settings = row_settings(plan.n_cols, plan.elem_bytes)
+        q_group_programs, k_group_programs = settings.programs(plan.q_rows), settings.programs(plan.k_rows)
+        q_programs = plan.q_groups * q_group_programs
+        with on_device_of(q):
+            launch_kernel(
+                _qk_rmsnorm_rope_kernel,
+                q_programs + plan.k_groups * k_group_programs,
+                (q, q_weight, q_out, k, k_weight, k_out, cos, sin, q_group_programs, q_programs, k_group_programs,
+                 *plan.args),
+                {**plan.constexprs, "BLOCK_ROWS": settings.block_rows, "BLOCK_P": settings.block_size // 2},
+                settings.num_warps,
+                traced=launch is Launch.TRACED,
+            )
+    return q_out, k_out
+
+
+@fused_op("qk_rmsnorm_rope")
+def _qk_rmsnorm_rope_op(
+    q: Tensor, k: Tensor, q_weight: Tensor | None, k_weight: Tensor | None, eps: float | None,
+    cos: Tensor, sin: Tensor, interleaved: bool,
+) -> tuple[Tensor, Tensor]:
+    return _qk_rmsnorm_rope(q, k, q_weight, k_weight, eps, cos, sin, interleaved, launch_mode(q))
+
+
+@_qk_rmsnorm_rope_op.register_fake
+def _(q, k, q_weight, k_weight, eps, cos, sin, interleaved):
+    return _qk_rmsnorm_rope(q, k, q_weight, k_weight, eps, cos, sin, interleaved, Launch.NONE)
+
+
+register_reference_autograd(_qk_rmsnorm_rope_op, reference_qk_rmsnorm_rope)
+
+
+def qk_rmsnorm_rope(
+    q: Tensor, k: Tensor, q_weight: Tensor | None, k_weight: Tensor | None, eps: float | None,
+    cos: Tensor, sin: Tensor, interleaved: bool = True,
+) -> QKNormOut:
+    """RMSNorm then RoPE of q and of k (see the module docstring), in one launch."""
+    return QKNormOut(*_qk_rmsnorm_rope_op(q, k, q_weight, k_weight, eps, cos, sin, interleaved))
