@@ -6,7 +6,7 @@ twice): two reads of a tensor that nothing writes see the same values, wherever 
 A written tensor is the first argument of an in-place operation (``out[..., 0::2] = v``,
 ``x.add_(y)``). Its *alias class* is every node that may share its storage: walk back
 through view-like nodes to the node that created the storage; when that is a fresh
-allocation (``torch.empty_like(q)``, ``zeros``, ``clone``), the class is that base and
+allocation (``torch.empty_like(q)``, ``zeros``, ``clone``, the result of ``a & b``), the class is that base and
 everything derived from it through view-like nodes. When the base is anything else (an
 input, a parameter, a result that may itself be a view of an input), the writes cannot be
 bounded and :func:`written_aliases` answers None: the caller must assume anything may change.
@@ -25,19 +25,21 @@ _VIEW_METHODS = {
     "to", "type", "type_as", "view", "view_as", "reshape", "reshape_as", "unsqueeze", "squeeze", "expand",
     "expand_as", "permute", "transpose", "contiguous", "flatten", "unflatten", "narrow", "select", "chunk",
     "split", "split_with_sizes", "unbind", "detach", "t", "as_strided", "movedim", "float", "half", "bfloat16",
-    "double",
+    "double", "bool", "int", "long",
 }
 _VIEW_FUNCTIONS = {
     operator.getitem, torch.unsqueeze, torch.reshape, torch.flatten, torch.squeeze, torch.permute,
     torch.transpose, torch.narrow, torch.select, torch.chunk, torch.split, torch.unbind, torch.detach,
     torch.movedim,
 }
-#: return new storage that no input shares
+#: return new storage that no input shares (allocations, and out-of-place arithmetic on tensors)
 _ALLOCATIONS = {
     torch.empty, torch.empty_like, torch.zeros, torch.zeros_like, torch.ones, torch.ones_like, torch.full,
-    torch.full_like, torch.clone,
+    torch.full_like, torch.clone, torch.cat, torch.stack, torch.where, operator.add, operator.sub, operator.mul,
+    operator.truediv, operator.neg, operator.and_, operator.or_, operator.xor, operator.invert, operator.eq,
+    operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
 }
-_ALLOCATING_METHODS = {"new_empty", "new_zeros", "new_ones", "new_full", "clone"}
+_ALLOCATING_METHODS = {"new_empty", "new_zeros", "new_ones", "new_full", "clone", "repeat"}
 
 
 def mutates(node: fx.Node, root: nn.Module | None) -> bool:

@@ -43,7 +43,7 @@ by promotion anyway)                                    it computes with)
 
 ``view`` -> ``reshape`` changes only which inputs raise (reshape copies where view fails).
 Node ``meta`` (Dynamo's ``example_value``, the module stack) is carried to the new node.
-Finally, repeated casts, reshapes, unsqueezes and attribute reads of one value are merged
+Finally, repeated casts, reshapes, unsqueezes, indexing and attribute reads of one value are merged
 (unless an in-place write may reach that value: ``aliasing.py``), and device moves of tensor
 constants become cached copies (``constants.py``). A dtype or device is *known* from the
 graph's shape metadata (Dynamo's ``example_value``), or for a cast from its target dtype.
@@ -418,7 +418,7 @@ def _known_device(node) -> torch.device | None:
 
 _DUPLICABLE = {
     ("call_method", CAST_METHOD), ("call_function", getattr), ("call_function", UNSQUEEZE),
-    ("call_function", RESHAPE),
+    ("call_function", RESHAPE), ("call_function", operator.getitem),
 }
 
 
@@ -452,6 +452,8 @@ def _hashable(value):
         return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, *(_hashable(v) for v in value))
+    if isinstance(value, slice):  # unhashable before Python 3.12
+        return ("slice", value.start, value.stop, value.step)
     return value
 
 

@@ -27,6 +27,8 @@ from typing import Iterable
 
 import torch
 from torch import fx
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._pytree import tree_leaves
 
 from fusion_pass.match import Match, MatchContext, NearMiss, PatternFamily, tensor_meta
 from fusion_pass.registry import FUSED_OPS
@@ -134,7 +136,8 @@ def _meta_for(node: fx.Node, base: dict) -> dict:
             fake_args.append(value)
         else:
             fake_args.append(arg)
-    mode = torch._guards.detect_fake_mode()  # the fake mode of the compile in progress
+    # the fake mode the graph's metadata was made in (Dynamo's; not the compile's current one)
+    mode = next((v.fake_mode for v in tree_leaves(fake_args) if isinstance(v, FakeTensor)), None)
     if mode is None:
         return meta
     try:

@@ -1,6 +1,7 @@
 """Pattern families, one module each. The registry order is the matching order: the
 chained family runs first so it can claim residual/norm pairs before the single families
-take their halves; ``qk_rmsnorm_cat`` runs after ``qk_rmsnorm``, whose calls it folds.
+take their halves; ``qk_rmsnorm_cat`` and ``qk_rmsnorm_rope`` run after ``qk_rmsnorm``, whose
+calls they fold.
 Adding a family: a module here and one line in ``FAMILIES``."""
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from patterns.gelu_cat import GeluCat
 from patterns.layernorm_modulate import LayerNormModulate
 from patterns.qk_rmsnorm import QKRMSNorm
 from patterns.qk_rmsnorm_cat import QKRMSNormCat
+from patterns.qk_rmsnorm_rope import QKRMSNormRope
 from patterns.residual_gate import ResidualGate
 from patterns.residual_norm_chain import ResidualNormChain
 
@@ -18,6 +20,7 @@ FAMILIES = (
     QKRMSNorm(),
     GeluCat(),
     QKRMSNormCat(),
+    QKRMSNormRope(),
 )
 
 FAMILY_NAMES = tuple(family.name for family in FAMILIES)
@@ -26,7 +29,7 @@ FAMILY_NAMES = tuple(family.name for family in FAMILIES)
 def select(names=None):
     """The families named in ``names`` (all when None), in registry order. The chained
     family comes along only when both of its halves are selected or it is named itself;
-    ``qk_rmsnorm`` comes along with ``qk_rmsnorm_cat``, which folds its calls."""
+    ``qk_rmsnorm`` comes along with ``qk_rmsnorm_cat`` and ``qk_rmsnorm_rope``, which fold its calls."""
     if names is None:
         return FAMILIES
     names = set(names)
@@ -37,6 +40,6 @@ def select(names=None):
     halves = {"layernorm_modulate", "residual_gate"}
     if halves <= names:
         names.add("residual_layernorm_modulate")
-    if "qk_rmsnorm_cat" in names:
+    if names & {"qk_rmsnorm_cat", "qk_rmsnorm_rope"}:
         names.add("qk_rmsnorm")
     return tuple(family for family in FAMILIES if family.name in names)

@@ -137,7 +137,8 @@ def build(name: str, seed: int = 0) -> tuple[torch.nn.Module, dict]:
 @dataclass(frozen=True)
 class Sites:
     """Sites in a model's code: ``modulations`` are ``LN(x) * (1 + scale) + shift``, ``gates``
-    ``x + gate * f(...)``, ``qk`` q/k RMSNorm pairs feeding one attention. ``unsupported``: sites
+    ``x + gate * f(...)``, ``qk`` q/k RMSNorm pairs feeding one attention, ``qk_rope`` those of them
+    that diffusers' real-valued RoPE rotates right after the norm. ``unsupported``: sites
     of a family no fused op covers yet (``rms_modulate``: an RMSNorm modulated; ``qk_layernorm``:
     q/k LayerNorm pairs). ``norms_left``: the LayerNorm/RMSNorm calls that stay in the graph
     once every supported site is fused (the unsupported sites' norms among them)."""
@@ -147,6 +148,7 @@ class Sites:
     qk: int
     norms_left: int
     unsupported: dict = field(default_factory=dict)
+    qk_rope: int = 0  # q/k pairs among ``qk`` rotated right after their norms, one table (qk_rmsnorm_rope)
 
 
 def expected_sites(name: str, config) -> Sites:
@@ -157,8 +159,10 @@ def expected_sites(name: str, config) -> Sites:
         # `norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]`; 4 gates (attn, ff, context attn,
         # context ff); q/k pairs: norm_q/norm_k and norm_added_q/norm_added_k. FluxSingleTransformerBlock:
         # 1 modulation (AdaLayerNormZeroSingle), 1 gate, 1 q/k pair. norm_out: AdaLayerNormContinuous.
+        # RoPE (FluxAttnProcessor, apply_rotary_emb interleaved) right after the single blocks' norms; the
+        # double blocks concatenate text and image q/k between norm and RoPE.
         return Sites(4 * c.num_layers + c.num_single_layers + 1, 4 * c.num_layers + c.num_single_layers,
-                     2 * c.num_layers + c.num_single_layers, 0)
+                     2 * c.num_layers + c.num_single_layers, 0, qk_rope=c.num_single_layers)
     if name == "sd3":
         # JointTransformerBlock: norm1 (SD35AdaLayerNormZeroX: one LayerNorm, two modulations, in dual-attention
         # layers; AdaLayerNormZero otherwise), norm1_context (AdaLayerNormZero, or AdaLayerNormContinuous in the
@@ -172,15 +176,18 @@ def expected_sites(name: str, config) -> Sites:
     if name == "wan":
         # WanTransformerBlock: norm1 and norm3 modulated (FP32LayerNorm, cast to fp32 and back), norm2 the
         # affine cross-attention norm (unmodulated); gates on attn1 and ffn; q/k pairs of attn1 and attn2
-        # (qk_norm="rms_norm_across_heads": one RMSNorm over all heads). norm_out: FP32LayerNorm modulated.
+        # (qk_norm="rms_norm_across_heads": one RMSNorm over all heads; RoPE follows per head, written in place:
+        # no qk_rmsnorm_rope). norm_out: FP32LayerNorm modulated.
         return Sites(2 * c.num_layers + 1, 2 * c.num_layers, 2 * c.num_layers, c.num_layers)
     if name == "hunyuan_video":
         # HunyuanVideoTransformerBlock: 4 modulations, 4 gates, 2 q/k pairs (image and added); single block:
         # 1 modulation, 1 gate, 1 q/k pair; the token refiner's blocks: 2 gates (HunyuanVideoAdaNorm) after
         # two unmodulated affine LayerNorms, attention without q/k norms. norm_out: AdaLayerNormContinuous.
+        # RoPE right after the double blocks' image q/k norms; the single blocks rotate only the image
+        # tokens (`query[:, :, :-encoder_len]`), not the norm's whole output.
         return Sites(4 * c.num_layers + c.num_single_layers + 1,
                      4 * c.num_layers + c.num_single_layers + 2 * c.num_refiner_layers,
-                     2 * c.num_layers + c.num_single_layers, 2 * c.num_refiner_layers)
+                     2 * c.num_layers + c.num_single_layers, 2 * c.num_refiner_layers, qk_rope=c.num_layers)
     if name == "cogvideox":
         # CogVideoXBlock: norm1 and norm2 (CogVideoXLayerNormZero: `norm(x) * (1 + scale)[:, None, :] + shift`
         # on the video and the text stream each), 4 gates; q/k LayerNorms (qk_layernorm: no fused op yet).
@@ -190,8 +197,10 @@ def expected_sites(name: str, config) -> Sites:
     if name == "ltx":
         # LTXVideoTransformerBlock: norm1/norm2 are RMSNorms modulated `norm(x) * (1 + scale) + shift`
         # (rms modulation: no fused op yet), gates on attn1 and ff, q/k pairs of attn1 and attn2
-        # (rms_norm_across_heads). norm_out: LayerNorm `* (1 + scale) + shift`.
-        return Sites(1, 2 * c.num_layers, 2 * c.num_layers, 2 * c.num_layers, {"rms_modulate": 2 * c.num_layers})
+        # (rms_norm_across_heads), attn1's rotated (LTX's apply_rotary_emb, interleaved, over all heads).
+        # norm_out: LayerNorm `* (1 + scale) + shift`.
+        return Sites(1, 2 * c.num_layers, 2 * c.num_layers, 2 * c.num_layers, {"rms_modulate": 2 * c.num_layers},
+                     qk_rope=c.num_layers)
     if name == "sana":
         # SanaTransformerBlock: norm1, norm2 modulated, 2 gates, no q/k norms (qk_norm=None);
         # caption_norm (RMSNorm on the text input); norm_out: SanaModulatedNorm.

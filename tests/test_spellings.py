@@ -173,15 +173,51 @@ def test_attention_called_with_keywords_is_fused():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rope", [
-    pytest.param(lambda x, c, s: rope_real(x, c, s, -1), id="interleaved"),
-    pytest.param(lambda x, c, s: rope_real(x, c, s, -2), id="half_rotated"),
-    pytest.param(rope_in_place, id="written_in_place"),
-])
-def test_q_k_norms_followed_by_rope_are_paired(rope):
-    report, got, expected, *_ = backend_run(qk_attention(diffusers_rms_norm, diffusers_rms_norm, rope=rope))
-    assert fused(report) == {"qk_rmsnorm": 1}
+def interleaved(x, cos, sin):
+    return rope_real(x, cos, sin, -1)
+
+
+def half_rotated(x, cos, sin):
+    return rope_real(x, cos, sin, -2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rope", [interleaved, half_rotated], ids=lambda f: f.__name__)
+def test_q_k_norms_followed_by_rope_run_as_one_call_no_less_accurate(rope, dtype):
+    report, got, expected, module, inputs = backend_run(
+        qk_attention(diffusers_rms_norm, diffusers_rms_norm, rope=rope), dtype)
+    assert fused(report) == {"qk_rmsnorm": 1, "qk_rmsnorm_rope": 1}
+    assert report.counts()["qk_rmsnorm"] == 0  # folded into the RoPE call
     assert reasons(report, "residual_gate") == []  # x * cos + rotate(x) * sin is no gated residual
+    ulp = torch.finfo(dtype).eps * expected.abs().max().item()
+    assert _fp64_error(module, inputs, got) <= _fp64_error(module, inputs, expected) + ulp
+
+
+def test_q_k_norms_followed_by_rope_written_in_place_are_paired():
+    report, got, expected, *_ = backend_run(qk_attention(diffusers_rms_norm, diffusers_rms_norm, rope=rope_in_place))
+    assert fused(report) == {"qk_rmsnorm": 1}  # Wan's form stays a separate rotation
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _rotating(rope_q, rope_k):
+    def fn(s, x, emb):
+        q, k, v = (s.heads(p(x)) for p in (s.to_q, s.to_k, s.to_v))
+        q, k = diffusers_rms_norm(q, s.q_weight), diffusers_rms_norm(k, s.k_weight)
+        q, k = rope_q(q, s.cos, s.sin), rope_k(k, s.cos, s.sin)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+    return fn
+
+
+@pytest.mark.parametrize("rope_q, rope_k, reason", [
+    (interleaved, half_rotated, "q and k are rotated with different tables or layouts"),
+    (interleaved, lambda x, cos, sin: interleaved(x, sin, cos), "q and k are rotated with different tables or layouts"),
+    (interleaved, lambda x, cos, sin: x, "only q is rotated"),
+], ids=["layouts_differ", "tables_differ", "only_q_rotated"])
+def test_rope_that_differs_between_q_and_k_keeps_the_norm_call(rope_q, rope_k, reason):
+    report, got, expected, *_ = backend_run(_rotating(rope_q, rope_k))
+    assert fused(report) == {"qk_rmsnorm": 1}
+    assert reasons(report, "qk_rmsnorm_rope") == [reason]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
