@@ -1,7 +1,8 @@
 """Pattern families, one module each. The registry order is the matching order: the
 chained family runs first so it can claim residual/norm pairs before the single families
 take their halves; ``qk_rmsnorm_cat`` and ``qk_rmsnorm_rope`` run after ``qk_rmsnorm``, whose
-calls they fold.
+calls they fold; ``residual_layernorm`` runs after the modulation and gate families, whose
+residuals and LayerNorms it must not take.
 Adding a family: a module here and one line in ``FAMILIES``."""
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from patterns.qk_rmsnorm import QKRMSNorm
 from patterns.qk_rmsnorm_cat import QKRMSNormCat
 from patterns.qk_rmsnorm_rope import QKRMSNormRope
 from patterns.residual_gate import ResidualGate
+from patterns.residual_layernorm import ResidualLayerNorm
 from patterns.residual_norm_chain import ResidualNormChain
 
 FAMILIES = (
@@ -21,6 +23,7 @@ FAMILIES = (
     GeluCat(),
     QKRMSNormCat(),
     QKRMSNormRope(),
+    ResidualLayerNorm(),
 )
 
 FAMILY_NAMES = tuple(family.name for family in FAMILIES)

@@ -16,17 +16,15 @@ Emits      ``fusion_pass::residual_gate(residual, y, gate)``.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Iterator
 
 from torch import fx
 
 from fusion_pass import normalize as canon
-from fusion_pass.registry import FUSED_OPS
 from fusion_pass.match import (
     Match, MatchContext, NearMiss, broadcasts_over_last_dim, depends_on, describe, is_call,
-    operand_orders, scan, tensor_meta,
+    operand_orders, producer, scan, tensor_meta,
 )
 
 NAME = "residual_gate"
@@ -60,7 +58,7 @@ def match_site(node: fx.Node, ctx: MatchContext, order: dict[fx.Node, int]) -> R
         roots = _stream_roots(residual)
         branches = [b for b in product.args if any(depends_on(b, root, order) for root in roots)]
         if not branches:
-            if not is_call(residual, canon.MUL) and any(depends_on(residual, _producer(operand), order)
+            if not is_call(residual, canon.MUL) and any(depends_on(residual, producer(operand), order)
                                                         for operand in product.args):
                 reasons.append("the gate multiplies the residual, not the branch computed from it")
             continue  # otherwise a + b * c with no residual structure: not a candidate
@@ -86,23 +84,12 @@ def _stream_roots(residual: fx.Node) -> tuple[fx.Node, ...]:
     sum of an earlier residual connection ``h + a``, that stream's previous value ``h``
     (SD3.5's dual attention: ``h = h + g1 * attn(n1); h = h + g2 * attn2(n2)``, where ``n1``
     and ``n2`` are both modulations of the LayerNorm of the first ``h``)."""
-    roots = [_producer(residual)]
+    roots = [producer(residual)]
     if is_call(residual, canon.ADD):
-        roots += [_producer(a) for a in residual.args if isinstance(a, fx.Node)]
+        roots += [producer(a) for a in residual.args if isinstance(a, fx.Node)]
     return tuple(roots)
 
 
-def _producer(value: fx.Node) -> fx.Node:
-    """The node that computed ``value``: for a field of an earlier fused op returning
-    ``(residual, normed)``, the fused call itself, from which ``normed`` is computed too.
-    (Other multi-output nodes, such as ``chunk``, are not unwrapped: chunks are siblings.)"""
-    source = value.args[0] if value.op == "call_function" and value.target is operator.getitem else None
-    if isinstance(source, fx.Node) and source.target in _FUSED_TARGETS:
-        return source
-    return value
-
-
-_FUSED_TARGETS = {fused.op for fused in FUSED_OPS.values() if fused.outputs}
 
 
 class ResidualGate:

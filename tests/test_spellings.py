@@ -378,3 +378,35 @@ def test_duplicate_casts_are_merged_unless_a_write_may_reach_them(write_to, read
     normalize(graph)
     casts = sum(node.op == "call_method" and node.target == "to" for node in graph.nodes)
     assert casts == (1 if merged else 2)
+
+
+# --- pre-LN residual add feeding a LayerNorm ------------------------------------------------------
+
+def pre_ln(branch_shape=None, structured=True):
+    def fn(s, x, emb):
+        branch = s.to_v(s.norm(x))
+        if branch_shape is not None:
+            branch = branch[:, :1]  # one row broadcast over the tokens
+        r = (x if structured else emb[:, None, :D]) + branch
+        return F.layer_norm(r, (D,), s.qh_weight, s.kh_weight, 1e-6) + r
+
+    return fn
+
+
+def test_pre_ln_residual_feeding_a_layernorm_is_fused():
+    report, got, expected, *_ = backend_run(pre_ln())
+    assert fused(report) == {"residual_layernorm": 1}
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_residual_add_that_broadcasts_the_branch_is_not_fused():
+    report, got, expected, *_ = backend_run(pre_ln(branch_shape="row"))
+    assert fused(report) == {}
+    assert reasons(report, "residual_layernorm") == ["the residual add broadcasts one operand"]
+    torch.testing.assert_close(got, expected)
+
+
+def test_sum_without_residual_structure_is_not_a_candidate():
+    report, *_ = backend_run(pre_ln(structured=False))
+    assert fused(report) == {}
+    assert reasons(report, "residual_layernorm") == []
