@@ -1,8 +1,10 @@
 """Benchmark the fused ops against the unfused PyTorch expressions they replace (CUDA only).
 
 For each op at Hunyuan3D-2 shapes (B = 2, L in {3072, 1370, 4442}, hidden 1024, 16 heads of 64)
-and one past the 60 MB L2 of an H200 (B = 8, L = 4442), in fp16 and bf16, CUDA-graph timed
-(`triton.testing.do_bench_cudagraph`, median):
+and one past the 60 MB L2 of an H200 (B = 8, L = 4442), and for the ops of other models at those
+models' shapes (`model_workloads`: Flux-dev, hidden 3072, 24 heads of 128, 4096 + 512 tokens,
+batch 1; hy3dgen's ShapeVAE, width 1024, 16 heads of 64, 3072 latents, 10,000 decoder queries
+a chunk), in fp16 and bf16, CUDA-graph timed (`triton.testing.do_bench_cudagraph`, median):
 
 - fused op, eager unfused expression, `torch.compile` of the unfused expression (us);
 - achieved bandwidth = (each input read once at its real size, broadcast operands included,
@@ -40,6 +42,9 @@ TXT_TOKENS = 1370  # the condition stream of the double blocks' joint attention
 EPS = 1e-6
 SHAPES = [(2, 3072), (2, 1370), (2, 4442), (8, 4442)]  # (B, L); the last is past the L2
 DTYPES = [torch.float16, torch.bfloat16]
+FLUX_HIDDEN, FLUX_HEADS, FLUX_TOKENS = 3072, 24, 4096 + 512  # Flux-dev: image + text tokens, batch 1
+VAE_WIDTH, VAE_HEADS, VAE_LATENTS = 1024, 16, 3072  # Hunyuan3D-2's ShapeVAE (assumed config: see model_workloads)
+VAE_QUERIES = 10_000  # points per decoder chunk (`num_chunks` of hy3dgen's volume decoders)
 HOST_CALLS = 2000
 COPY_BYTES = 1 << 30
 
@@ -110,6 +115,56 @@ def workloads(batch: int, tokens: int, dtype: torch.dtype) -> list[Workload]:
     ]
 
 
+def model_workloads(dtype: torch.dtype, flux_tokens: int = FLUX_TOKENS, vae_tokens: int = VAE_LATENTS,
+                    vae_queries: int = VAE_QUERIES) -> list[tuple[Workload, int, int]]:
+    """(workload, batch, tokens) of the ops other models need, at their shapes:
+
+    - `qk_rmsnorm_rope`: Flux-dev's single block, q/k `to_q(x).unflatten(-1, (24, 128))`
+      `[1, L, 24, 128]`, bf16/fp16 weights, fp32 tables `cos[None, :, None, :]` (interleaved);
+    - `residual_add_layernorm`: a pre-LN residual of width 3072 (Flux's hidden size) and of the
+      ShapeVAE's latent transformer (width 1024, affine LayerNorm);
+    - `qk_layernorm`: the ShapeVAE's self-attention (q, k `torch.split`s of `qkv.view(B, N, 16, 192)`)
+      and its decoder's cross-attention (q `[1, 10000, 16, 64]` queries, k a split of the latents'
+      kv `[1, 3072, 16, 128]`).
+
+    The ShapeVAE config (width 1024, 16 heads, 3072 latents, `qk_norm=True`) is Hunyuan3D-2's
+    vae as we read it; the file's defaults leave them to the checkpoint's config."""
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", dtype=dtype)
+
+    def workload(op: str, fused: Callable, unfused: Callable, *args) -> Workload:
+        return Workload(op, args, lambda: fused(*args), unfused)
+
+    head_dim = FLUX_HIDDEN // FLUX_HEADS
+    q, k = (randn(1, flux_tokens, FLUX_HIDDEN).unflatten(-1, (FLUX_HEADS, head_dim)) for _ in "qk")
+    positions = torch.arange(flux_tokens, device="cuda", dtype=torch.float32)[:, None]
+    angles = (positions * 10000.0 ** (-torch.arange(0, head_dim, 2, device="cuda") / head_dim)).repeat_interleave(2, -1)
+    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    rope = workload("qk_rmsnorm_rope", ops.qk_rmsnorm_rope, ops.reference_qk_rmsnorm_rope,
+                    q, k, randn(head_dim), randn(head_dim), EPS, cos, sin, True)
+
+    def residual_layernorm(tokens: int, width: int) -> Workload:
+        return workload("residual_add_layernorm", ops.residual_add_layernorm, ops.reference_residual_add_layernorm,
+                        randn(1, tokens, width), randn(1, tokens, width), randn(width), randn(width), EPS)
+
+    vae_dim = VAE_WIDTH // VAE_HEADS
+    qkv = randn(1, vae_tokens, 3 * VAE_WIDTH).view(1, vae_tokens, VAE_HEADS, 3 * vae_dim)
+    vae_q, vae_k, _ = torch.split(qkv, vae_dim, dim=-1)
+    queries = randn(1, vae_queries, VAE_WIDTH).view(1, vae_queries, VAE_HEADS, vae_dim)
+    latent_k, _ = torch.split(randn(1, vae_tokens, 2 * VAE_WIDTH).view(1, vae_tokens, VAE_HEADS, 2 * vae_dim), vae_dim, -1)
+    params = [randn(vae_dim) for _ in range(4)]
+    return [
+        (rope, 1, flux_tokens),
+        (residual_layernorm(flux_tokens, FLUX_HIDDEN), 1, flux_tokens),
+        (residual_layernorm(vae_tokens, VAE_WIDTH), 1, vae_tokens),
+        (workload("qk_layernorm", ops.qk_layernorm, ops.reference_qk_layernorm, vae_q, vae_k, *params, EPS),
+         1, vae_tokens),
+        (workload("qk_layernorm", ops.qk_layernorm, ops.reference_qk_layernorm, queries, latent_k, *params, EPS),
+         1, vae_queries),
+    ]
+
+
 def heads(qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """q, k, v: `[B, H, L, D/H]` views of a `[B, L, 3D]` projection, as `rearrange` makes them."""
     batch, tokens, _ = qkv.shape
@@ -176,10 +231,11 @@ def host_overheads() -> list[HostOverhead]:
         call = direct_call(getattr(torch.ops.fusion_pass, w.op).default)
         return lambda: call(*w.args)
 
+    small = [*workloads(2, 1, torch.float16), *(w for w, _, _ in model_workloads(torch.float16, 1, 1, 1)[:4])]
     return [
         HostOverhead(w.op, host_us_per_call(w.fused), host_us_per_call(direct(w)),
                      host_us_per_call(lambda w=w: w.unfused(*w.args)))
-        for w in workloads(2, 1, torch.float16)
+        for w in small
     ]
 
 
@@ -203,7 +259,8 @@ def markdown(meta: dict, timings: list[Timing], overheads: list[HostOverhead]) -
         )
     lines += [
         "",
-        f"Host time per call ({HOST_CALLS} calls, B = 2, L = 1, fp16, no sync):",
+        f"Host time per call ({HOST_CALLS} calls, L = 1 (B = 2 at Hunyuan3D-2 widths, B = 1 at the other "
+        "models'), fp16, no sync):",
         "",
         "| op | fused via torch.ops us/call | fused direct (optimize) us/call | eager unfused us/call |",
         "|---|---|---|---|",
@@ -226,6 +283,10 @@ def main() -> None:
         for dtype in DTYPES
         for batch, tokens in SHAPES
         for w in workloads(batch, tokens, dtype)
+    ] + [
+        time_workload(w, batch, tokens, dtype, copy["copy_gbps"])
+        for dtype in DTYPES
+        for w, batch, tokens in model_workloads(dtype)
     ]
     meta = {
         "device": torch.cuda.get_device_name(),

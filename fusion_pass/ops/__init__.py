@@ -14,6 +14,7 @@ from .layernorm_modulate import (
     reference_residual_gate_layernorm_scale_shift,
     residual_gate_layernorm_scale_shift,
 )
+from .qk_layernorm import qk_layernorm, reference_qk_layernorm
 from .qk_rmsnorm import QKNormOut, qk_rmsnorm, qk_rmsnorm_, reference_qk_rmsnorm
 from .qk_rmsnorm_cat import QKVCatOut, qk_rmsnorm_cat, reference_qk_rmsnorm_cat
 from .qk_rmsnorm_rope import qk_rmsnorm_rope, reference_qk_rmsnorm_rope
@@ -28,12 +29,14 @@ __all__ = [
     "gelu_cat",
     "interpret_on_cpu",
     "layernorm_scale_shift",
+    "qk_layernorm",
     "qk_rmsnorm",
     "qk_rmsnorm_",
     "qk_rmsnorm_cat",
     "qk_rmsnorm_rope",
     "reference_gelu_cat",
     "reference_layernorm_scale_shift",
+    "reference_qk_layernorm",
     "reference_qk_rmsnorm",
     "reference_qk_rmsnorm_cat",
     "reference_qk_rmsnorm_rope",

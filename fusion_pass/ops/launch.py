@@ -108,6 +108,12 @@ class RowSettings(NamedTuple):
         """Programs that cover `n_rows` rows (`triton.cdiv`, whose host call costs a few us)."""
         return -(-n_rows // self.block_rows)
 
+    def grouped_programs(self, n_groups: int, n_rows: int) -> tuple[int, int]:
+        """(programs per group, programs in all) covering `n_groups` groups of `n_rows` rows
+        (`GroupedRowLayout`): program p takes group p // per_group."""
+        per_group = self.programs(n_rows)
+        return per_group, n_groups * per_group
+
 
 class RowLayout(NamedTuple):
     """Rows of tensors of one shape `[..., D]` (or broadcast to it) as a 2-level index space.

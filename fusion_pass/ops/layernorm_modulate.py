@@ -48,7 +48,7 @@ from .launch import (
     tensor_meta,
 )
 from .reference_autograd import register_reference_autograd
-from .row_access import load_row_f32, row_offsets, row_tile, store_row
+from .row_access import layernorm_f32, load_row_f32, row_offsets, row_tile, store_row
 
 
 class ResidualNormOut(NamedTuple):
@@ -118,11 +118,7 @@ def _residual_norm_modulate_kernel(
         # Normalise r as stored, like the unfused layer_norm(r) does.
         x = x.to(R_OUT.dtype.element_ty).to(tl.float32)
     if NORMALIZE:
-        mean = tl.sum(x, axis=1)[:, None] / n_cols
-        diff = tl.where(mask, x - mean, 0.0)
-        var = tl.sum(diff * diff, axis=1)[:, None] / n_cols
-        rstd = 1.0 / tl.sqrt(var + eps)
-        normed = diff * rstd
+        normed = layernorm_f32(x, mask, n_cols, eps)
         if HAS_WEIGHT:
             normed = normed * load_row_f32(W, row_offsets(outer, inner, 0, 0, w_sc, cols), mask)
         if HAS_BIAS:

@@ -10,8 +10,8 @@ per tensor x (q or k), over its last dim D (D even), the unfused diffusers code 
 with `rotate` that of diffusers' `apply_rotary_emb(n, (cos, sin), use_real=True, ...)`
 (`models/embeddings.py`), on pairs (n_a, n_b) -> (-n_b, n_a):
 
-- `interleaved=True`  (`use_real_unbind_dim=-1`; Flux, HunyuanVideo, CogVideoX, LTX): pairs are
-  columns (2j, 2j + 1);
+- `interleaved=True`  (`use_real_unbind_dim=-1`; Flux, HunyuanVideo's double blocks, LTX): pairs
+  are columns (2j, 2j + 1);
 - `interleaved=False` (`use_real_unbind_dim=-2`; CogView4, Cosmos, OmniGen): pairs are columns
   (j, j + D/2).
 
@@ -33,8 +33,8 @@ Rounding: the kernel computes in fp32 and rounds once, on store (the unfused cod
 norm's output, its product with w, then the rotation): never less accurate. fp16/bf16/fp32 with
 D <= MAX_BLOCK on CUDA (or the CPU interpreter), per-channel weights and at most three row dims
 per tensor after coalescing (`launch.grouped_row_layout`: `[B, H, L, D]` qkv views under
-`[L, D]` tables are rows `(B, L, H)`) take the kernel; the rest runs the reference (the unfused code in fp32, or
-fp64 for fp64 inputs). An odd D, q and k of different D, or cos/sin of a width other than D or
+`[L, D]` tables are rows `(B, L, H)`) take the kernel; the rest runs the reference (the
+unfused code in fp32, or fp64 for fp64 inputs). An odd D, q and k of different D, or cos/sin of a width other than D or
 D/2 raise ValueError.
 
 Not covered (the matcher refuses them): a norm over all heads followed by per-head RoPE (Wan's
@@ -313,7 +313,7 @@ def _launch_plan(
         k_sc=k.stride[-1], kw_sc=weight_cols[1], ko_sc=k_out_stride[-1],
         c_sc=cos.stride[-1], s_sc=sin.stride[-1],
         Q_HAS_WEIGHT=q_weight is not None, K_HAS_WEIGHT=k_weight is not None,
-        INTERLEAVED=bool(interleaved), PAIR_FREQS=2 * cos.shape[-1] == d,
+        INTERLEAVED=bool(interleaved), PAIR_FREQS=bool(2 * cos.shape[-1] == d),  # bool: concrete under SymInts
     )
     elem_bytes = max(q.dtype.itemsize, k.dtype.itemsize)
     return _LaunchPlan(q_layout.n_groups, k_layout.n_groups, q_layout.rows.n_rows, k_layout.rows.n_rows, d,
@@ -334,12 +334,12 @@ def _qk_rmsnorm_rope(q, k, q_weight, k_weight, eps, cos, sin, interleaved, launc
         return reference_qk_rmsnorm_rope(q, k, q_weight, k_weight, eps, cos, sin, interleaved)
     if launch is not Launch.NONE:
         settings = row_settings(plan.n_cols, plan.elem_bytes)
-        q_group_programs, k_group_programs = settings.programs(plan.q_rows), settings.programs(plan.k_rows)
-        q_programs = plan.q_groups * q_group_programs
+        q_group_programs, q_programs = settings.grouped_programs(plan.q_groups, plan.q_rows)
+        k_group_programs, k_programs = settings.grouped_programs(plan.k_groups, plan.k_rows)
         with on_device_of(q):
             launch_kernel(
                 _qk_rmsnorm_rope_kernel,
-                q_programs + plan.k_groups * k_group_programs,
+                q_programs + k_programs,
                 (q, q_weight, q_out, k, k_weight, k_out, cos, sin, q_group_programs, q_programs, k_group_programs,
                  *plan.args),
                 {**plan.constexprs, "BLOCK_ROWS": settings.block_rows, "BLOCK_P": settings.block_size // 2},

@@ -38,6 +38,16 @@ def store_row(PTR, offsets, mask, value):
 
 
 @triton.jit
+def layernorm_f32(x, mask, n_cols, eps):
+    """`(x - mean) / sqrt(var + eps)` of each row of the fp32 tile x (biased variance over its
+    n_cols columns; lanes outside `mask` must hold 0 and come out 0)."""
+    mean = tl.sum(x, axis=1)[:, None] / n_cols
+    diff = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(diff * diff, axis=1)[:, None] / n_cols
+    return diff * (1.0 / tl.sqrt(var + eps))
+
+
+@triton.jit
 def copy_tile(first_row, n_rows, X, x_s0, x_s1, x_sc, OUT, o_s0, o_s1, o_sc, n_inner, n_cols,
               BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rows `first_row + [0, BLOCK_ROWS)` of X (strides `(x_s0, x_s1, x_sc)`) stored to OUT

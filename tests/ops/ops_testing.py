@@ -148,7 +148,8 @@ class OpCase:
     truth: Callable  # float64 evaluation of the math on the same args
     x_shape: tuple[int, ...]  # a small shape of the first argument for generic tests
     model_shape: Callable[[int], tuple[int, ...]]  # first argument's shape at L tokens (Hunyuan3D-2)
-    broadcast_operand: int  # index in the args of an operand that broadcasts (shift, gate, weight)
+    broadcast_operand: int | None  # index in the args of an operand that broadcasts (shift, gate, weight);
+    # None for an op without one (F.layer_norm's weight and bias are exactly `[D]` in x's dtype)
 
 
 def _layernorm_args(x_shape, dtype, layout="chunk", device="cpu", affine=False):
@@ -214,6 +215,13 @@ def _rope_args(q_shape, dtype, layout="unused", device="cpu", form="interleaved"
     return q, k, q_weight, k_weight, eps, cos, sin, form != "half"
 
 
+def _qk_layernorm_args(q_shape, dtype, layout="unused", device="cpu", affine=True):
+    """`[B, H, L, D]` qkv views and (affine) LayerNorm weight and bias for each."""
+    q, k = qkv_views(q_shape, dtype, device)
+    params = [*layernorm_params(q_shape[-1], dtype, device), *layernorm_params(q_shape[-1], dtype, device)]
+    return (q, k, *(params if affine else [None] * 4), 1e-6)
+
+
 def _on_float64(reference: Callable) -> Callable:
     return lambda *args: reference(*(a.double() if isinstance(a, torch.Tensor) else a for a in args))
 
@@ -250,6 +258,15 @@ OP_CASES = {
         ops.residual_add_layernorm, ops.reference_residual_add_layernorm, _residual_add_layernorm_args,
         broadcast_operand=1,
     ),
+    "qk_layernorm": OpCase(
+        op=ops.qk_layernorm,
+        reference=ops.reference_qk_layernorm,
+        make_args=_qk_layernorm_args,
+        truth=_on_float64(ops.reference_qk_layernorm),
+        x_shape=(2, 2, 4, 64),
+        model_shape=lambda length: (2, 16, length, 64),  # 16 heads of 64 (ShapeVAE width 1024)
+        broadcast_operand=None,
+    ),
     "qk_rmsnorm_rope": OpCase(
         op=ops.qk_rmsnorm_rope,
         reference=ops.reference_qk_rmsnorm_rope,
@@ -262,6 +279,9 @@ OP_CASES = {
 }
 """Every functional fused op; the generic tests (fallbacks, opcheck, gradcheck, compile, GPU)
 run over these. Row-wise numerics also run over `ROW_CASES` (all but qk_rmsnorm)."""
+
+BROADCAST_OPS = [name for name, case in OP_CASES.items() if case.broadcast_operand is not None]
+"""The ops with an operand that may broadcast (and promote): the generic broadcast tests run on these."""
 
 ROW_OPS = ["layernorm_scale_shift", "residual_gate", "residual_gate_layernorm_scale_shift"]
 

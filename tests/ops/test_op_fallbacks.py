@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fusion_pass.ops import MAX_BLOCK
-from ops_testing import OP_CASES, outputs
+from ops_testing import BROADCAST_OPS, OP_CASES, outputs
 
 
 def assert_runs_reference(case, args) -> None:
@@ -29,7 +29,7 @@ def test_float64_runs_reference(interpreted, name):
     assert interpreted.count == 0
 
 
-@pytest.mark.parametrize("name", OP_CASES)
+@pytest.mark.parametrize("name", BROADCAST_OPS)
 def test_operand_that_adds_dims_runs_reference(interpreted, name):
     case = OP_CASES[name]
     args = list(case.make_args(case.x_shape, torch.float32, "chunk"))
@@ -56,8 +56,11 @@ def test_rows_wider_than_max_block_run_reference(interpreted, name):
     assert interpreted.count == 0
 
 
-# qk_rmsnorm_rope takes three row dims (row groups): its own tests refuse four.
-@pytest.mark.parametrize("name", [name for name in OP_CASES if name != "qk_rmsnorm_rope"])
+# These take a third row dim as groups of programs (`launch.grouped_row_layout`); their own tests refuse four.
+GROUPED_ROW_OPS = ("qk_rmsnorm_rope", "qk_layernorm")
+
+
+@pytest.mark.parametrize("name", [name for name in OP_CASES if name not in GROUPED_ROW_OPS])
 def test_rows_that_do_not_coalesce_run_reference(interpreted, name):
     case = OP_CASES[name]
     args = list(case.make_args((2, 3, 4, 16), torch.float32, "full"))
@@ -71,7 +74,8 @@ def test_rows_that_do_not_coalesce_run_reference(interpreted, name):
 def test_device_mismatch_raises_like_unfused(interpreted, name):
     case = OP_CASES[name]
     args = list(case.make_args(case.x_shape, torch.float32, "chunk"))
-    args[case.broadcast_operand] = args[case.broadcast_operand].to("meta")
+    operand = 1 if case.broadcast_operand is None else case.broadcast_operand  # k of qk_layernorm
+    args[operand] = args[operand].to("meta")
     with pytest.raises(RuntimeError) as unfused:
         case.reference(*args)
     with pytest.raises(RuntimeError, match=str(unfused.value)):

@@ -151,3 +151,36 @@ def test_torch_export_keeps_the_ops_whole():
     ], targets
     for actual, expected in zip(exported.module()(*inputs), EveryFunctionalOp()(*inputs), strict=True):
         torch.testing.assert_close(actual, expected, rtol=0.0, atol=0.0)
+
+
+NEW_FAMILY_OPS = ["qk_rmsnorm_rope", "qk_layernorm", "residual_add_layernorm"]
+
+
+@pytest.mark.parametrize("name", NEW_FAMILY_OPS)
+def test_dynamo_keeps_the_op_whole_and_runs_its_kernel(interpreted, name):
+    case = OP_CASES[name]
+    args = small_args(name, torch.float32)
+    expected = outputs(case.op(*args))
+    torch._dynamo.reset()
+    actual = outputs(torch.compile(case.op, fullgraph=True, backend="eager")(*args))
+    for got, want in zip(actual, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0.0, atol=0.0)
+    assert interpreted.count == 2  # eager, then behind Dynamo
+
+
+@pytest.mark.parametrize("name", NEW_FAMILY_OPS)
+def test_torch_export_keeps_the_op_whole(name):
+    case = OP_CASES[name]
+    args = small_args(name, torch.float32)
+
+    class Call(torch.nn.Module):
+        def forward(self, *tensors):
+            it = iter(tensors)
+            return tuple(case.op(*(next(it) if isinstance(a, torch.Tensor) else a for a in args)))
+
+    tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
+    exported = torch.export.export(Call(), tensors)
+    targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+    assert [t for t in targets if t.startswith("fusion_pass.")] == [f"fusion_pass.{name}.default"], targets
+    for got, want in zip(exported.module()(*tensors), outputs(case.op(*args)), strict=True):
+        torch.testing.assert_close(got, want, rtol=0.0, atol=0.0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fusion_pass.ops as ops
-from ops_testing import OP_CASES, assert_inductor_launches_the_kernel, assert_op_accurate
+from ops_testing import BROADCAST_OPS, OP_CASES, assert_inductor_launches_the_kernel, assert_op_accurate
 
 pytestmark = [
     pytest.mark.gpu,
@@ -15,7 +15,11 @@ pytestmark = [
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 LENGTHS = (1, 1370, 3072)  # one token, condition tokens, latent tokens
-KERNEL_NAMES = {"qk_rmsnorm": "_qk_rmsnorm_kernel", "qk_rmsnorm_rope": "_qk_rmsnorm_rope_kernel"}
+KERNEL_NAMES = {
+    "qk_rmsnorm": "_qk_rmsnorm_kernel",
+    "qk_rmsnorm_rope": "_qk_rmsnorm_rope_kernel",
+    "qk_layernorm": "_qk_layernorm_kernel",
+}
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
@@ -37,7 +41,7 @@ def test_layernorm_weight_and_bias_on_gpu(launches, poisoned_outputs, name, dtyp
     assert launches.count == 1
 
 
-@pytest.mark.parametrize("name", OP_CASES)
+@pytest.mark.parametrize("name", BROADCAST_OPS)
 def test_fp32_operand_promotes_on_gpu(launches, name):
     case = OP_CASES[name]
     args = list(case.make_args(case.model_shape(1370), torch.float16, "chunk", device="cuda"))

@@ -232,3 +232,14 @@ def test_ltx_rows_over_all_heads_on_gpu(launches, poisoned_outputs, dtype):
     weights = [randn(2048, dtype=dtype, mean=1.0, scale=0.2, device="cuda") for _ in "qk"]
     assert_op_accurate(CASE, (q, k, *weights, 1e-6, cos, sin, True), dtype, interpreted=False)
     assert launches.count == 1
+
+
+def test_one_rounding_is_more_accurate_on_average_than_the_unfused_three(interpreted):
+    """fp16 (the interpreter rounds fp16 casts to nearest; bf16 ones it truncates): the unfused
+    code rounds the norm, its product with the weight and the rotation; the kernel rounds once."""
+    args = CASE.make_args((2, 4, 16, 64), torch.float16)
+    truth = CASE.truth(*args)
+    fused_error = sum((out.double() - t).abs().mean() for out, t in zip(CASE.op(*args), truth))
+    unfused_error = sum((out.double() - t).abs().mean() for out, t in zip(CASE.reference(*args), truth))
+    assert fused_error < 0.8 * unfused_error, (fused_error, unfused_error)
+    assert interpreted.count == 1
