@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from patterns.gelu_cat import GeluCat
 from patterns.layernorm_modulate import LayerNormModulate
+from patterns.qk_layernorm import QKLayerNorm
 from patterns.qk_rmsnorm import QKRMSNorm
 from patterns.qk_rmsnorm_cat import QKRMSNormCat
 from patterns.qk_rmsnorm_rope import QKRMSNormRope
@@ -20,6 +21,7 @@ FAMILIES = (
     LayerNormModulate(),
     ResidualGate(),
     QKRMSNorm(),
+    QKLayerNorm(),
     GeluCat(),
     QKRMSNormCat(),
     QKRMSNormRope(),

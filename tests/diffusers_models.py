@@ -139,8 +139,8 @@ class Sites:
     """Sites in a model's code: ``modulations`` are ``LN(x) * (1 + scale) + shift``, ``gates``
     ``x + gate * f(...)``, ``qk`` q/k RMSNorm pairs feeding one attention, ``qk_rope`` those of them
     that diffusers' real-valued RoPE rotates right after the norm. ``unsupported``: sites
-    of a family no fused op covers yet (``rms_modulate``: an RMSNorm modulated; ``qk_layernorm``:
-    q/k LayerNorm pairs). ``norms_left``: the LayerNorm/RMSNorm calls that stay in the graph
+    of a family no fused op covers yet (``rms_modulate``: an RMSNorm modulated), ``qk_layernorm``
+    q/k LayerNorm pairs. ``norms_left``: the LayerNorm/RMSNorm calls that stay in the graph
     once every supported site is fused (the unsupported sites' norms among them)."""
 
     modulations: int
@@ -149,6 +149,7 @@ class Sites:
     norms_left: int
     unsupported: dict = field(default_factory=dict)
     qk_rope: int = 0  # q/k pairs among ``qk`` rotated right after their norms, one table (qk_rmsnorm_rope)
+    qk_layernorm: int = 0  # q/k LayerNorm pairs feeding one attention
 
 
 def expected_sites(name: str, config) -> Sites:
@@ -190,10 +191,9 @@ def expected_sites(name: str, config) -> Sites:
                      2 * c.num_layers + c.num_single_layers, 2 * c.num_refiner_layers, qk_rope=c.num_layers)
     if name == "cogvideox":
         # CogVideoXBlock: norm1 and norm2 (CogVideoXLayerNormZero: `norm(x) * (1 + scale)[:, None, :] + shift`
-        # on the video and the text stream each), 4 gates; q/k LayerNorms (qk_layernorm: no fused op yet).
+        # on the video and the text stream each), 4 gates; q/k LayerNorms (qk_norm="layer_norm"), one pair.
         # norm_final (affine LayerNorm, unmodulated); norm_out: AdaLayerNorm `(1 + scale)[:, None, :]`.
-        return Sites(4 * c.num_layers + 1, 4 * c.num_layers, 0, 1 + 2 * c.num_layers,
-                     {"qk_layernorm": c.num_layers})
+        return Sites(4 * c.num_layers + 1, 4 * c.num_layers, 0, 1, qk_layernorm=c.num_layers)
     if name == "ltx":
         # LTXVideoTransformerBlock: norm1/norm2 are RMSNorms modulated `norm(x) * (1 + scale) + shift`
         # (rms modulation: no fused op yet), gates on attn1 and ff, q/k pairs of attn1 and attn2

@@ -54,8 +54,8 @@ def test_backend_fuses_every_site_the_model_code_has(name):
     model, reference, out, keep = _run(name)
     sites = diffusers_models.expected_sites(name, model.config)
     totals = keep.backend.report.totals()
-    assert (totals["layernorm_modulate"], totals["residual_gate"], totals["qk_rmsnorm"], totals["qk_rmsnorm_rope"]) == (
-        sites.modulations, sites.gates, sites.qk, sites.qk_rope)
+    assert (totals["layernorm_modulate"], totals["residual_gate"], totals["qk_rmsnorm"], totals["qk_rmsnorm_rope"],
+            totals["qk_layernorm"]) == (sites.modulations, sites.gates, sites.qk, sites.qk_rope, sites.qk_layernorm)
     # sites no fused op covers yet stay in the graph: counted among norms_left
     calls = {key: 0 for key in FUSED_OPS}
     norms_left = 0
@@ -70,5 +70,6 @@ def test_backend_fuses_every_site_the_model_code_has(name):
         "qk_rmsnorm": counts["qk_rmsnorm"]}
     assert calls["residual_gate_layernorm_scale_shift"] == counts["residual_layernorm_modulate"]
     assert calls["qk_rmsnorm_rope"] == counts["qk_rmsnorm_rope"]
+    assert calls["qk_layernorm"] == counts["qk_layernorm"]
     assert norms_left == sites.norms_left
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())

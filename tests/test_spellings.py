@@ -410,3 +410,32 @@ def test_sum_without_residual_structure_is_not_a_candidate():
     report, *_ = backend_run(pre_ln(structured=False))
     assert fused(report) == {}
     assert reasons(report, "residual_layernorm") == []
+
+
+# --- q/k LayerNorm --------------------------------------------------------------------------------
+
+def qk_layer_norms(q_eps=1e-6, k_eps=1e-6, normed="qk"):
+    def fn(s, x, emb):  # CogVideoX: nn.LayerNorm(head_dim) on [B, H, L, D] views
+        q, k, v = (s.heads(p(x)) for p in (s.to_q, s.to_k, s.to_v))
+        q = F.layer_norm(q, (DH,), s.q_weight, s.k_weight, q_eps) if "q" in normed else q
+        k = F.layer_norm(k, (DH,), None, None, k_eps) if "k" in normed else k
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+    return fn
+
+
+def test_q_k_layernorms_are_fused():
+    report, got, expected, *_ = backend_run(qk_layer_norms())
+    assert fused(report) == {"qk_layernorm": 1}
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, reason", [
+    ({"k_eps": 1e-5}, "eps differs between q and k norm (1e-06 vs 1e-05)"),
+    ({"normed": "q"}, "LayerNorm has no partner norm on the other of query/key"),
+])
+def test_q_k_layernorm_near_miss_is_reported_not_fused(kwargs, reason):
+    report, got, expected, *_ = backend_run(qk_layer_norms(**kwargs))
+    assert fused(report) == {}
+    assert reasons(report, "qk_layernorm") == [reason]
+    torch.testing.assert_close(got, expected)
