@@ -118,6 +118,7 @@ class LNModulate:
     result_has_extra_user: bool  # still fuses: the fused result feeds both users
     miss: str | None  # a key of LN_MISSES
     broadcast_from_residual: bool  # for *_broadcast_over_hidden: computed from x, else an input
+    axis_after_one_plus: bool = False  # chunk_2d: ``(1 + s)[:, None]`` (AdaLayerNormContinuous), not ``1 + s[:, None]``
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,7 @@ def ln_modulates(miss=sometimes(st.sampled_from(sorted(LN_MISSES)), 4)):
             mul=draw(st.sampled_from(MUL)), norm_first=draw(st.booleans()), add=add,
             shift_first=draw(st.booleans()), one_plus_has_extra_user=draw(st.booleans()),
             result_has_extra_user=draw(st.booleans()), miss=chosen, broadcast_from_residual=draw(st.booleans()),
+            axis_after_one_plus=draw(st.booleans()),
         )
 
     return build()
@@ -618,7 +620,11 @@ class GeneratedNet(nn.Module):
 
     def _ln_modulate(self, i, spec: LNModulate, x, vec, tok, chunks, sides):
         params = self.segments[i]
+        mod = self.program.segments[i].modulation
         shift, scale = self._part(i, vec, chunks, 0), self._part(i, vec, chunks, 1)
+        view_after = spec.axis_after_one_plus and mod.layout == "chunk_2d" and spec.miss not in BROADCAST_OVER_HIDDEN
+        if view_after:  # the token axis goes on after the +1: normalize moves it back onto the scale
+            scale = self._modulation(i, vec, chunks)[mod.offset + 1]
         if spec.miss in BROADCAST_OVER_HIDDEN:
             per_token = params.per_token(x) if spec.broadcast_from_residual else tok
             if spec.miss == "shift_broadcast_over_hidden":
@@ -643,6 +649,8 @@ class GeneratedNet(nn.Module):
         one_plus = _one_plus(scale, spec.one_plus, spec.miss)
         if spec.one_plus_has_extra_user:
             sides.append(one_plus)
+        if view_after:
+            one_plus = _add_token_axis(one_plus, mod.axis)
         a, b = (n, one_plus) if spec.norm_first else (one_plus, n)
         product_sides = sides if spec.miss == "modulated_product_has_extra_user" else None
         out = _add_product(shift, a, b, spec.add, spec.mul, spec.shift_first, product_sides)
