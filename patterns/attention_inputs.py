@@ -12,6 +12,8 @@ replaces the norms' outputs alone, so what the walk passes through is never chan
 from __future__ import annotations
 
 import operator
+from collections import defaultdict
+from typing import Callable, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -104,3 +106,31 @@ def partner(q_x: fx.Node, key_inputs: list[fx.Node], single: bool) -> int | None
         if len(matches) == 1:
             return matches[0]
     return 0 if single and len(key_inputs) == 1 else None
+
+
+Site = TypeVar("Site")
+
+
+def pair_norms(sites: list[Site], out_of: Callable[[Site], fx.Node], input_of: Callable[[Site], fx.Node]):
+    """Pair q/k norm sites that feed one attention's query and key (see :func:`partner`).
+    Returns ``(pairs, feeding_none, unpaired)``: the ``(q, k)`` pairs, the sites whose output
+    reaches no attention's query or key, and the sites that do but found no partner."""
+    by_attention: dict[fx.Node, dict[int, list[Site]]] = defaultdict(lambda: defaultdict(list))
+    feeding_none = []
+    for site in sites:
+        roles = attention_roles(out_of(site))
+        if not roles:
+            feeding_none.append(site)
+        for attention, role in roles:
+            by_attention[attention][role].append(site)
+    pairs, paired = [], set()
+    for roles in by_attention.values():
+        queries, keys = roles.get(QUERY, []), roles.get(KEY, [])
+        for q in queries:
+            index = partner(input_of(q), [input_of(k) for k in keys], single=len(queries) == 1)
+            k = None if index is None else keys[index]
+            if k is not None and id(k) not in paired and id(q) not in paired:
+                paired.update((id(q), id(k)))
+                pairs.append((q, k))
+    unpaired = [site for site in sites if id(site) not in paired and all(site is not s for s in feeding_none)]
+    return pairs, feeding_none, unpaired

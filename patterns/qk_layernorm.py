@@ -14,14 +14,13 @@ Emits      ``fusion_pass::qk_layernorm(q, k, q_weight, q_bias, k_weight, k_bias,
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Iterator
 
 from torch import fx
 
 from fusion_pass import normalize as canon
 from fusion_pass.match import Match, MatchContext, NearMiss, is_call, is_number, scan
-from patterns.attention_inputs import KEY, QUERY, attention_roles, partner
+from patterns.attention_inputs import attention_roles, pair_norms
 
 NAME = "qk_layernorm"
 
@@ -50,26 +49,14 @@ class QKLayerNorm:
                 yield found
             else:
                 norms.append(found)
-        by_attention: dict[fx.Node, dict[int, list[fx.Node]]] = defaultdict(lambda: defaultdict(list))
-        for norm in norms:
-            for attention, role in attention_roles(norm):
-                by_attention[attention][role].append(norm)
-        paired: set[fx.Node] = set()
-        for roles in by_attention.values():
-            queries, keys = roles.get(QUERY, []), roles.get(KEY, [])
-            for q in queries:
-                index = partner(q.args[0], [k.args[0] for k in keys], single=len(queries) == 1)
-                k = None if index is None else keys[index]
-                if k is None or q in paired or k in paired:
-                    continue
-                paired.update((q, k))
-                if q.args[4] != k.args[4]:
-                    yield NearMiss(NAME, ctx.where(q), f"eps differs between q and k norm ({q.args[4]} vs {k.args[4]})")
-                    continue
+        pairs, _, unpaired = pair_norms(norms, lambda norm: norm, lambda norm: norm.args[0])
+        for q, k in pairs:
+            if q.args[4] != k.args[4]:
+                yield NearMiss(NAME, ctx.where(q), f"eps differs between q and k norm ({q.args[4]} vs {k.args[4]})")
+            else:
                 yield self.to_match(q, k, ctx)
-        for norm in norms:
-            if norm not in paired:
-                yield NearMiss(NAME, ctx.where(norm), "LayerNorm has no partner norm on the other of query/key")
+        for norm in unpaired:
+            yield NearMiss(NAME, ctx.where(norm), "LayerNorm has no partner norm on the other of query/key")
 
     def to_match(self, q: fx.Node, k: fx.Node, ctx: MatchContext) -> Match:
         (q_x, _, q_w, q_b, eps), (k_x, _, k_w, k_b, _) = q.args, k.args

@@ -15,7 +15,6 @@ Emits      ``fusion_pass::qk_rmsnorm(q, k, q_weight, k_weight, eps)`` -> ``(q, k
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -27,7 +26,7 @@ from fusion_pass.match import (
     Match, MatchContext, NearMiss, is_call, is_cast, is_number, operand_orders, reduces_last_dim_only, scan,
     tensor_meta,
 )
-from patterns.attention_inputs import KEY, QUERY, attention_roles, partner
+from patterns.attention_inputs import pair_norms
 
 NAME = "qk_rmsnorm"
 
@@ -139,30 +138,16 @@ class QKRMSNorm:
         yield from self._pairs(sites, ctx)
 
     def _pairs(self, sites: list[RMSNormSite], ctx: MatchContext) -> Iterator[Match | NearMiss]:
-        by_attention: dict[fx.Node, dict[int, list[RMSNormSite]]] = defaultdict(lambda: defaultdict(list))
-        for site in sites:
-            roles = attention_roles(site.out)
-            if not roles:
-                yield NearMiss(NAME, ctx.where(site.out), "RMSNorm does not feed an attention's query or key")
-            for attention, index in roles:
-                by_attention[attention][index].append(site)
-        paired: set[int] = set()
-        for roles in by_attention.values():
-            queries, keys = roles.get(QUERY, []), roles.get(KEY, [])
-            for q in queries:
-                index = partner(q.x, [k.x for k in keys], single=len(queries) == 1)
-                k = None if index is None else keys[index]
-                if k is None or id(k) in paired or id(q) in paired:
-                    continue
-                if q.eps != k.eps:
-                    yield NearMiss(NAME, ctx.where(q.out), f"eps differs between q and k norm ({q.eps} vs {k.eps})")
-                    paired.update((id(q), id(k)))
-                    continue
-                paired.update((id(q), id(k)))
+        pairs, feeding_none, unpaired = pair_norms(sites, lambda site: site.out, lambda site: site.x)
+        for site in feeding_none:
+            yield NearMiss(NAME, ctx.where(site.out), "RMSNorm does not feed an attention's query or key")
+        for q, k in pairs:
+            if q.eps != k.eps:
+                yield NearMiss(NAME, ctx.where(q.out), f"eps differs between q and k norm ({q.eps} vs {k.eps})")
+            else:
                 yield self.to_match(q, k, ctx)
-        for site in sites:
-            if id(site) not in paired and attention_roles(site.out):
-                yield NearMiss(NAME, ctx.where(site.out), "RMSNorm has no partner norm on the other of query/key")
+        for site in unpaired:
+            yield NearMiss(NAME, ctx.where(site.out), "RMSNorm has no partner norm on the other of query/key")
 
     def to_match(self, q: RMSNormSite, k: RMSNormSite, ctx: MatchContext) -> Match:
         casts = (q.x, k.x) if q.casts_back or k.casts_back else (None, None)

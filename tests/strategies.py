@@ -62,6 +62,7 @@ QK_MISSES = {  # reasons per attention stream: (the planted one, the ones it cau
 }
 CHAIN_CONFLICT = "ordering conflict"
 QK_CAT = "qk_rmsnorm_cat"
+RES_LN = "residual_layernorm"
 QK_CAT_MISSES = {  # why a joint attention's two q/k pairs and three cats do not fold (the first cause checked)
     "q_has_extra_user": "the normed q of a stream is also used by",
     "cast": "other than all by `.to(v)` of their stream",
@@ -359,7 +360,20 @@ def expected_sites(program: Program, path: str) -> dict[str, int]:
             if _fold(attention) == "fold":  # both pairs become one qk_rmsnorm_cat call
                 counts[QK] -= 2
                 counts[QK_CAT] += 1
+    counts[RES_LN] = sum(kind == "fuses" for kind in _pre_ln_residuals(program, path))
     return counts
+
+
+def _pre_ln_residuals(program: Program, path: str) -> list[str]:
+    """Per ungated residual ``x + y`` whose sum feeds the next segment's LayerNorm while that
+    LayerNorm's modulation does not fuse (it stays a LayerNorm of the sum): "fuses", or "miss"
+    for a LayerNorm over two dims (``residual_layernorm`` refuses it)."""
+    segs = program.segments
+    kinds = []
+    for seg, following in zip(segs, segs[1:]):
+        if seg.gate is None and not seg.final and following.norm is not None and not _ln_fuses(following.norm, path):
+            kinds.append("miss" if following.norm.miss == "norm_over_last_two_dims" else "fuses")
+    return kinds
 
 
 def expected_near_misses(program: Program, path: str) -> Counter:
@@ -378,6 +392,7 @@ def expected_near_misses(program: Program, path: str) -> Counter:
                 found[QK, reason] += 1
             if _fold(attention) in QK_CAT_MISSES:
                 found[QK_CAT, QK_CAT_MISSES[_fold(attention)]] += 1
+    found[RES_LN, LN_MISSES["norm_over_last_two_dims"][0]] += _pre_ln_residuals(program, path).count("miss")
     return found
 
 
