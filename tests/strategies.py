@@ -357,7 +357,7 @@ def expected_sites(program: Program, path: str) -> dict[str, int]:
         attention = _as_seen(seg.attention, program, path)
         if attention is not None:
             counts[QK] += attention.pairs
-            if _fold(attention) == "fold":  # both pairs become one qk_rmsnorm_cat call
+            if _fold(attention, path) == "fold":  # both pairs become one qk_rmsnorm_cat call
                 counts[QK] -= 2
                 counts[QK_CAT] += 1
     counts[RES_LN] = sum(kind == "fuses" for kind in _pre_ln_residuals(program, path))
@@ -390,8 +390,8 @@ def expected_near_misses(program: Program, path: str) -> Counter:
         if attention is not None:
             for reason in _qk_reasons(attention):
                 found[QK, reason] += 1
-            if _fold(attention) in QK_CAT_MISSES:
-                found[QK_CAT, QK_CAT_MISSES[_fold(attention)]] += 1
+            if _fold(attention, path) in QK_CAT_MISSES:
+                found[QK_CAT, QK_CAT_MISSES[_fold(attention, path)]] += 1
     found[RES_LN, LN_MISSES["norm_over_last_two_dims"][0]] += _pre_ln_residuals(program, path).count("miss")
     return found
 
@@ -405,7 +405,7 @@ def _as_seen(att: Attention | None, program: Program, path: str) -> Attention | 
     return att
 
 
-def _fold(att: Attention) -> str | None:
+def _fold(att: Attention, path: str) -> str | None:
     """How a joint attention's q/k pairs and cats fold into ``qk_rmsnorm_cat``: None (no
     candidate: single stream, unpaired, or q/k reshaped between norm and cat), "fold", or the
     key in QK_CAT_MISSES of the first cause that stops it."""
@@ -413,7 +413,9 @@ def _fold(att: Attention) -> str | None:
         return None
     if att.q_has_extra_user:
         return "q_has_extra_user"
-    casts_back = any(norm.form in ("functional", "module") for norm in (att.q_norm, att.k_norm))
+    # F.rms_norm / nn.RMSNorm results are cast back to x's dtype after the fused call, unless the
+    # graph's dtypes show the call already returns it (Dynamo graphs: the rewrite adds no cast)
+    casts_back = path == FX and any(norm.form in ("functional", "module") for norm in (att.q_norm, att.k_norm))
     # separate projections: v is cut from none of q's or k's projections, so a .to(v) cast does not
     # count as their stream's, and no v cat is found
     v_elsewhere = att.miss == "v_normed_too" or att.qkv == "separate"
