@@ -22,6 +22,12 @@ BUILDERS = {"ours": build_model, "official": load_official}
 CHAIN = "residual_layernorm_modulate"
 
 
+def fused_families(report) -> dict[str, int]:
+    """Sites per family that fused any (the Hunyuan3D DiT has no sites of the other families:
+    its q/k norms are RMSNorms, it has no RoPE and every residual is gated)."""
+    return {family: n for family, n in report.totals().items() if n}
+
+
 def rel_err(out, ref):
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
@@ -37,7 +43,7 @@ def test_every_site_is_fused_on_every_config(source, config):
     model = BUILDERS[source](config, device="meta")
     fusion_pass.optimize(model)
     report = fusion_pass.report(model)
-    assert report.totals() == get_config(config).expected_sites()
+    assert fused_families(report) == get_config(config).expected_sites()
     assert all(not fam.near_misses for fam in report.families.values())
 
 
@@ -46,6 +52,7 @@ def test_hunyuan3d_2_counts_are_97_96_64_32_16():
     fusion_pass.optimize(model)
     assert fusion_pass.report(model).totals() == {
         "layernorm_modulate": 97, "residual_gate": 96, "qk_rmsnorm": 64, "gelu_cat": 32, "qk_rmsnorm_cat": 16,
+        "qk_layernorm": 0, "qk_rmsnorm_rope": 0, "residual_layernorm": 0,
     }
 
 
@@ -219,7 +226,7 @@ def test_compile_backend_fuses_every_site_and_chains_across_blocks():
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     assert rel_err(inputs.call(compiled), expected) <= 1e-5
     counts = backend.report.counts()
-    assert backend.report.totals() == get_config("tiny").expected_sites()
+    assert fused_families(backend.report) == get_config("tiny").expected_sites()
     # Within blocks: 2 chains per double block; across blocks: each double block's last
     # gates feed the next double block's first norms; single blocks chain to the next.
     config = get_config("tiny")
@@ -306,7 +313,7 @@ def test_inductor_backend_traces_into_the_fused_ops_or_calls_them(device, induct
         compiled = torch.compile(model, backend=backend, fullgraph=True)
         got, codes = run_and_get_code(inputs.call, compiled)
     code = "\n".join(codes)
-    assert backend.report.totals() == get_config("tiny").expected_sites()
+    assert fused_families(backend.report) == get_config("tiny").expected_sites()
     assert ("torch.ops.fusion_pass" in code) is not inductor_launches
     if device == "cuda":
         assert ("_residual_norm_modulate_kernel" in code) is inductor_launches
