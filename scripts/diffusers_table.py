@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import re
 import sys
 from collections import Counter
@@ -76,9 +77,10 @@ def table(rows: dict[str, dict]) -> str:
     lines.append(f"| **all** | {_cell(totals[0])} | {_cell(totals[1])} | {_cell(totals[2])} | |")
     worst = max(row["error"] for row in rows.values())
     versions = f"torch {torch.__version__}, diffusers {diffusers_models.diffusers.__version__}"
+    kernels = "Triton interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "their PyTorch references"
     lines.append("")
     lines.append(f"Cells: modulations / gates / q/k norm pairs. Largest relative output difference: {worst:.1e} "
-                 f"({versions}, fp32, CPU).")
+                 f"({versions}, fp32, CPU; fused ops ran {kernels}).")
     return "\n".join(lines)
 
 
