@@ -15,6 +15,7 @@ its kernel does not apply).
 from __future__ import annotations
 
 import numbers
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol, Sequence
 
@@ -22,6 +23,7 @@ import torch
 from torch import fx
 
 from fusion_pass import normalize as canon
+from fusion_pass.registry import FUSED_OPS
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,19 @@ def depends_on(node: fx.Node, ancestor: fx.Node, order: dict[fx.Node, int]) -> b
         seen.add(current)
         stack.extend(current.all_input_nodes)
     return False
+
+
+def producer(value: fx.Node) -> fx.Node:
+    """The node that computed ``value``: for a field of an earlier fused op returning
+    ``(residual, normed)``, the fused call itself, from which ``normed`` is computed too.
+    (Other multi-output nodes, such as ``chunk``, are not unwrapped: chunks are siblings.)"""
+    source = value.args[0] if value.op == "call_function" and value.target is operator.getitem else None
+    if isinstance(source, fx.Node) and source.target in _MULTI_OUTPUT_FUSED:
+        return source
+    return value
+
+
+_MULTI_OUTPUT_FUSED = {fused.op for fused in FUSED_OPS.values() if fused.outputs}
 
 
 CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)

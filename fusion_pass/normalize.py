@@ -26,12 +26,27 @@ spellings accepted                                     canonical node
 ``x[:, None, :]`` (full slices and one ``None``),      ``torch.unsqueeze(x, dim)``
 ``x.unsqueeze(d)``
 ``x.view(...)``, ``x.reshape(...)``                    ``torch.reshape(x, shape)``
+``x.type_as(y)``                                       ``x.to(dtype)`` (y's dtype: a constant
+                                                       where the graph knows it, else ``y.dtype``)
+``scaled_dot_product_attention(query=q, key=k,         ``F.scaled_dot_product_attention(q, k, v,
+value=v, ...)`` (diffusers' ``dispatch_attention_fn``)  **rest)``: q, k, v positional
+``view(c + s)``, ``view(c * s)`` (``view`` an           ``c + view(s)``, ``c * view(s)``: views
+unsqueeze/reshape, ``c`` a number):                    move to the tensor operand, so
+``(1 + scale)[:, None, :]``                            ``1 + scale[:, None, :]`` is the one form
+``x * rsqrt(mean(x.to(f32) ** 2, -1, True) + eps)``    ``x.to(f32) * rsqrt(...)`` (diffusers'
+(x fp16/bf16/fp32: the product is computed in fp32      ``RMSNorm``: the product names the upcast
+by promotion anyway)                                    it computes with)
+``x.to(d)`` where x's dtype is known to be ``d``,      ``x`` (``.to`` returns x itself: a no-op
+``x.to(device)`` where x is known to be on it           cast of FP32LayerNorm, of ``.float()``
+                                                       twice, of ``.type_as(x)`` in fp32 graphs)
 ====================================================  ==========================================
 
 ``view`` -> ``reshape`` changes only which inputs raise (reshape copies where view fails).
 Node ``meta`` (Dynamo's ``example_value``, the module stack) is carried to the new node.
-Finally, repeated casts, reshapes, unsqueezes and attribute reads of one value are merged,
-and device moves of tensor constants become cached copies (``constants.py``).
+Finally, repeated casts, reshapes, unsqueezes, indexing and attribute reads of one value are merged
+(unless an in-place write may reach that value: ``aliasing.py``), and device moves of tensor
+constants become cached copies (``constants.py``). A dtype or device is *known* from the
+graph's shape metadata (Dynamo's ``example_value``), or for a cast from its target dtype.
 """
 from __future__ import annotations
 
@@ -42,12 +57,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fusion_pass.aliasing import mutates, written_aliases  # noqa: F401  (mutates: capture.py)
 from fusion_pass.constants import fold_device_moves
 
 ADD, MUL, POW = operator.add, operator.mul, operator.pow
 MEAN, RSQRT = torch.mean, torch.rsqrt
 UNSQUEEZE, RESHAPE = torch.unsqueeze, torch.reshape
 LAYER_NORM, RMS_NORM, LINEAR = F.layer_norm, F.rms_norm, F.linear
+ATTENTION = F.scaled_dot_product_attention
 CAST_METHOD = "to"
 
 _CAST_METHODS = {
@@ -86,6 +103,9 @@ def normalize(graph: fx.Graph, root: nn.Module | None = None) -> int:
         graph.erase_node(node)
         changed += 1
     changed += _numbers_first(graph)
+    changed += _sink_views(graph)
+    changed += _explicit_rms_upcast(graph)
+    changed += _drop_noop_moves(graph)
     changed += _merge_duplicates(graph, root)
     changed += fold_device_moves(graph)
     graph.lint()
@@ -128,6 +148,10 @@ def _canonical(node: fx.Node, root: nn.Module | None):
         return ("call_method", CAST_METHOD, args)
     if key == ("call_method", CAST_METHOD) and set(kwargs) == {"dtype"} and len(args) == 1:
         return ("call_method", CAST_METHOD, (args[0], kwargs["dtype"]))
+    if key == ("call_method", "type_as") and len(args) == 2 and not kwargs and isinstance(args[1], fx.Node):
+        return _type_as(args)
+    if key == ("call_function", ATTENTION) and {"query", "key", "value"} & set(kwargs):
+        return _attention_call(args, kwargs)
     if key in {("call_method", "view"), ("call_method", "reshape"), ("call_function", RESHAPE)}:
         return _reshape(args, kwargs, already_canonical=key == ("call_function", RESHAPE))
     if key == ("call_function", operator.getitem):
@@ -222,6 +246,27 @@ def _index_as_unsqueeze(args):
     return ("call_function", UNSQUEEZE, (source, nones[0]))
 
 
+def _type_as(args):
+    source, like = args
+    meta = _meta(like)
+    dtype = meta.dtype if meta is not None else _Nested(("call_function", getattr, (like, "dtype")))
+    return ("call_method", CAST_METHOD, (source, dtype))
+
+
+_ATTENTION_TENSORS = ("query", "key", "value")
+
+
+def _attention_call(args, kwargs):
+    named = dict(zip(_ATTENTION_TENSORS, args))
+    if set(named) & set(kwargs):
+        return None  # given twice: leave the call to raise as it would
+    named.update((name, kwargs[name]) for name in _ATTENTION_TENSORS if name in kwargs)
+    if len(named) != 3:
+        return None
+    rest = {name: value for name, value in kwargs.items() if name not in _ATTENTION_TENSORS}
+    return ("call_function", ATTENTION, tuple(named[name] for name in _ATTENTION_TENSORS) + tuple(args[3:]), rest)
+
+
 _LAYER_NORM_PARAMS = ("input", "normalized_shape", "weight", "bias", "eps")
 _RMS_NORM_PARAMS = ("input", "normalized_shape", "weight", "eps")
 
@@ -257,22 +302,140 @@ def _numbers_first(graph: fx.Graph) -> int:
     return changed
 
 
+_VIEWS = (UNSQUEEZE, RESHAPE)
+
+
+def _sink_views(graph: fx.Graph) -> int:
+    """``view(c + s)`` -> ``c + view(s)`` (and ``*``) for a number ``c``: the same values,
+    shape and dtype, since an elementwise op with a number commutes with any view. Repeated
+    until no view sits on such an op, so a chain of views moves down whole."""
+    changed, progress = 0, True
+    while progress:
+        progress = False
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target not in _VIEWS or node.kwargs:
+                continue
+            inner = node.args[0]
+            if not (isinstance(inner, fx.Node) and inner.op == "call_function" and inner.target in (ADD, MUL)
+                    and len(inner.args) == 2 and _is_number(inner.args[0]) and isinstance(inner.args[1], fx.Node)
+                    and not inner.kwargs):
+                continue
+            number, tensor = inner.args
+            moved_view = _Nested(("call_function", node.target, (tensor, *node.args[1:])))
+            new = _emit(graph, node, "call_function", inner.target, (number, moved_view))
+            if known_dtype(tensor) != known_dtype(node):  # ``1.5 + int_tensor``: the view's value differs in dtype
+                new.args[1].meta = {k: v for k, v in node.meta.items() if k not in ("example_value", "val")}
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            if not inner.users:
+                graph.erase_node(inner)
+            changed += 1
+            progress = True
+    return changed
+
+
+_PROMOTES_TO_FP32 = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _explicit_rms_upcast(graph: fx.Graph) -> int:
+    """diffusers' ``RMSNorm`` squares the upcast ``x.to(float32)`` but multiplies the original
+    ``x`` by the fp32 ``rsqrt``: for x in fp16/bf16/fp32, promotion computes that product in
+    fp32 from the exactly upcast x, i.e. ``x.to(float32) * rsqrt(...)``, which is what this
+    respells it as (the official spelling). Left alone where x's dtype is not known."""
+    changed = 0
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not MUL or len(node.args) != 2 or node.kwargs:
+            continue
+        for i, (x, rsqrt) in enumerate((node.args, node.args[::-1])):
+            upcast = _upcast_under_rsqrt(rsqrt)
+            if upcast is None or upcast.args[0] is not x or known_dtype(x) not in _PROMOTES_TO_FP32:
+                continue
+            node.args = (upcast, rsqrt) if i == 0 else (rsqrt, upcast)
+            changed += 1
+            break
+    return changed
+
+
+def _upcast_under_rsqrt(rsqrt):
+    """``u`` of ``rsqrt(c + mean(pow(u, 2), ...))`` when ``u`` is ``x.to(float32)``, else None."""
+    chain = [rsqrt]
+    for target in (RSQRT, ADD, MEAN, POW):
+        node = chain[-1]
+        if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is target):
+            return None
+        chain.append(node.args[1] if target is ADD else node.args[0])
+    pow_node = chain[-2]
+    upcast = chain[-1]
+    if pow_node.args[1:] != (2,) or not _is_number(chain[1].args[0]):
+        return None
+    is_upcast = (isinstance(upcast, fx.Node) and upcast.op == "call_method" and upcast.target == CAST_METHOD
+                 and upcast.args[1:] == (torch.float32,) and not upcast.kwargs)
+    return upcast if is_upcast else None
+
+
+def _drop_noop_moves(graph: fx.Graph) -> int:
+    """``x.to(d)`` -> ``x`` where x is known to have dtype (or device) ``d`` already:
+    ``Tensor.to`` then returns x itself, so even aliasing is unchanged."""
+    dropped = 0
+    for node in list(graph.nodes):
+        if node.op != "call_method" or node.target != CAST_METHOD or len(node.args) != 2 or node.kwargs:
+            continue
+        source, target = node.args
+        if not isinstance(source, fx.Node):
+            continue
+        if isinstance(target, torch.dtype) and known_dtype(source) == target:
+            pass
+        elif isinstance(target, torch.device) and _known_device(source) == target:
+            pass
+        else:
+            continue
+        node.replace_all_uses_with(source)
+        graph.erase_node(node)
+        dropped += 1
+    return dropped
+
+
+def _meta(node) -> torch.Tensor | None:
+    value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def known_dtype(node) -> torch.dtype | None:
+    """The dtype of ``node``'s tensor when the graph says it: shape metadata, or the target of a cast."""
+    meta = _meta(node)
+    if meta is not None:
+        return meta.dtype
+    if (isinstance(node, fx.Node) and node.op == "call_method" and node.target == CAST_METHOD
+            and len(node.args) == 2 and isinstance(node.args[1], torch.dtype) and not node.kwargs):
+        return node.args[1]
+    return None
+
+
+def _known_device(node) -> torch.device | None:
+    meta = _meta(node)
+    return meta.device if meta is not None else None
+
+
 _DUPLICABLE = {
     ("call_method", CAST_METHOD), ("call_function", getattr), ("call_function", UNSQUEEZE),
-    ("call_function", RESHAPE),
+    ("call_function", RESHAPE), ("call_function", operator.getitem),
 }
 
 
 def _merge_duplicates(graph: fx.Graph, root: nn.Module | None) -> int:
     """Merge repeated casts/reshapes/attribute reads of the same value (``x.float()``
-    written twice): pure, cheap nodes, so one result serves every user. Not done in a graph
-    with in-place operations, where two equal-looking reads may see different values."""
-    if any(mutates(node, root) for node in graph.nodes):
+    written twice): pure, cheap nodes, so one result serves every user. Not done for reads
+    of a value an in-place operation may write (``aliasing.py``), where two equal-looking
+    reads may see different values; not at all when a write cannot be bounded."""
+    written = written_aliases(graph, root)
+    if written is None:
         return 0
     seen: dict = {}
     merged = 0
     for node in list(graph.nodes):
-        if (node.op, node.target) not in _DUPLICABLE:
+        if (node.op, node.target) not in _DUPLICABLE or node in written:
+            continue
+        if any(arg in written for arg in node.all_input_nodes):
             continue
         key = (node.op, node.target, _hashable(node.args), _hashable(node.kwargs))
         if key in seen:
@@ -284,26 +447,13 @@ def _merge_duplicates(graph: fx.Graph, root: nn.Module | None) -> int:
     return merged
 
 
-_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
-
-
-def mutates(node: fx.Node, root: nn.Module | None) -> bool:
-    """Whether ``node`` may modify a tensor in place (conservatively: user modules may)."""
-    if node.op == "call_module":
-        return root is None or not type(root.get_submodule(node.target)).__module__.startswith("torch.nn")
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("_")
-    if node.op == "call_function":
-        schema_mutates = getattr(getattr(node.target, "_schema", None), "is_mutable", False)
-        return node.target in _IN_PLACE_OPERATORS or schema_mutates or getattr(node.target, "__name__", "").endswith("_")
-    return False
-
-
 def _hashable(value):
     if isinstance(value, dict):
         return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, *(_hashable(v) for v in value))
+    if isinstance(value, slice):  # unhashable before Python 3.12
+        return ("slice", value.start, value.stop, value.step)
     return value
 
 

@@ -8,7 +8,8 @@ applied at once (later candidates see the rewritten graph):
    near-miss ("ordering conflict") and the graph is left as it was;
 2. each anchor's uses are redirected to the fused result (a named field of it for
    multi-output ops, a ``torch.split`` view of it for ops that concatenate their anchors'
-   results, cast back to the input dtype where the match asks for it);
+   results, cast back to the input dtype where the match asks for it and the metadata does
+   not show the dtypes already equal);
 3. anchors and internal nodes that nothing uses any more are erased; internal nodes with
    other users stay (so a shared ``1 + scale`` keeps feeding its other users);
 4. an earlier match whose fused call this one erased (a family that folds another's calls
@@ -28,6 +29,8 @@ from typing import Iterable
 
 import torch
 from torch import fx
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._pytree import tree_leaves
 
 from fusion_pass.match import Match, MatchContext, NearMiss, PatternFamily, tensor_meta
 from fusion_pass.registry import FUSED_OPS
@@ -98,11 +101,17 @@ def apply_match(graph: fx.Graph, match: Match, ctx: MatchContext) -> fx.Node | s
                 value = graph.call_function(operator.getitem, (fused, fused_op.output_index(field_name)))
             value.meta = _meta_for(value, dict(anchor.meta))
             cursor = value
-        if cast_to is not None:
+        if cast_to is not None and not _known_same_dtype(value, cast_to):
             value, cursor = _cast_like(graph, value, cast_to, cursor, anchor)
         anchor.replace_all_uses_with(value)
     _erase_unused(graph, match, order, ctx)
     return fused
+
+
+def _known_same_dtype(value: fx.Node, like: fx.Node) -> bool:
+    """Both dtypes are in the graph's metadata and equal: a cast would return ``value`` itself."""
+    value_meta, like_meta = tensor_meta(value), tensor_meta(like)
+    return value_meta is not None and like_meta is not None and value_meta.dtype == like_meta.dtype
 
 
 def _cast_like(graph, value: fx.Node, like: fx.Node, cursor: fx.Node, anchor: fx.Node):
@@ -145,7 +154,8 @@ def _meta_for(node: fx.Node, base: dict) -> dict:
             fake_args.append(value)
         else:
             fake_args.append(arg)
-    mode = torch._guards.detect_fake_mode()  # the fake mode of the compile in progress
+    # the fake mode the graph's metadata was made in (Dynamo's; not the compile's current one)
+    mode = next((v.fake_mode for v in tree_leaves(fake_args) if isinstance(v, FakeTensor)), None)
     if mode is None:
         return meta
     try:

@@ -15,28 +15,20 @@ Emits      ``fusion_pass::qk_rmsnorm(q, k, q_weight, k_weight, eps)`` -> ``(q, k
 """
 from __future__ import annotations
 
-import operator
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 from fusion_pass import normalize as canon
 from fusion_pass.match import (
-    CAT_FUNCTIONS, Match, MatchContext, NearMiss, is_call, is_cast, is_number, operand_orders, reduces_last_dim_only,
-    scan, tensor_meta,
+    Match, MatchContext, NearMiss, is_call, is_cast, is_number, operand_orders, reduces_last_dim_only, scan,
+    tensor_meta,
 )
+from patterns.attention_inputs import pair_norms
 
 NAME = "qk_rmsnorm"
-_ATTENTION = F.scaled_dot_product_attention
-_QUERY, _KEY = 0, 1
-_FORWARD_HOPS = 6
-_VIEW_METHODS = {"to", "contiguous", "permute", "transpose", "reshape", "view", "expand", "unbind", "chunk", "split"}
-_VIEW_FUNCTIONS = {*CAT_FUNCTIONS, torch.reshape, torch.permute, torch.transpose, torch.unsqueeze, operator.getitem,
-                   torch.unbind, torch.chunk, torch.split}
 
 
 @dataclass
@@ -63,14 +55,14 @@ def match_rms_norm(node: fx.Node, ctx: MatchContext) -> RMSNormSite | NearMiss |
         if not is_call(core, canon.MUL) or not isinstance(weight, fx.Node):
             continue
         for upcast, rsqrt in operand_orders(core):
-            statistic = _rsqrt_of_mean_square(rsqrt, upcast)
+            statistic = rsqrt_of_mean_square(rsqrt, upcast)
             if statistic is None:
                 continue
             return _decomposed_site(node, ctx, cast, core, upcast, weight, rsqrt, statistic)
     return None
 
 
-def _rsqrt_of_mean_square(rsqrt, source):
+def rsqrt_of_mean_square(rsqrt, source):
     """``rsqrt(eps + mean(square(source), dim, keepdim))`` -> (add, mean, square) or None."""
     if not is_call(rsqrt, canon.RSQRT) or not is_call(rsqrt.args[0], canon.ADD):
         return None
@@ -130,42 +122,6 @@ def _functional_site(node, ctx):
     return RMSNormSite(node, x, weight, None if eps is None else float(eps), (node,), casts_back=True)
 
 
-def _attention_roles(site: RMSNormSite) -> set[tuple[fx.Node, int]]:
-    """The (attention node, argument index) pairs that ``site.out`` reaches through views."""
-    roles, frontier = set(), [site.out]
-    for _ in range(_FORWARD_HOPS):
-        following = []
-        for value in frontier:
-            for user in value.users:
-                if is_call(user, _ATTENTION):
-                    roles.update((user, i) for i, arg in enumerate(user.args[:2]) if arg is value)
-                elif _is_view_like(user) and _carries(user, value):
-                    following.append(user)
-        frontier = following
-    return roles
-
-
-def _carries(user: fx.Node, value: fx.Node) -> bool:
-    """Whether ``user``'s result holds ``value``'s data (``q.to(v)`` carries q, not v)."""
-    data = user.args[0] if user.args else None
-    return data is value or (isinstance(data, (list, tuple)) and any(item is value for item in data))
-
-
-def _is_view_like(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _VIEW_METHODS
-    if node.op != "call_function":
-        return False
-    return node.target in _VIEW_FUNCTIONS or getattr(node.target, "__module__", "").startswith("einops")
-
-
-def origin(node: fx.Node) -> fx.Node:
-    """Walk back through views/splits to the tensor a q or k slice was cut from."""
-    while _is_view_like(node) and node.args and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
-
-
 class QKRMSNorm:
     name = NAME
     op_key = "qk_rmsnorm"
@@ -182,29 +138,16 @@ class QKRMSNorm:
         yield from self._pairs(sites, ctx)
 
     def _pairs(self, sites: list[RMSNormSite], ctx: MatchContext) -> Iterator[Match | NearMiss]:
-        by_attention: dict[fx.Node, dict[int, list[RMSNormSite]]] = defaultdict(lambda: defaultdict(list))
-        for site in sites:
-            roles = _attention_roles(site)
-            if not roles:
-                yield NearMiss(NAME, ctx.where(site.out), "RMSNorm does not feed an attention's query or key")
-            for attention, index in roles:
-                by_attention[attention][index].append(site)
-        paired: set[int] = set()
-        for roles in by_attention.values():
-            queries, keys = roles.get(_QUERY, []), roles.get(_KEY, [])
-            for q in queries:
-                k = _partner(q, keys, single=len(queries) == 1)
-                if k is None or id(k) in paired or id(q) in paired:
-                    continue
-                if q.eps != k.eps:
-                    yield NearMiss(NAME, ctx.where(q.out), f"eps differs between q and k norm ({q.eps} vs {k.eps})")
-                    paired.update((id(q), id(k)))
-                    continue
-                paired.update((id(q), id(k)))
+        pairs, feeding_none, unpaired = pair_norms(sites, lambda site: site.out, lambda site: site.x)
+        for site in feeding_none:
+            yield NearMiss(NAME, ctx.where(site.out), "RMSNorm does not feed an attention's query or key")
+        for q, k in pairs:
+            if q.eps != k.eps:
+                yield NearMiss(NAME, ctx.where(q.out), f"eps differs between q and k norm ({q.eps} vs {k.eps})")
+            else:
                 yield self.to_match(q, k, ctx)
-        for site in sites:
-            if id(site) not in paired and _attention_roles(site):
-                yield NearMiss(NAME, ctx.where(site.out), "RMSNorm has no partner norm on the other of query/key")
+        for site in unpaired:
+            yield NearMiss(NAME, ctx.where(site.out), "RMSNorm has no partner norm on the other of query/key")
 
     def to_match(self, q: RMSNormSite, k: RMSNormSite, ctx: MatchContext) -> Match:
         casts = (q.x, k.x) if q.casts_back or k.casts_back else (None, None)
@@ -220,14 +163,6 @@ class QKRMSNorm:
             cast_outputs=casts,
             weight_owners=tuple(_owner(w) for w in (q.weight, k.weight) if _owner(w)),
         )
-
-
-def _partner(q: RMSNormSite, keys: list[RMSNormSite], single: bool) -> RMSNormSite | None:
-    q_origin = origin(q.x)
-    for k in keys:
-        if origin(k.x) is q_origin:
-            return k
-    return keys[0] if single and len(keys) == 1 else None
 
 
 def _owner(weight: fx.Node) -> tuple[str, str] | None:

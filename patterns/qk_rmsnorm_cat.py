@@ -29,7 +29,7 @@ from fusion_pass.match import (
     Match, MatchContext, NearMiss, cat_arguments, describe, is_call, is_cast, scan, tensor_meta,
 )
 from fusion_pass.registry import FUSED_OPS
-from patterns.qk_rmsnorm import origin
+from patterns.attention_inputs import origin
 
 NAME = "qk_rmsnorm_cat"
 _QK_RMSNORM = FUSED_OPS["qk_rmsnorm"]

@@ -1,10 +1,12 @@
 """Residual plus gate.
 
-Matches    ``residual + gate * y`` where ``y`` (the branch) is computed from ``residual``:
-           the structural signature of a gated residual connection ``x + g * f(x)``.
+Matches    ``residual + gate * y`` where ``y`` (the branch) is computed from ``residual``
+           (or, when ``residual`` is itself ``h + a``, from ``h``): the structural signature
+           of a gated residual connection ``x + g * f(x)``.
 Accepts    any operand order of ``+`` and ``*``; ``torch.addcmul(residual, gate, y)``;
            ``torch.add``/``Tensor.add``/``mul`` spellings; gate of any broadcastable shape.
-Skips      products with a raw norm output as an operand (``shift + s * LN(x)`` is a
+Skips      a sum of two products (RoPE's ``x * cos + rotate(x) * sin``), not a residual
+           stream; products with a raw norm output as an operand (``shift + s * LN(x)`` is a
            modulation, left to the LayerNorm family even when it refused it).
 Refuses    (near-miss) a product also used elsewhere, a product whose operands do not
            depend on the residual (e.g. the gate multiplies the residual, not the branch),
@@ -14,17 +16,15 @@ Emits      ``fusion_pass::residual_gate(residual, y, gate)``.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Iterator
 
 from torch import fx
 
 from fusion_pass import normalize as canon
-from fusion_pass.registry import FUSED_OPS
 from fusion_pass.match import (
     Match, MatchContext, NearMiss, broadcasts_over_last_dim, depends_on, describe, is_call,
-    operand_orders, scan, tensor_meta,
+    operand_orders, producer, scan, tensor_meta,
 )
 
 NAME = "residual_gate"
@@ -55,9 +55,11 @@ def match_site(node: fx.Node, ctx: MatchContext, order: dict[fx.Node, int]) -> R
         return None
     reasons = []
     for residual, product in candidates:
-        branches = [b for b in product.args if depends_on(b, _producer(residual), order)]
+        roots = _stream_roots(residual)
+        branches = [b for b in product.args if any(depends_on(b, root, order) for root in roots)]
         if not branches:
-            if any(depends_on(residual, _producer(operand), order) for operand in product.args):
+            if not is_call(residual, canon.MUL) and any(depends_on(residual, producer(operand), order)
+                                                        for operand in product.args):
                 reasons.append("the gate multiplies the residual, not the branch computed from it")
             continue  # otherwise a + b * c with no residual structure: not a candidate
         if len(product.users) > 1:
@@ -77,17 +79,17 @@ def match_site(node: fx.Node, ctx: MatchContext, order: dict[fx.Node, int]) -> R
     return NearMiss(NAME, ctx.where(node), reasons[0]) if reasons else None
 
 
-def _producer(value: fx.Node) -> fx.Node:
-    """The node that computed ``value``: for a field of an earlier fused op returning
-    ``(residual, normed)``, the fused call itself, from which ``normed`` is computed too.
-    (Other multi-output nodes, such as ``chunk``, are not unwrapped: chunks are siblings.)"""
-    source = value.args[0] if value.op == "call_function" and value.target is operator.getitem else None
-    if isinstance(source, fx.Node) and source.target in _FUSED_TARGETS:
-        return source
-    return value
+def _stream_roots(residual: fx.Node) -> tuple[fx.Node, ...]:
+    """What a branch may be computed from: the residual itself or, when the residual is the
+    sum of an earlier residual connection ``h + a``, that stream's previous value ``h``
+    (SD3.5's dual attention: ``h = h + g1 * attn(n1); h = h + g2 * attn2(n2)``, where ``n1``
+    and ``n2`` are both modulations of the LayerNorm of the first ``h``)."""
+    roots = [producer(residual)]
+    if is_call(residual, canon.ADD):
+        roots += [producer(a) for a in residual.args if isinstance(a, fx.Node)]
+    return tuple(roots)
 
 
-_FUSED_TARGETS = {fused.op for fused in FUSED_OPS.values() if fused.outputs}
 
 
 class ResidualGate:

@@ -64,10 +64,11 @@ QK_MISSES = {  # reasons per attention stream: (the planted one, the ones it cau
 }
 CHAIN_CONFLICT = "ordering conflict"
 QK_CAT = "qk_rmsnorm_cat"
+RES_LN = "residual_layernorm"
 QK_CAT_MISSES = {  # why a joint attention's two q/k pairs and three cats do not fold (the first cause checked)
     "q_has_extra_user": "the normed q of a stream is also used by",
     "cast": "other than all by `.to(v)` of their stream",
-    "v_normed_too": "no cat of the streams' v",
+    "v_normed_too": "no cat of the streams' v",  # also for separate q/k/v projections
 }
 BROADCAST_OVER_HIDDEN = ("shift_broadcast_over_hidden", "scale_broadcast_over_hidden")
 GELU_CAT = "gelu_cat"
@@ -127,6 +128,7 @@ class LNModulate:
     result_has_extra_user: bool  # still fuses: the fused result feeds both users
     miss: str | None  # a key of LN_MISSES
     broadcast_from_residual: bool  # for *_broadcast_over_hidden: computed from x, else an input
+    axis_after_one_plus: bool = False  # chunk_2d: ``(1 + s)[:, None]`` (AdaLayerNormContinuous), not ``1 + s[:, None]``
 
 
 @dataclass(frozen=True)
@@ -166,14 +168,9 @@ class Attention:
     @property
     def pairs(self) -> int:
         """q/k pairs that fuse."""
-        if self.separate_projections_unpaired or self.miss not in (None, "v_normed_too"):
+        if self.miss not in (None, "v_normed_too"):
             return 0
-        return 1 + self.joint
-
-    @property
-    def separate_projections_unpaired(self) -> bool:
-        """q and k from different projections pair only in single-stream attention."""
-        return self.qkv == "separate" and self.joint
+        return 1 + self.joint  # q and k from separate projections pair by the stream they project
 
 
 @dataclass(frozen=True)
@@ -222,8 +219,6 @@ class Program:
                     found[part.miss] += 1
             if seg.early_user_of_input:
                 found["chain_ordering_conflict"] += 1
-            if seg.attention is not None and seg.attention.separate_projections_unpaired and not seg.attention.miss:
-                found["joint_q_k_from_separate_projections"] += 1
         return found
 
 
@@ -253,6 +248,7 @@ def ln_modulates(miss=sometimes(st.sampled_from(sorted(LN_MISSES)), 4)):
             mul=draw(st.sampled_from(MUL)), norm_first=draw(st.booleans()), add=add,
             shift_first=draw(st.booleans()), one_plus_has_extra_user=draw(st.booleans()),
             result_has_extra_user=draw(st.booleans()), miss=chosen, broadcast_from_residual=draw(st.booleans()),
+            axis_after_one_plus=draw(st.booleans()),
         )
 
     return build()
@@ -394,14 +390,28 @@ def expected_sites(program: Program, path: str) -> dict[str, int]:
         counts[LN_MOD] += _ln_fuses(seg.norm, path) and not chained[i]
         gate_chained = i + 1 < len(segs) and chained[i + 1]
         counts[GATE] += _gate_fuses(seg.gate, path) and not gate_chained
-        if seg.attention is not None:
-            counts[QK] += seg.attention.pairs
-            if _fold(seg.attention) == "fold":  # both pairs become one qk_rmsnorm_cat call
+        attention = _as_seen(seg.attention, program, path)
+        if attention is not None:
+            counts[QK] += attention.pairs
+            if _fold(attention, path) == "fold":  # both pairs become one qk_rmsnorm_cat call
                 counts[QK] -= 2
                 counts[QK_CAT] += 1
         if seg.gelu_cat is not None and seg.gelu_cat.miss is None:
             counts[GELU_CAT] += 1
+    counts[RES_LN] = sum(kind == "fuses" for kind in _pre_ln_residuals(program, path))
     return counts
+
+
+def _pre_ln_residuals(program: Program, path: str) -> list[str]:
+    """Per ungated residual ``x + y`` whose sum feeds the next segment's LayerNorm while that
+    LayerNorm's modulation does not fuse (it stays a LayerNorm of the sum): "fuses", or "miss"
+    for a LayerNorm over two dims (``residual_layernorm`` refuses it)."""
+    segs = program.segments
+    kinds = []
+    for seg, following in zip(segs, segs[1:]):
+        if seg.gate is None and not seg.final and following.norm is not None and not _ln_fuses(following.norm, path):
+            kinds.append("miss" if following.norm.miss == "norm_over_last_two_dims" else "fuses")
+    return kinds
 
 
 def expected_near_misses(program: Program, path: str) -> Counter:
@@ -414,17 +424,28 @@ def expected_near_misses(program: Program, path: str) -> Counter:
             found[GATE, GATE_MISSES[seg.gate.miss][0]] += 1
         if chain and _conflicts(seg):
             found[CHAIN, CHAIN_CONFLICT] += 1
-        if seg.attention is not None:
-            for reason in _qk_reasons(seg.attention):
+        attention = _as_seen(seg.attention, program, path)
+        if attention is not None:
+            for reason in _qk_reasons(attention):
                 found[QK, reason] += 1
-            if _fold(seg.attention) in QK_CAT_MISSES:
-                found[QK_CAT, QK_CAT_MISSES[_fold(seg.attention)]] += 1
+            if _fold(attention, path) in QK_CAT_MISSES:
+                found[QK_CAT, QK_CAT_MISSES[_fold(attention, path)]] += 1
         if seg.gelu_cat is not None and seg.gelu_cat.miss:
             found[GELU_CAT, GELU_CAT_MISSES[seg.gelu_cat.miss]] += 1
+    found[RES_LN, LN_MISSES["norm_over_last_two_dims"][0]] += _pre_ln_residuals(program, path).count("miss")
     return found
 
 
-def _fold(att: Attention) -> str | None:
+def _as_seen(att: Attention | None, program: Program, path: str) -> Attention | None:
+    """The attention as the pass sees it: in an fp32 Dynamo graph (dtypes known) an upcast
+    ``x.float()`` of fp32 x is no cast at all (``normalize`` drops it), so a q norm never
+    cast back is the plain spelling."""
+    if att is not None and att.miss == "q_upcast_never_cast_back" and path == DYNAMO and program.dtype == torch.float32:
+        return replace(att, miss=None)
+    return att
+
+
+def _fold(att: Attention, path: str) -> str | None:
     """How a joint attention's q/k pairs and cats fold into ``qk_rmsnorm_cat``: None (no
     candidate: single stream, unpaired, or q/k reshaped between norm and cat), "fold", or the
     key in QK_CAT_MISSES of the first cause that stops it."""
@@ -432,28 +453,20 @@ def _fold(att: Attention) -> str | None:
         return None
     if att.q_has_extra_user:
         return "q_has_extra_user"
-    casts_back = any(norm.form in ("functional", "module") for norm in (att.q_norm, att.k_norm))
-    if casts_back or (att.cast_to_v and att.miss == "v_normed_too"):  # .to(x.dtype), or .to(a normed v)
+    # F.rms_norm / nn.RMSNorm results are cast back to x's dtype after the fused call, unless the
+    # graph's dtypes show the call already returns it (Dynamo graphs: the rewrite adds no cast)
+    casts_back = path == FX and any(norm.form in ("functional", "module") for norm in (att.q_norm, att.k_norm))
+    # separate projections: v is cut from none of q's or k's projections, so a .to(v) cast does not
+    # count as their stream's, and no v cat is found
+    v_elsewhere = att.miss == "v_normed_too" or att.qkv == "separate"
+    if casts_back or (att.cast_to_v and v_elsewhere):  # .to(x.dtype), or .to(a v of no stream)
         return "cast"
-    return "v_normed_too" if att.miss == "v_normed_too" else "fold"
+    return "v_normed_too" if v_elsewhere else "fold"
 
 
 def _qk_reasons(att: Attention) -> list[str]:
     """The qk_rmsnorm near-miss reasons one attention branch must produce."""
-    streams = 1 + att.joint
-    if not att.separate_projections_unpaired:
-        return list(QK_MISSES[att.miss]) * streams if att.miss else []
-    # q and k of a joint attention from separate projections never pair: every q or k norm
-    # that is a valid RMSNorm is reported without a partner.
-    q_invalid = att.miss in ("q_norm_over_non_last_dim", "q_and_k_norm_over_non_last_dim", "q_upcast_never_cast_back")
-    k_valid = att.miss not in ("q_and_k_norm_over_non_last_dim", "only_q_normed")
-    reasons = [QK_MISSES[att.miss][0]] if q_invalid else []
-    if att.miss == "q_and_k_norm_over_non_last_dim":
-        reasons.append("not the last dim")
-    if att.miss == "v_normed_too":
-        reasons.append(QK_MISSES[att.miss][0])
-    reasons += [NO_PARTNER] * ((not q_invalid) + k_valid)
-    return reasons * streams
+    return list(QK_MISSES[att.miss]) * (1 + att.joint) if att.miss else []
 
 
 # --- the network ---------------------------------------------------------------------------
@@ -670,7 +683,11 @@ class GeneratedNet(nn.Module):
 
     def _ln_modulate(self, i, spec: LNModulate, x, vec, tok, chunks, sides):
         params = self.segments[i]
+        mod = self.program.segments[i].modulation
         shift, scale = self._part(i, vec, chunks, 0), self._part(i, vec, chunks, 1)
+        view_after = spec.axis_after_one_plus and mod.layout == "chunk_2d" and spec.miss not in BROADCAST_OVER_HIDDEN
+        if view_after:  # the token axis goes on after the +1: normalize moves it back onto the scale
+            scale = self._modulation(i, vec, chunks)[mod.offset + 1]
         if spec.miss in BROADCAST_OVER_HIDDEN:
             per_token = params.per_token(x) if spec.broadcast_from_residual else tok
             if spec.miss == "shift_broadcast_over_hidden":
@@ -695,6 +712,8 @@ class GeneratedNet(nn.Module):
         one_plus = _one_plus(scale, spec.one_plus, spec.miss)
         if spec.one_plus_has_extra_user:
             sides.append(one_plus)
+        if view_after:
+            one_plus = _add_token_axis(one_plus, mod.axis)
         a, b = (n, one_plus) if spec.norm_first else (one_plus, n)
         product_sides = sides if spec.miss == "modulated_product_has_extra_user" else None
         out = _add_product(shift, a, b, spec.add, spec.mul, spec.shift_first, product_sides)

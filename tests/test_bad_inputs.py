@@ -488,10 +488,7 @@ def test_a_hooked_layernorm_keeps_its_hook_and_is_not_mistaken_for_a_gate():
     x, mod = torch.randn(2, 5, D), torch.randn(2, 1, 3 * D)
     assert_same_outcome(original, optimized, x, mod)
     assert len(calls) == 2  # once per model: the hook fired in the optimized forward too
-    assert fusion_pass.report(optimized).counts() == {
-        "residual_layernorm_modulate": 0, "layernorm_modulate": 0, "residual_gate": 1, "qk_rmsnorm": 0, "gelu_cat": 0,
-        "qk_rmsnorm_cat": 0,
-    }
+    assert {family: n for family, n in fusion_pass.report(optimized).counts().items() if n} == {"residual_gate": 1}
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")

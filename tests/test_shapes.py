@@ -116,7 +116,8 @@ def test_dynamic_compile_fuses_every_site_of_each_graph(dynamic_compile):
     _, backend, _, _ = dynamic_compile
     expected = get_config("tiny").expected_sites()
     graphs = backend.graphs_compiled
-    assert backend.report.totals() == {family: n * graphs for family, n in expected.items()}
+    fused = {family: n for family, n in backend.report.totals().items() if n}  # other families: no sites
+    assert fused == {family: n * graphs for family, n in expected.items()}
     reasons = sorted({miss.reason for fam in backend.report.families.values() for miss in fam.near_misses})
     assert reasons == []
 

@@ -1,0 +1,101 @@
+"""The pattern families on ten diffusers transformers, through the compile backend (Dynamo's
+whole-model graphs): per-family counts derived from each model's code and config, the fused ops
+in the graph, the unfused norms gone, outputs equal (fp32).
+
+Site counts come from diffusers 0.42.1 (``diffusers/models/transformers/*``), derived from each
+model's config in ``diffusers_models.expected_sites``, which says where each comes from.
+"""
+from __future__ import annotations
+
+import operator
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("diffusers", reason="the test extras install diffusers==0.42.1")
+
+import fusion_pass  # noqa: E402
+from fusion_pass.ops.direct import direct_call  # noqa: E402
+from fusion_pass.registry import FUSED_OPS  # noqa: E402
+from tests import diffusers_models  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+_FUSED_TARGETS = {target: key for key, op in FUSED_OPS.items() for target in (op.op, direct_call(op.op)) if target}
+_NORMS = {F.layer_norm, F.rms_norm, torch.rsqrt}
+
+
+class KeepGraphs:
+    """The fusion backend (eager inner compiler), keeping each rewritten graph to inspect."""
+
+    def __init__(self):
+        self.backend = fusion_pass.backend(inner="eager")
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        compiled = self.backend(gm, example_inputs)
+        self.graphs.append(gm.graph)
+        return compiled
+
+
+def _run(name):
+    torch._dynamo.reset()
+    model, inputs = diffusers_models.build(name)
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        keep = KeepGraphs()
+        out = torch.compile(model, backend=keep)(**inputs)[0]
+    return model, reference, out, keep
+
+
+@pytest.mark.parametrize("name", list(diffusers_models.BUILDERS))
+def test_backend_fuses_every_site_the_model_code_has(name):
+    model, reference, out, keep = _run(name)
+    sites = diffusers_models.expected_sites(name, model.config)
+    totals = keep.backend.report.totals()
+    assert (totals["layernorm_modulate"], totals["residual_gate"], totals["qk_rmsnorm"], totals["qk_rmsnorm_rope"],
+            totals["qk_layernorm"]) == (sites.modulations, sites.gates, sites.qk, sites.qk_rope, sites.qk_layernorm)
+    # sites no fused op covers yet stay in the graph: counted among norms_left
+    calls = {key: 0 for key in FUSED_OPS}
+    norms_left = 0
+    for graph in keep.graphs:
+        for node in graph.nodes:
+            if node.op == "call_function" and node.target in _FUSED_TARGETS:
+                calls[_FUSED_TARGETS[node.target]] += 1
+            norms_left += node.op == "call_function" and node.target in _NORMS
+    counts = keep.backend.report.counts()
+    assert {key: calls[FUSED_OPS[key].key] for key in ("layernorm_scale_shift", "residual_gate", "qk_rmsnorm")} == {
+        "layernorm_scale_shift": counts["layernorm_modulate"], "residual_gate": counts["residual_gate"],
+        "qk_rmsnorm": counts["qk_rmsnorm"]}
+    assert calls["residual_gate_layernorm_scale_shift"] == counts["residual_layernorm_modulate"]
+    assert calls["qk_rmsnorm_rope"] == counts["qk_rmsnorm_rope"]
+    assert calls["qk_layernorm"] == counts["qk_layernorm"]
+    assert norms_left == sites.norms_left
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["flux", "wan", "ltx", "sd3"])
+def test_backend_fuses_the_same_sites_in_bf16_on_the_gpu(name, cuda):
+    """On CUDA in bf16 (the dtype these models run in) the backend fuses what the fp32 CPU test
+    fuses, its compiled kernels launch, and the output stays as close to an fp32 run as eager's."""
+    torch._dynamo.reset()
+    model, inputs = diffusers_models.build(name)
+    model = model.to(cuda)
+    to_device = {k: v.to(cuda) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    with torch.no_grad():
+        exact = model(**to_device)[0].double()
+        model = model.to(torch.bfloat16)
+        low = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+               for k, v in to_device.items()}
+        eager = model(**low)[0]
+        keep = KeepGraphs()
+        fused = torch.compile(model, backend=keep)(**low)[0]
+    sites = diffusers_models.expected_sites(name, model.config)
+    totals = keep.backend.report.totals()
+    assert (totals["layernorm_modulate"], totals["residual_gate"], totals["qk_rmsnorm"], totals["qk_rmsnorm_rope"]) == (
+        sites.modulations, sites.gates, sites.qk, sites.qk_rope)
+    eager_error = (eager.double() - exact).abs().max().item()
+    fused_error = (fused.double() - exact).abs().max().item()
+    assert fused_error <= 1.1 * eager_error + torch.finfo(torch.bfloat16).eps * exact.abs().max().item()

@@ -1,0 +1,78 @@
+"""hy3dgen's ShapeVAE transformer (pre-LN attention blocks with LayerNorm q/k norms), loaded by file
+path from the installed ``hy3dgen==2.0.2`` wheel: its residual adds feeding the next LayerNorm
+(``residual_layernorm``) and its q/k LayerNorms (``qk_layernorm``) fuse, through ``optimize()`` and
+the compile backend, outputs exact.
+
+The package ``__init__``s import pymeshlab, trimesh, cv2, diffusers and transformers, and
+``attention_blocks.py`` imports ``.attention_processors`` and ``...utils.logger`` relatively; so its
+folder is mounted as a private package, with ``utils`` standing in as a logger alone.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import logging
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import fusion_pass
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+_PACKAGE = "_fusion_pass_shapevae"
+
+
+def attention_blocks():
+    spec = importlib.util.find_spec("hy3dgen")
+    if spec is None:
+        pytest.skip("needs hy3dgen (pip install --no-deps hy3dgen==2.0.2)")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "shapegen" / "models" / "autoencoders"
+    for name, path in ((_PACKAGE, []), (f"{_PACKAGE}.models", []), (f"{_PACKAGE}.models.autoencoders", [str(folder)])):
+        package = sys.modules.setdefault(name, types.ModuleType(name))
+        package.__path__ = path
+    utils = sys.modules.setdefault(f"{_PACKAGE}.utils", types.ModuleType(f"{_PACKAGE}.utils"))
+    utils.logger = logging.getLogger("hy3dgen")
+    return importlib.import_module(f"{_PACKAGE}.models.autoencoders.attention_blocks")
+
+
+LAYERS = 3
+
+
+def transformer():
+    torch.manual_seed(0)
+    model = attention_blocks().Transformer(n_ctx=8, width=32, layers=LAYERS, heads=2, qk_norm=True).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("weight") and param.dim() == 1:
+                param.normal_(1, 0.2)  # LayerNorm weights off their default of ones
+    return model, torch.randn(2, 8, 32)
+
+
+# ResidualAttentionBlock.forward: `x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))`: every residual add
+# feeds a LayerNorm (ln_2, or the next block's ln_1) but the last block's second; QKVMultiheadAttention
+# (qk_norm=True): one q/k LayerNorm pair per block.
+SITES = {"residual_layernorm": 2 * LAYERS - 1, "qk_layernorm": LAYERS}
+
+
+def test_shapevae_residuals_feeding_layernorms_fuse_through_the_backend():
+    model, x = transformer()
+    backend = fusion_pass.backend(inner="eager")
+    with torch.no_grad():
+        expected = model(x)
+        got = torch.compile(model, backend=backend)(x)
+    assert {k: v for k, v in backend.report.totals().items() if v} == SITES
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_shapevae_residuals_feeding_layernorms_fuse_through_optimize():
+    model, x = transformer()
+    with torch.no_grad():
+        expected = model(x)
+        optimized = fusion_pass.optimize(copy.deepcopy(model))
+        got = optimized(x)
+    assert {k: v for k, v in fusion_pass.report(optimized).totals().items() if v} == SITES
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
