@@ -42,7 +42,11 @@ from strategies import (
 
 SLOW_PATH_SHARE = 10  # torch.compile and the interpreted kernels each try a tenth as many modules
 COVERAGE_EXAMPLES = 100  # from this many modules on, a run must have generated every family ...
-RARE_FAMILIES = {"qk_rmsnorm_cat": 1000}  # ... but this one from 1,000 on (7 sites in the ci profile's 1,000)
+RARE_FAMILIES = {"qk_rmsnorm_cat": 1000, "residual_layernorm": 1000}  # ... but these from 1,000 on (rare: a pre-LN residual needs an ungated segment before an unfused LayerNorm)
+NOT_IN_VOCABULARY = {  # families the generator does not build (yet), and where they are tested instead
+    "qk_layernorm": "tests/test_spellings.py, test_diffusers_patterns.py (CogVideoX), test_shapevae.py",
+    "qk_rmsnorm_rope": "tests/test_spellings.py, test_diffusers_patterns.py (Flux, HunyuanVideo, LTX)",
+}
 _SLOW_IS_FINE = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile(
     "ci", settings.get_profile("ci"), max_examples=1000, deadline=None, suppress_health_check=_SLOW_IS_FINE,
@@ -217,7 +221,8 @@ def _run_fuzz(name, check, path, max_examples, shrink=True):
 def assert_every_family_was_generated(tried: Counter, examples: int) -> None:
     """Over a run of at least COVERAGE_EXAMPLES modules (RARE_FAMILIES: more), every family had
     fused sites. The ``ci`` profile tries the same modules on every run: this cannot flake there."""
-    expected = [family for family in FAMILY_NAMES if examples >= RARE_FAMILIES.get(family, COVERAGE_EXAMPLES)]
+    expected = [family for family in FAMILY_NAMES
+                if family not in NOT_IN_VOCABULARY and examples >= RARE_FAMILIES.get(family, COVERAGE_EXAMPLES)]
     assert [family for family in expected if not tried[f"{family} sites"]] == []
 
 
