@@ -57,6 +57,9 @@ class Report:
     uncaptured: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     already_optimized: list[str] = field(default_factory=list)
     assumptions: list[tuple[str, str]] = field(default_factory=list)  # (graph path, guarded predicate)
+    guards: list[tuple[str, str]] = field(default_factory=list)  # (graph path, what its installed forward checks)
+    fallbacks: list[tuple[str, str, int]] = field(default_factory=list)  # (module path, reason, calls) at run time
+    pending: list[tuple[str, str]] = field(default_factory=list)  # (module path, why): captured on its first call
     seconds: float = 0.0
 
     def counts(self) -> dict[str, int]:
@@ -88,6 +91,9 @@ class Report:
             "uncaptured": [{"where": w, "reason": r} for w, r in self.uncaptured],
             "already_optimized": self.already_optimized,
             "assumptions": [{"graph": g, "assumes": a} for g, a in self.assumptions],
+            "guards": [{"graph": g, "checks": c} for g, c in self.guards],
+            "fallbacks": [{"where": w, "reason": r, "calls": n} for w, r, n in self.fallbacks],
+            "pending": [{"where": w, "why": r} for w, r in self.pending],
         }
 
     def to_json(self, **kwargs) -> str:
@@ -104,6 +110,9 @@ class Report:
         self.uncaptured.extend(other.uncaptured)
         self.already_optimized.extend(other.already_optimized)
         self.assumptions.extend(other.assumptions)
+        self.guards.extend(other.guards)
+        self.fallbacks.extend(other.fallbacks)
+        self.pending.extend(other.pending)
         self.seconds += other.seconds
 
     def __rich__(self):
@@ -145,6 +154,25 @@ class Report:
             for graph, assumption in self.assumptions:
                 text.append(f"  {graph or '<root>'}: {assumption}\n")
             parts.append(text)
+        if self.pending:
+            text = Text(f"not yet called, captured by Dynamo on their first call: {len(self.pending)} modules\n")
+            for where, why in self.pending[:max_sites]:
+                text.append(f"  {where}: {why}\n")
+            parts.append(text)
+        if self.guards:
+            grouped = Counter(check for _, check in self.guards)
+            text = Text("checked on every call of an installed graph:\n")
+            for check, n in grouped.items():
+                first = next(g for g, c in self.guards if c == check) or "<root>"
+                text.append(f"  {first}{f' and {n - 1} more' if n > 1 else ''}: {check}\n")
+            parts.append(text)
+        if self.fallbacks:
+            table = Table(title="run-time fallbacks (a check failed on a call)")
+            for column in ("where", "reason", "calls"):
+                table.add_column(column, overflow="fold")
+            for where, reason, calls in self.fallbacks:
+                table.add_row(where or "<root>", reason, str(calls))
+            parts.append(table)
         if self.already_optimized:
             parts.append(Text(f"already optimized, left as is: {len(self.already_optimized)} modules"))
         return parts

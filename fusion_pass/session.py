@@ -1,0 +1,133 @@
+"""What ``optimize()`` did to one model, kept true while the model changes afterwards.
+
+A :class:`Session` lives on the optimized model (``model._fusion_pass_report``). It runs the
+pipeline on a subtree (capture -> fuse -> install -> arm), and it is what an installed
+forward calls back when its check fails:
+
+- :meth:`changed`: the captured subtree changed (``snapshot.py``: LoRA injected or merged, a
+  processor swapped, a hook added, ``eps`` rebound, ``train()``...). The module's forwards in
+  that subtree are removed and the subtree is captured again as it is now, on this very call
+  (a LoRA-adapted model is optimized again, its sites fused again). After
+  ``MAX_RECAPTURES`` changes of one module it stays uncaptured (original forward), said in
+  the report. A stale graph never runs.
+- :meth:`fell_back`: one call ran the original forward because it broke an argument or
+  metadata assumption (``guards.py``); counted per module and reason.
+
+:meth:`report` assembles the current :class:`~fusion_pass.report.Report` from the graphs
+installed now, so it always describes what runs.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Sequence
+
+from torch import nn
+
+from fusion_pass.capture import capture
+from fusion_pass.guards import describe_guard, guards_in
+from fusion_pass.install import alias_weight, install, is_installed, uninstall
+from fusion_pass.match import PatternFamily
+from fusion_pass.pipeline import empty_report, fuse_graph, record
+from fusion_pass.report import Report
+
+#: Re-captures of one module after which it keeps its original forward (a model changed on
+#: every call would otherwise pay a capture per call).
+MAX_RECAPTURES = 8
+
+
+class Session:
+    def __init__(self, families: Sequence[PatternFamily], pool=None):
+        self.begin(families, pool)
+
+    def begin(self, families: Sequence[PatternFamily], pool=None) -> None:
+        """Start a new ``optimize`` run's record (the installed forwards of earlier runs keep
+        reporting here)."""
+        self.families, self.pool = tuple(families), pool
+        self.graphs: dict[str, Report] = {}  # module path -> what its installed graph fused and holds
+        self.uncaptured: list[tuple[str, str]] = []
+        self.already_optimized: list[str] = []
+        self.fallbacks: Counter = Counter()  # (path, reason) -> calls
+        self.recaptures: Counter = Counter()  # path -> re-captures after a change
+        self.regional: dict = {}  # path -> RegionalForward (Dynamo, compiled on first call)
+        self.class_compiles: dict = {}  # block class -> its regional.ClassCompile
+        self.seconds = 0.0
+
+    def optimize(self, module: nn.Module, path: str = "") -> None:
+        """Capture, fuse and install every capturable module under ``module`` (at ``path``),
+        then arm their change guards."""
+        from fusion_pass.regional import install_regional
+
+        start = time.perf_counter()
+        captured = capture(module, skip=is_installed, path=path)
+        self.already_optimized.extend(captured.skipped)
+        self.uncaptured.extend((u.path, u.reason) for u in captured.uncaptured)
+        installed = []
+        for graph in captured.graphs:
+            result = fuse_graph(graph.graph, self.families, root=graph.module, path=graph.path)
+            if not result.matches:
+                continue
+            fragment = empty_report("optimize", self.families)
+            record(fragment, result)
+            fragment.graphs.append(graph.path or "<root>")
+            fragment.assumptions.extend((graph.path, describe_guard(g)) for g in guards_in(graph.graph))
+            installed.append((install(graph, self.pool, self), fragment))
+            for match in result.matches:
+                for owner, attr in match.weight_owners:
+                    alias_weight(graph.module.get_submodule(owner), attr)
+        for region in captured.regional:
+            forward = install_regional(region, self)
+            self.regional[region.path] = forward
+            installed.append((forward, empty_report("optimize", self.families)))
+        for forward, fragment in installed:  # armed last: installing changes the modules' __dict__
+            guard = forward.arm()
+            fragment.guards.extend([(forward.path, forward.describe_signature()), (forward.path, guard.summary())])
+            self.graphs[forward.path] = fragment
+        self.seconds += time.perf_counter() - start
+
+    def changed(self, forward, args, kwargs):
+        """``forward``'s subtree changed: capture it again (or give it back its original
+        forward), record why, and answer this call."""
+        module, path = forward.module, forward.path
+        reason = forward.guard.describe()
+        uninstall(module)
+        self._drop(path)
+        if self.recaptures[path] < MAX_RECAPTURES:
+            self.recaptures[path] += 1
+            self.fallbacks[(path, f"re-captured after: {reason}")] += 1
+            self.optimize(module, path)
+        else:
+            self.fallbacks[(path, f"original forward from now on (changed {MAX_RECAPTURES} times); last: {reason}")] += 1
+        return module.forward(*args, **kwargs)
+
+    def regional_ran(self, forward) -> None:
+        """A Dynamo-compiled block ran a graph: its fused sites are now known."""
+        fragment = forward.fragment()
+        fragment.guards = self.graphs[forward.path].guards if forward.path in self.graphs else []
+        self.graphs[forward.path] = fragment
+
+    def fell_back(self, path: str, reason: str) -> None:
+        self.fallbacks[(path, reason)] += 1
+
+    def graph_report(self, path: str) -> Report | None:
+        return self.graphs.get(path)
+
+    def report(self) -> Report:
+        report = empty_report("optimize", self.families)
+        for fragment in self.graphs.values():
+            report.merge(fragment)
+        report.uncaptured.extend(self.uncaptured)
+        report.already_optimized.extend(self.already_optimized)
+        report.fallbacks.extend((path, reason, n) for (path, reason), n in self.fallbacks.items())
+        report.pending.extend((path, "compiled by Dynamo on its first call") for path, forward in self.regional.items()
+                              if forward.reported is None and path in self.graphs)
+        report.seconds = self.seconds
+        return report
+
+    def _drop(self, path: str) -> None:
+        def under(p: str) -> bool:
+            return not path or p == path or p.startswith(path + ".")
+
+        self.graphs = {p: r for p, r in self.graphs.items() if not under(p)}
+        self.regional = {p: f for p, f in self.regional.items() if not under(p)}
+        self.uncaptured = [(p, r) for p, r in self.uncaptured if not under(p)]
