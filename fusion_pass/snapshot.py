@@ -65,7 +65,7 @@ class SubtreeGuard:
         self.modules = 0
         self._collect(self.module, "", root=True)
         for name, hooks in _GLOBAL_HOOKS:
-            self._add(hooks, ("", "global " + name.lstrip("_").removeprefix("global_"), ""))
+            self._add(hooks, ("", name.strip("_").replace("_", " "), ""))
 
     def holds(self) -> bool:
         if self.live is None:  # a deep copy: the copied module is complete by its first call
@@ -113,8 +113,14 @@ class SubtreeGuard:
                 self._add(vars(value), (where, f"attribute of {name}", cls))
         for name, child in module._modules.items():
             child_rel = f"{rel}.{name}" if rel else name
-            if child is not None and child_rel not in self.leaves:
+            if child is None:
+                continue
+            if child_rel not in self.leaves:
                 self._collect(child, child_rel)
+            else:  # called as a module: its __call__ runs its hooks, but a hook removed may let it be inlined again
+                for hooks in _HOOK_DICTS:
+                    self._add(getattr(child, hooks), (self._full(child_rel), hooks.strip("_").replace("_", " "),
+                                                      type(child).__name__))
 
     def _add(self, live, label) -> None:
         self.live.append(live)
@@ -149,7 +155,8 @@ def _is_plain_object(value) -> bool:
 def _describe(label: tuple[str, str, str], old, new) -> str:
     where, kind, cls = label
     if kind.startswith("global"):
-        return f"{kind.replace(' hooks', ' hook')} registered" if len(new) > len(old) else f"{kind} changed"
+        what = kind.replace("global ", "global module ").removesuffix("s")
+        return f"{what} registered" if len(new) > len(old) else f"{what} removed" if len(new) < len(old) else f"{kind} changed"
     if kind.endswith("hooks"):
         what = kind[:-1]
         verb = "added on" if len(new) > len(old) else "removed from" if len(new) < len(old) else "replaced on"
