@@ -68,6 +68,7 @@ class CapturedGraph:
     graph: fx.Graph
     signature: CallSignature
     leaf_submodules: tuple[str, ...] = ()
+    in_container: bool = False  # an element of a ModuleList/ModuleDict: a block, for Dynamo when FX fails
 
 
 @dataclass
@@ -80,17 +81,20 @@ class Uncaptured:
 
 @dataclass
 class Region:
-    """A block FX could not trace (``reason``), left to Dynamo (``regional.py``) on its first call."""
+    """A module captured on its first call: a block FX could not trace (``reason``), left to
+    Dynamo (``regional.py``), or a forward with optional parameters, traced for that call."""
 
     path: str
     module: nn.Module
     reason: str
+    in_container: bool = False
 
 
 @dataclass
 class CaptureResult:
     graphs: list[CapturedGraph] = field(default_factory=list)
     regional: list[Region] = field(default_factory=list)  # blocks FX cannot trace, for Dynamo
+    deferred: list[Region] = field(default_factory=list)  # forwards with optional parameters: on their first call
     uncaptured: list[Uncaptured] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
@@ -250,9 +254,11 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}"
 
 
-def capture(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: False, path: str = "") -> CaptureResult:
+def capture(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: False, path: str = "",
+            call: tuple[tuple, dict] | None = None, in_container: bool = False) -> CaptureResult:
     """Capture graphs for ``model``: the whole module when possible, else its children,
-    recursively. Leaf submodules made during a successful trace are captured on their own
+    recursively; ``model`` for the argument pattern of ``call`` (``(args, kwargs)``; default:
+    its required arguments only, see :class:`~fusion_pass.guards.CallSignature`). Leaf submodules made during a successful trace are captured on their own
     too (their insides may still hold patterns). Modules for which ``skip`` is true (and
     their subtrees) are listed in ``result.skipped`` and not traced."""
     result = CaptureResult()
@@ -260,11 +266,12 @@ def capture(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: Fals
         result.uncaptured.append(Uncaptured(path, "global module hooks are registered "
                                             f"({', '.join(global_hooks())}); a graph would not call them"))
         return result
-    _capture_into(model, path, result, skip)
+    _capture_into(model, path, result, skip, in_container, call)
     return result
 
 
-def _capture_into(module: nn.Module, path: str, result: CaptureResult, skip, in_container: bool = False) -> None:
+def _capture_into(module: nn.Module, path: str, result: CaptureResult, skip, in_container: bool = False,
+                  call: tuple[tuple, dict] | None = None) -> None:
     if skip(module):
         result.skipped.append(path)
         return
@@ -274,21 +281,33 @@ def _capture_into(module: nn.Module, path: str, result: CaptureResult, skip, in_
         return
     if _is_torch_builtin(module):
         return  # e.g. nn.Linear: its forward is a single library call, nothing inside to fuse
+    if call is None and _has_optional_parameters(module):
+        result.deferred.append(Region(path, module, "its forward has optional parameters", in_container))
+        return
     try:
-        signature = CallSignature(type(module).forward)
+        signature = CallSignature(type(module).forward, call)
         graph, leaves = _trace(module, signature)
     except Exception as exc:  # noqa: BLE001 - any failure: a block goes to Dynamo, anything else descends
         if in_container:
-            result.regional.append(Region(path, module, _describe(exc)))
+            result.regional.append(Region(path, module, _describe(exc), True))
             return
         result.uncaptured.append(Uncaptured(path, _describe(exc)))
         for name, child in module.named_children():
             _capture_into(child, _join(path, name), result, skip)
         return
-    result.graphs.append(CapturedGraph(path, module, graph, signature, leaves))
+    result.graphs.append(CapturedGraph(path, module, graph, signature, leaves, in_container))
     called = sorted({node.target for node in graph.nodes if node.op == "call_module"})  # failed or hooked
     for leaf in called:
         _capture_into(module.get_submodule(leaf), _join(path, leaf), result, skip)
+
+
+def _has_optional_parameters(module: nn.Module) -> bool:
+    """Whether ``forward`` has parameters with defaults: which of them a call passes is known
+    only at a call, so capture waits for the first one (see ``CallSignature``)."""
+    try:
+        return bool(CallSignature(type(module).forward).defaults)
+    except Exception:  # noqa: BLE001 - no inspectable signature (TorchScript): the trace tries and refuses it
+        return False  # no inspectable signature (TorchScript): tried, and refused, by the trace
 
 
 def _is_plain_container(module: nn.Module) -> bool:

@@ -23,13 +23,15 @@ from torch import nn
 from fusion_pass.capture import CapturedGraph
 from fusion_pass.ops.direct import call_directly
 from fusion_pass.cuda_graphs import GraphReplay
-from fusion_pass.guards import CallSignature, GuardFailed
+from fusion_pass.guards import ArgumentsDiffer, CallSignature, GuardFailed
 from fusion_pass.snapshot import SubtreeGuard
 
 
 class InstalledForward:
     """Base of the forwards fusion_pass installs on a module instance (FX graph code here, a
     regional Dynamo compile in ``regional.py``): ``module``, ``path``, ``session``, ``arm()``."""
+
+    in_container = False  # the module is an element of a ModuleList/ModuleDict (a block)
 
 
 class FusedForward(InstalledForward):
@@ -38,9 +40,10 @@ class FusedForward(InstalledForward):
 
     Every call checks, in this order: the module subtree is as captured (``guard``, armed by
     :meth:`arm` once the whole model is installed; on a change ``session.changed`` re-captures
-    or restores the module and answers the call), the call passes only the arguments the graph
-    was traced with (``signature``), and the graph's ``assume`` nodes hold. A failure of the
-    last two runs the original forward for this call (exact) and is counted by the session."""
+    or restores the module and answers the call), the call passes its arguments as the graph
+    was traced for (``signature``; else ``session.recapture_for_call`` captures the module for
+    this call's pattern), and the graph's ``assume`` nodes hold (else the original forward runs
+    for this call, exact, counted by the session)."""
 
     def __init__(self, module: nn.Module, path: str, code, signature: CallSignature, leaves, source: str,
                  graphs: GraphReplay | None = None, session=None):
@@ -70,6 +73,11 @@ class FusedForward(InstalledForward):
             return self.session.changed(self, args, kwargs)  # (under torch.compile: Dynamo's guards instead)
         try:
             values = self.signature.required_values(args, kwargs)
+        except ArgumentsDiffer as differ:
+            if self.session is None:
+                return type(module).forward(module, *args, **kwargs)
+            return self.session.recapture_for_call(self, str(differ), args, kwargs)
+        try:
             if self.graphs is not None:
                 return self.graphs(*values)
             return self.code(module, *values)
@@ -77,6 +85,18 @@ class FusedForward(InstalledForward):
             if self.session is not None:
                 self.session.fell_back(self.path, str(failed))
             return type(module).forward(module, *args, **kwargs)
+
+
+class DeferredForward(InstalledForward):
+    """Captures its module on the first call, for that call's argument pattern (a forward
+    with optional parameters: which ones a caller passes is known only then), then answers
+    the call through whatever got installed."""
+
+    def __init__(self, module: nn.Module, path: str, in_container: bool, session):
+        self.module, self.path, self.in_container, self.session = module, path, in_container, session
+
+    def __call__(self, *args, **kwargs):
+        return self.session.capture_on_call(self, args, kwargs)
 
 
 def is_installed(module: nn.Module) -> bool:
@@ -96,6 +116,7 @@ def install(captured: CapturedGraph, graph_pool=None, session=None) -> FusedForw
     graphs = GraphReplay(captured.module, forward, graph_pool) if graph_pool is not None else None
     called = sorted({n.target for n in captured.graph.nodes if n.op == "call_module"})
     fused = FusedForward(captured.module, captured.path, forward, captured.signature, called, code.src, graphs, session)
+    fused.in_container = captured.in_container
     captured.module.forward = fused
     return fused
 

@@ -31,7 +31,6 @@ original forward, with the reason in the report.
 """
 from __future__ import annotations
 
-import contextvars
 
 import torch
 from torch import nn
@@ -40,9 +39,6 @@ from fusion_pass.capture import Region
 from fusion_pass.install import InstalledForward
 from fusion_pass.report import Report
 from fusion_pass.snapshot import SubtreeGuard, global_hooks
-
-
-_CALLER: contextvars.ContextVar = contextvars.ContextVar("fusion_pass_region", default=None)
 
 
 class ClassCompile:
@@ -64,9 +60,6 @@ class ClassCompile:
         compiled = self.backend(gm, example_inputs)
         self.graph_reports.append(self.backend.report)
         self.backend.report = before
-        caller = _CALLER.get()
-        if caller is not None:
-            caller.graph_index = len(self.graph_reports) - 1
         return compiled
 
 
@@ -76,8 +69,7 @@ class RegionalForward(InstalledForward):
     def __init__(self, module: nn.Module, path: str, compiled: ClassCompile, session):
         self.module, self.path, self.compiled, self.session = module, path, compiled, session
         self.guard: SubtreeGuard | None = None
-        self.graph_index: int | None = None  # which of the class's graphs this block ran last
-        self.reported: int | None = None
+        self.graph_index: int | None = None  # the class graph this block first ran (reported)
 
     def arm(self) -> SubtreeGuard:
         self.guard = SubtreeGuard(self.module, self.path)  # Dynamo inlines every submodule
@@ -100,7 +92,6 @@ class RegionalForward(InstalledForward):
         if self.compiled.failure is not None:
             self.session.fell_back(self.path, self.compiled.failure)
             return type(module).forward(module, *args, **kwargs)
-        token = _CALLER.set(self)
         try:
             out = self.compiled.compiled(module, *args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - Dynamo could not capture it: the original forward answers
@@ -108,13 +99,10 @@ class RegionalForward(InstalledForward):
                                     f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
             self.session.fell_back(self.path, self.compiled.failure)
             return type(module).forward(module, *args, **kwargs)
-        finally:
-            _CALLER.reset(token)
         if self.graph_index is None and self.compiled.graph_reports:
-            self.graph_index = len(self.compiled.graph_reports) - 1  # reused a graph another block compiled
-        if self.graph_index != self.reported:
+            # the graph this call compiled, or the latest one of its class, which it reused
+            self.graph_index = len(self.compiled.graph_reports) - 1
             self.session.regional_ran(self)
-            self.reported = self.graph_index
         return out
 
     def fragment(self) -> Report:
@@ -127,6 +115,8 @@ class RegionalForward(InstalledForward):
             family.folded = [_under(self.path, s) for s in family.folded]
             family.near_misses = [type(m)(_join(self.path, m.where), m.reason) for m in family.near_misses]
         fragment.graphs = [f"{self.path} (Dynamo, {self.compiled.cls.__name__} graph {self.graph_index})"]
+        fragment.guards = [(self.path, f"Dynamo guards of {len(self.compiled.graph_reports)} graph(s) of "
+                                       f"{self.compiled.cls.__name__} so far")]
         return fragment
 
 

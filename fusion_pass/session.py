@@ -26,7 +26,7 @@ from torch import nn
 
 from fusion_pass.capture import capture
 from fusion_pass.guards import describe_guard, guards_in
-from fusion_pass.install import alias_weight, install, is_installed, uninstall
+from fusion_pass.install import DeferredForward, alias_weight, install, is_installed, uninstall
 from fusion_pass.match import PatternFamily
 from fusion_pass.pipeline import empty_report, fuse_graph, record
 from fusion_pass.report import Report
@@ -50,31 +50,37 @@ class Session:
         self.fallbacks: Counter = Counter()  # (path, reason) -> calls
         self.recaptures: Counter = Counter()  # path -> re-captures after a change
         self.regional: dict = {}  # path -> RegionalForward (Dynamo, compiled on first call)
+        self.deferred: dict = {}  # path -> DeferredForward (FX, captured on first call)
         self.class_compiles: dict = {}  # block class -> its regional.ClassCompile
         self.seconds = 0.0
 
-    def optimize(self, module: nn.Module, path: str = "") -> None:
-        """Capture, fuse and install every capturable module under ``module`` (at ``path``),
-        then arm their change guards."""
+    def optimize(self, module: nn.Module, path: str = "", call: tuple[tuple, dict] | None = None,
+                 in_container: bool = False) -> None:
+        """Capture, fuse and install every capturable module under ``module`` (at ``path``;
+        ``module`` for the argument pattern of ``call``), then arm their change guards."""
         from fusion_pass.regional import install_regional
 
         start = time.perf_counter()
-        captured = capture(module, skip=is_installed, path=path)
+        captured = capture(module, skip=is_installed, path=path, call=call, in_container=in_container)
         self.already_optimized.extend(captured.skipped)
         self.uncaptured.extend((u.path, u.reason) for u in captured.uncaptured)
         installed = []
         for graph in captured.graphs:
             result = fuse_graph(graph.graph, self.families, root=graph.module, path=graph.path)
-            if not result.matches:
-                continue
             fragment = empty_report("optimize", self.families)
             record(fragment, result)
+            if not result.matches:  # not installed (the original forward runs); its near-misses are reported
+                self.graphs[graph.path] = fragment
+                continue
             fragment.graphs.append(graph.path or "<root>")
             fragment.assumptions.extend((graph.path, describe_guard(g)) for g in guards_in(graph.graph))
             installed.append((install(graph, self.pool, self), fragment))
             for match in result.matches:
                 for owner, attr in match.weight_owners:
                     alias_weight(graph.module.get_submodule(owner), attr)
+        for region in captured.deferred:
+            self.deferred[region.path] = region.module.forward = DeferredForward(region.module, region.path,
+                                                                                   region.in_container, self)
         for region in captured.regional:
             forward = install_regional(region, self)
             self.regional[region.path] = forward
@@ -88,14 +94,29 @@ class Session:
     def changed(self, forward, args, kwargs):
         """``forward``'s subtree changed: capture it again (or give it back its original
         forward), record why, and answer this call."""
+        return self._recapture(forward, forward.guard.describe(), args, kwargs, call=None)
+
+    def capture_on_call(self, deferred, args, kwargs):
+        """First call of a module captured on its first call: capture it for this call's pattern."""
+        module, path = deferred.module, deferred.path
+        del module.forward
+        self.deferred.pop(path, None)
+        self.optimize(module, path, (args, kwargs), deferred.in_container)
+        return module.forward(*args, **kwargs)
+
+    def recapture_for_call(self, forward, reason: str, args, kwargs):
+        """A call passes its arguments unlike the captured one (``pe`` given, ``return_dict``
+        changed): capture the module for this call's pattern, and answer it."""
+        return self._recapture(forward, reason, args, kwargs, call=(args, kwargs))
+
+    def _recapture(self, forward, reason: str, args, kwargs, call):
         module, path = forward.module, forward.path
-        reason = forward.guard.describe()
         uninstall(module)
         self._drop(path)
         if self.recaptures[path] < MAX_RECAPTURES:
             self.recaptures[path] += 1
             self.fallbacks[(path, f"re-captured after: {reason}")] += 1
-            self.optimize(module, path)
+            self.optimize(module, path, call, forward.in_container)
         else:
             self.fallbacks[(path, f"original forward from now on (changed {MAX_RECAPTURES} times); last: {reason}")] += 1
         return module.forward(*args, **kwargs)
@@ -103,7 +124,7 @@ class Session:
     def regional_ran(self, forward) -> None:
         """A Dynamo-compiled block ran a graph: its fused sites are now known."""
         fragment = forward.fragment()
-        fragment.guards = self.graphs[forward.path].guards if forward.path in self.graphs else []
+        fragment.guards = (self.graphs[forward.path].guards if forward.path in self.graphs else []) + fragment.guards
         self.graphs[forward.path] = fragment
 
     def fell_back(self, path: str, reason: str) -> None:
@@ -120,7 +141,9 @@ class Session:
         report.already_optimized.extend(self.already_optimized)
         report.fallbacks.extend((path, reason, n) for (path, reason), n in self.fallbacks.items())
         report.pending.extend((path, "compiled by Dynamo on its first call") for path, forward in self.regional.items()
-                              if forward.reported is None and path in self.graphs)
+                              if forward.graph_index is None and path in self.graphs)
+        report.pending.extend((path, "captured on its first call (its forward has optional parameters)")
+                              for path in self.deferred)
         report.seconds = self.seconds
         return report
 
@@ -130,4 +153,5 @@ class Session:
 
         self.graphs = {p: r for p, r in self.graphs.items() if not under(p)}
         self.regional = {p: f for p, f in self.regional.items() if not under(p)}
+        self.deferred = {p: f for p, f in self.deferred.items() if not under(p)}
         self.uncaptured = [(p, r) for p, r in self.uncaptured if not under(p)]
