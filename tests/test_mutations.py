@@ -187,3 +187,124 @@ def test_requires_grad_off_changes_nothing(pair):
     both(pair, lambda m: m.requires_grad_(False))
     assert_same(pair)
     assert fusion_pass.report(pair[1]).fallbacks == []  # flags on the same parameters: nothing to re-check
+
+
+# --- Flux (diffusers): blocks compiled regionally by Dynamo ---------------------------------------
+
+FLUX_LORA_TARGETS = ["to_q", "to_k", "to_v", "proj_mlp"]
+FLUX_INNER = "transformer_blocks.0.ff.net.2"  # an nn.Linear inside a double block
+FLUX_NORM = "transformer_blocks.0.norm1.norm"  # AdaLayerNormZero's LayerNorm(eps=1e-6, no affine)
+
+
+@pytest.fixture
+def flux():
+    """(original, optimized after one call, inputs) for the tiny Flux of tests/diffusers_models.py."""
+    from diffusers_models import tiny_models
+
+    tiny = next(m for m in tiny_models() if m.name == "flux")
+    original = tiny.build()
+    optimized = fusion_pass.optimize(copy.deepcopy(original))
+    flux_call(optimized, tiny.inputs())
+    return original, optimized, tiny.inputs()
+
+
+def flux_call(model, kwargs):
+    with torch.no_grad():
+        return model(**kwargs)[0]
+
+
+def assert_same_flux(pair):
+    original, optimized, kwargs = pair
+    assert rel_err(flux_call(optimized, kwargs), flux_call(original, kwargs)) <= 1e-5
+
+
+def flux_sites(model):
+    return fusion_pass.report(model).totals()
+
+
+def test_flux_lora_injected_after_optimize_is_applied_and_fused_again(flux):
+    before = flux_sites(flux[1])
+    both(flux, lambda m: inject_adapter_in_model(LoraConfig(target_modules=FLUX_LORA_TARGETS, init_lora_weights=False), m))
+    assert_same_flux(flux)
+    both(flux, lambda m: [layer.scale_layer(0.25) for layer in lora_layers(m)])
+    assert_same_flux(flux)
+    assert "submodule transformer_blocks.0.attn.to_q replaced (Linear -> Linear)" in reasons(flux[1])
+    assert flux_sites(flux[1]) == before  # Dynamo recompiled the LoRA blocks; the same sites fused
+
+
+def test_flux_lora_merged_and_set_adapter_are_applied(flux):
+    both(flux, lambda m: (inject_adapter_in_model(LoraConfig(target_modules=FLUX_LORA_TARGETS, init_lora_weights=False),
+                                                  m, adapter_name="a"),
+                          inject_adapter_in_model(LoraConfig(target_modules=FLUX_LORA_TARGETS, init_lora_weights=False),
+                                                  m, adapter_name="b")))
+    assert_same_flux(flux)
+    both(flux, lambda m: [layer.set_adapter("a") for layer in lora_layers(m)])
+    assert_same_flux(flux)
+    both(flux, lambda m: [layer.merge() for layer in lora_layers(m)])
+    assert_same_flux(flux)
+
+
+def test_flux_attention_processor_swapped_is_used(flux):
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    class Halved(FluxAttnProcessor):
+        def __call__(self, *args, **kwargs):
+            out = super().__call__(*args, **kwargs)
+            return tuple(o * 0.5 for o in out) if isinstance(out, tuple) else out * 0.5
+
+    both(flux, lambda m: m.set_attn_processor(Halved()))
+    assert_same_flux(flux)
+    assert "processor" in reasons(flux[1])
+    both(flux, lambda m: m.set_attn_processor(FluxAttnProcessor()))
+    assert_same_flux(flux)
+
+
+def test_flux_fused_qkv_projections_are_used(flux):
+    both(flux, lambda m: m.fuse_qkv_projections())
+    assert_same_flux(flux)
+    both(flux, lambda m: m.unfuse_qkv_projections())
+    assert_same_flux(flux)
+
+
+def test_flux_hooks_run_while_registered(flux):
+    handles = []
+    both(flux, lambda m: handles.append(m.get_submodule(FLUX_INNER).register_forward_hook(doubled)))
+    assert_same_flux(flux)
+    assert f"forward hook added on {FLUX_INNER}" in reasons(flux[1])
+    for handle in handles:
+        handle.remove()
+    both(flux, lambda m: handles.append(m.get_submodule(FLUX_INNER).register_forward_pre_hook(halved_input)))
+    assert_same_flux(flux)
+    for handle in handles:
+        handle.remove()
+    assert_same_flux(flux)
+    assert not any("Dynamo could not" in r for _, r, _ in fusion_pass.report(flux[1]).fallbacks)
+
+
+def test_flux_global_hook_runs(flux):
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, _args, output: output * 1.5 if isinstance(module, nn.Linear) else None)
+    try:
+        assert_same_flux(flux)
+    finally:
+        handle.remove()
+    assert_same_flux(flux)
+
+
+@pytest.mark.parametrize("change", ["eps", "parameter", "float64", "train", "requires_grad"])
+def test_flux_plain_changes_are_used(flux, change):
+    changes = {
+        "eps": lambda m: setattr(m.get_submodule(FLUX_NORM), "eps", 0.5),
+        "parameter": lambda m: setattr(m.get_submodule(FLUX_INNER), "weight",
+                                       nn.Parameter(torch.randn_like(m.get_submodule(FLUX_INNER).weight))),
+        "float64": lambda m: m.to(torch.float64),
+        "train": lambda m: m.train(),
+        "requires_grad": lambda m: m.requires_grad_(False),
+    }
+    both(flux, changes[change])
+    if change == "float64":
+        flux = (flux[0], flux[1], {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                                   for k, v in flux[2].items()})
+    assert_same_flux(flux)
+    if change == "eps":
+        assert f"LayerNorm.eps of {FLUX_NORM} changed 1e-06 -> 0.5" in reasons(flux[1])
