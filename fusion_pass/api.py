@@ -82,4 +82,6 @@ def _check_strict(report: Report) -> None:
                            else "no candidate found")
             for name in empty
         )
-        raise NothingFused(f"strict: nothing fused for {', '.join(empty)} ({reasons})")
+        pending = (f"; {len(report.pending)} modules are captured on their first call: call the model, then read "
+                   "fusion_pass.report(model)") if report.pending else ""
+        raise NothingFused(f"strict: nothing fused for {', '.join(empty)} ({reasons}){pending}")

@@ -171,7 +171,7 @@ class CallSignature:
         if baked:
             text += f", {', '.join(baked)}"
         if rest:
-            text += f"; {', '.join(rest)} left at their defaults"
+            text += f"; nothing passed for {', '.join(rest)}"
         return text
 
 
