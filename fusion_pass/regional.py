@@ -32,6 +32,8 @@ original forward, with the reason in the report.
 from __future__ import annotations
 
 
+from collections import Counter
+
 import torch
 from torch import nn
 
@@ -51,8 +53,21 @@ class ClassCompile:
         self.backend = FusionBackend("eager", patterns=[f.name for f in families])
         self.backend.families = tuple(families)
         self.graph_reports: list[Report] = []
-        self.compiled = torch.compile(_entry_point(cls), backend=self._compile, fullgraph=True)
+        self.graph_guards: list[str] = []  # per graph: a summary of the guards Dynamo built for it
+        self.compiled = torch.compile(_entry_point(cls), backend=self._compile, fullgraph=True,
+                                      options={"guard_filter_fn": self._see_guards})
         self.failure: str | None = None
+
+    def _see_guards(self, entries) -> list[bool]:
+        """``torch.compile``'s ``guard_filter_fn``: keeps every guard, and records what they are
+        (Dynamo builds them once the graph is compiled)."""
+        kinds = Counter(entry.guard_type for entry in entries)
+        skipped = kinds.pop("EMPTY_NN_MODULE_HOOKS_DICT", 0) if torch._dynamo.config.skip_nnmodule_hook_guards else 0
+        top = ", ".join(f"{kind} {n}" for kind, n in kinds.most_common(4))
+        self.graph_guards.append(f"{kinds.total()} Dynamo guards ({top}{', ...' if len(kinds) > 4 else ''}); "
+                                 f"{skipped} hook guards not installed (skip_nnmodule_hook_guards): hooks are "
+                                 "checked by the subtree guard")
+        return [True] * len(entries)
 
     def _compile(self, gm, example_inputs):
         before = self.backend.report
@@ -76,7 +91,7 @@ class RegionalForward(InstalledForward):
         return self.guard
 
     def describe_signature(self) -> str:
-        return "Dynamo guards of its class's graphs (shapes, dtypes, None-ness, kwargs, module attributes read)"
+        return "Dynamo guards (shapes, dtypes, None-ness, kwargs, module attributes read), built on its first call"
 
     def __call__(self, *args, **kwargs):
         module = self.module
@@ -115,8 +130,8 @@ class RegionalForward(InstalledForward):
             family.folded = [_under(self.path, s) for s in family.folded]
             family.near_misses = [type(m)(_join(self.path, m.where), m.reason) for m in family.near_misses]
         fragment.graphs = [f"{self.path} (Dynamo, {self.compiled.cls.__name__} graph {self.graph_index})"]
-        fragment.guards = [(self.path, f"Dynamo guards of {len(self.compiled.graph_reports)} graph(s) of "
-                                       f"{self.compiled.cls.__name__} so far")]
+        guards = self.compiled.graph_guards
+        fragment.guards = [(self.path, guards[self.graph_index] if self.graph_index < len(guards) else "Dynamo guards")]
         return fragment
 
 

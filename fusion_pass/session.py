@@ -124,7 +124,8 @@ class Session:
     def regional_ran(self, forward) -> None:
         """A Dynamo-compiled block ran a graph: its fused sites are now known."""
         fragment = forward.fragment()
-        fragment.guards = (self.graphs[forward.path].guards if forward.path in self.graphs else []) + fragment.guards
+        before = self.graphs[forward.path].guards if forward.path in self.graphs else []
+        fragment.guards = [g for g in before if not g[1].startswith("Dynamo guards")] + fragment.guards
         self.graphs[forward.path] = fragment
 
     def fell_back(self, path: str, reason: str) -> None:
