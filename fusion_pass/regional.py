@@ -58,6 +58,13 @@ class ClassCompile:
                                       options={"guard_filter_fn": self._see_guards})
         self.failure: str | None = None
 
+    def __deepcopy__(self, memo):
+        return self  # compiled code and per-graph reports, shared by copies of a model (nothing per instance)
+
+    def limit_reached(self) -> bool:
+        """Dynamo stops compiling new variants past its recompile limit (they run uncompiled)."""
+        return len(self.graph_reports) >= torch._dynamo.config.recompile_limit
+
     def _see_guards(self, entries) -> list[bool]:
         """``torch.compile``'s ``guard_filter_fn``: keeps every guard, and records what they are
         (Dynamo builds them once the graph is compiled)."""

@@ -141,6 +141,10 @@ class Session:
         report.uncaptured.extend(self.uncaptured)
         report.already_optimized.extend(self.already_optimized)
         report.fallbacks.extend((path, reason, n) for (path, reason), n in self.fallbacks.items())
+        for compiled in self.class_compiles.values():
+            if compiled.limit_reached():
+                report.fallbacks.append((compiled.cls.__name__, f"Dynamo's recompile limit reached ({len(compiled.graph_reports)} "
+                                         "graphs): calls needing another variant run the original forward", 0))
         report.pending.extend((path, "compiled by Dynamo on its first call") for path, forward in self.regional.items()
                               if forward.graph_index is None and path in self.graphs)
         report.pending.extend((path, "captured on its first call (its forward has optional parameters)")

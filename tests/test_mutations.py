@@ -308,3 +308,28 @@ def test_flux_plain_changes_are_used(flux, change):
     assert_same_flux(flux)
     if change == "eps":
         assert f"LayerNorm.eps of {FLUX_NORM} changed 1e-06 -> 0.5" in reasons(flux[1])
+
+
+def test_the_report_and_its_rendering_show_checks_and_fallbacks(flux):
+    import io
+
+    from rich.console import Console
+
+    handle = flux[1].get_submodule(FLUX_INNER).register_forward_hook(doubled)
+    flux_call(flux[1], flux[2])
+    handle.remove()
+    report = fusion_pass.report(flux[1])
+    data = report.to_dict()
+    assert any("Dynamo guards" in g["checks"] for g in data["guards"])
+    assert any("subtree unchanged" in g["checks"] for g in data["guards"])
+    assert any(f["reason"].startswith("original forward while hooks exist (forward hook added on "
+                                      f"{FLUX_INNER})") and f["calls"] == 1 for f in data["fallbacks"])
+    out = io.StringIO()
+    Console(file=out, width=200).print(report)
+    assert "run-time fallbacks" in out.getvalue() and "checked on every call" in out.getvalue()
+
+
+def test_a_deep_copy_of_an_optimized_flux_runs_its_own_blocks(flux):
+    clone = copy.deepcopy(flux[1])
+    assert clone.transformer_blocks[0].forward.module is clone.transformer_blocks[0]
+    assert rel_err(flux_call(clone, flux[2]), flux_call(flux[0], flux[2])) <= 1e-5
