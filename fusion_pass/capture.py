@@ -7,7 +7,10 @@ The model is never edited. For every module, starting at the root, we try
   star-unpacks a proxy), together with every other submodule of its class (one retry per
   failing class, not per instance: a 48-block model is traced 2-3 times, not 50), and retries,
 - gives up on a module when its *own* forward cannot be traced (data-dependent control
-  flow), and then descends into its children.
+  flow), and then descends into its children; except a repeated block (an element of a
+  ``ModuleList``/``ModuleDict``), which goes to Dynamo instead (:class:`Region`, ``regional.py``);
+- waits for the first call of a module whose forward has optional parameters (which of them
+  a caller passes is known only then) and traces it for that call's arguments.
 
 What to capture is decided only by what can be captured: no model, class or attribute
 names appear here. Each success yields a :class:`CapturedGraph` whose graph refers to

@@ -96,6 +96,8 @@ class DeferredForward(InstalledForward):
         self.module, self.path, self.in_container, self.session = module, path, in_container, session
 
     def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling():  # inside an outer torch.compile: Dynamo traces the original
+            return type(self.module).forward(self.module, *args, **kwargs)
         return self.session.capture_on_call(self, args, kwargs)
 
 

@@ -143,29 +143,17 @@ class Report:
                 table.add_row(name, miss.where, miss.reason)
             parts.append(table)
         if self.uncaptured:
-            grouped = Counter(reason for _, reason in self.uncaptured)
-            text = Text("not traceable as a whole, so run as before while their children were captured:\n")
-            for reason, n in grouped.items():
-                first = next(w for w, r in self.uncaptured if r == reason) or "<root>"
-                text.append(f"  {n} x {first}{' and similar' if n > 1 else ''}: {reason}\n")
-            parts.append(text)
+            parts.append(_grouped("not traceable as a whole, so run as before while their children were captured:",
+                                  self.uncaptured))
         if self.assumptions:
             text = Text("captured under assumptions, checked every call (the original forward runs when one fails):\n")
             for graph, assumption in self.assumptions:
                 text.append(f"  {graph or '<root>'}: {assumption}\n")
             parts.append(text)
         if self.pending:
-            text = Text(f"not yet called, captured by Dynamo on their first call: {len(self.pending)} modules\n")
-            for where, why in self.pending[:max_sites]:
-                text.append(f"  {where}: {why}\n")
-            parts.append(text)
+            parts.append(_grouped(f"not yet called ({len(self.pending)} modules), so not yet captured:", self.pending))
         if self.guards:
-            grouped = Counter(check for _, check in self.guards)
-            text = Text("checked on every call of an installed graph:\n")
-            for check, n in grouped.items():
-                first = next(g for g, c in self.guards if c == check) or "<root>"
-                text.append(f"  {first}{f' and {n - 1} more' if n > 1 else ''}: {check}\n")
-            parts.append(text)
+            parts.append(_grouped("checked on every call of an installed graph:", self.guards))
         if self.fallbacks:
             table = Table(title="run-time fallbacks (a check failed on a call)")
             for column in ("where", "reason", "calls"):
@@ -176,6 +164,15 @@ class Report:
         if self.already_optimized:
             parts.append(Text(f"already optimized, left as is: {len(self.already_optimized)} modules"))
         return parts
+
+
+def _grouped(title: str, rows: list[tuple[str, str]]) -> Text:
+    """One line per distinct text: ``  first_place and N more: text``."""
+    text = Text(title + "\n")
+    for what, n in Counter(what for _, what in rows).items():
+        first = next(where for where, w in rows if w == what) or "<root>"
+        text.append(f"  {n} x {first}{' and similar' if n > 1 else ''}: {what}\n")
+    return text
 
 
 def _abbreviate(items: list[str], limit: int) -> str:
