@@ -10,8 +10,16 @@ forward calls back when its check fails:
   (a LoRA-adapted model is optimized again, its sites fused again). After
   ``MAX_RECAPTURES`` changes of one module it stays uncaptured (original forward), said in
   the report. A stale graph never runs.
-- :meth:`fell_back`: one call ran the original forward because it broke an argument or
-  metadata assumption (``guards.py``); counted per module and reason.
+- :meth:`recapture_for_call` / :meth:`capture_on_call`: a call passes its arguments unlike the
+  captured call (``guards.CallSignature``), or a module with optional parameters runs for the
+  first time: the module is captured for this call's argument pattern.
+- :meth:`fell_back`: one call ran the original forward because it broke a metadata assumption
+  (``guards.py``) or a Dynamo-compiled block met hooks (``regional.py``); counted per module and
+  reason.
+
+Why re-capture rather than only fall back: a model adapted after ``optimize()`` (LoRA, a new
+processor) is the model users run from then on; capturing it again costs what ``optimize()``
+cost (0.8 s for Hunyuan3D-2 here), once per change, and keeps it fused.
 
 :meth:`report` assembles the current :class:`~fusion_pass.report.Report` from the graphs
 installed now, so it always describes what runs.
@@ -37,6 +45,8 @@ MAX_RECAPTURES = 8
 
 
 class Session:
+    """The installed forwards of one model, what they fused and hold, and what failed since."""
+
     def __init__(self, families: Sequence[PatternFamily], pool=None):
         self.begin(families, pool)
 
@@ -130,9 +140,6 @@ class Session:
 
     def fell_back(self, path: str, reason: str) -> None:
         self.fallbacks[(path, reason)] += 1
-
-    def graph_report(self, path: str) -> Report | None:
-        return self.graphs.get(path)
 
     def report(self) -> Report:
         report = empty_report("optimize", self.families)
