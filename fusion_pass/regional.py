@@ -63,7 +63,9 @@ class ClassCompile:
 
     def limit_reached(self) -> bool:
         """Dynamo stops compiling new variants past its recompile limit (they run uncompiled)."""
-        return len(self.graph_reports) >= torch._dynamo.config.recompile_limit
+        config = torch._dynamo.config
+        limit = getattr(config, "recompile_limit", None) or config.cache_size_limit  # (older name)
+        return len(self.graph_reports) >= limit
 
     def _see_guards(self, entries) -> list[bool]:
         """``torch.compile``'s ``guard_filter_fn``: keeps every guard, and records what they are
@@ -76,7 +78,9 @@ class ClassCompile:
                                  "checked by the subtree guard")
         return [True] * len(entries)
 
-    def _compile(self, gm, example_inputs):
+    def _compile(self, gm, example_inputs, **_options):
+        """The backend: one fused graph and its report. (``_options``: where a PyTorch does not
+        take ``guard_filter_fn`` itself it hands the options dict here; the guards then go unreported.)"""
         before = self.backend.report
         self.backend.report = Report("optimize")  # one fresh report per graph
         compiled = self.backend(gm, example_inputs)
