@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Sequence
 
 from torch import nn
 
 from fusion_pass.capture import capture
-from fusion_pass.guards import describe_guard, guards_in
+from fusion_pass.guards import GuardFailed, describe_guard, guards_in
 from fusion_pass.install import DeferredForward, alias_weight, install, is_installed, uninstall
 from fusion_pass.match import PatternFamily
 from fusion_pass.pipeline import empty_report, fuse_graph, record
@@ -42,6 +43,9 @@ from fusion_pass.report import Report
 #: Re-captures of one module after which it keeps its original forward (a model changed on
 #: every call would otherwise pay a capture per call).
 MAX_RECAPTURES = 8
+#: Argument patterns whose graphs are kept per module (a caller alternating optional inputs
+#: switches between them without capturing again).
+MAX_PATTERNS = 4
 
 
 class Session:
@@ -61,6 +65,7 @@ class Session:
         self.recaptures: Counter = Counter()  # path -> re-captures after a change
         self.regional: dict = {}  # path -> RegionalForward (Dynamo, compiled on first call)
         self.deferred: dict = {}  # path -> DeferredForward (FX, captured on first call)
+        self.patterns: dict = {}  # path -> [_Pattern]: what was installed for its other argument patterns
         self.class_compiles: dict = {}  # block class -> its regional.ClassCompile
         self.seconds = 0.0
 
@@ -104,6 +109,7 @@ class Session:
     def changed(self, forward, args, kwargs):
         """``forward``'s subtree changed: capture it again (or give it back its original
         forward), record why, and answer this call."""
+        self.patterns = {p: kept for p, kept in self.patterns.items() if not _under(forward.path, p)}
         return self._recapture(forward, forward.guard.describe(), args, kwargs, call=None)
 
     def capture_on_call(self, deferred, args, kwargs):
@@ -116,7 +122,20 @@ class Session:
 
     def recapture_for_call(self, forward, reason: str, args, kwargs):
         """A call passes its arguments unlike the captured one (``pe`` given, ``return_dict``
-        changed): capture the module for this call's pattern, and answer it."""
+        changed): put back what was captured for this call's pattern before, if anything (up to
+        ``MAX_PATTERNS`` per module are kept), else capture the module for it; answer the call."""
+        module, path = forward.module, forward.path
+        kept = self.patterns.setdefault(path, [])
+        kept.insert(0, _Pattern.take(self, module, path, forward))
+        del kept[MAX_PATTERNS:]
+        for pattern in kept[1:]:
+            if pattern.accepts(args, kwargs):
+                kept.remove(pattern)
+                uninstall(module)
+                self._drop(path)
+                pattern.put(self)
+                self.fallbacks[(path, "switched to the graph captured for this argument pattern")] += 1
+                return module.forward(*args, **kwargs)
         return self._recapture(forward, reason, args, kwargs, call=(args, kwargs))
 
     def _recapture(self, forward, reason: str, args, kwargs, call):
@@ -160,10 +179,49 @@ class Session:
         return report
 
     def _drop(self, path: str) -> None:
-        def under(p: str) -> bool:
-            return not path or p == path or p.startswith(path + ".")
+        self.graphs = {p: r for p, r in self.graphs.items() if not _under(path, p)}
+        self.uncaptured = [(p, r) for p, r in self.uncaptured if not _under(path, p)]
+        self.regional = {p: f for p, f in self.regional.items() if not _under(path, p)}
+        self.deferred = {p: f for p, f in self.deferred.items() if not _under(path, p)}
 
-        self.graphs = {p: r for p, r in self.graphs.items() if not under(p)}
-        self.regional = {p: f for p, f in self.regional.items() if not under(p)}
-        self.deferred = {p: f for p, f in self.deferred.items() if not under(p)}
-        self.uncaptured = [(p, r) for p, r in self.uncaptured if not under(p)]
+
+def _under(path: str, p: str) -> bool:
+    """Whether module path ``p`` is ``path`` or below it."""
+    return not path or p == path or p.startswith(path + ".")
+
+
+@dataclass
+class _Pattern:
+    """What was installed under one module for one argument pattern of its calls."""
+
+    forward: object  # the module's FusedForward: its signature says which calls it takes
+    installed: list  # (module, installed forward) under it
+    graphs: dict
+    uncaptured: list
+    regional: dict
+    deferred: dict
+
+    @classmethod
+    def take(cls, session: Session, module: nn.Module, path: str, forward) -> _Pattern:
+        def mine(items: dict) -> dict:
+            return {p: v for p, v in items.items() if _under(path, p)}
+
+        return cls(forward, [(m, m.__dict__["forward"]) for m in module.modules() if is_installed(m)],
+                   mine(session.graphs), [(p, r) for p, r in session.uncaptured if _under(path, p)],
+                   mine(session.regional), mine(session.deferred))
+
+    def accepts(self, args, kwargs) -> bool:
+        try:
+            self.forward.signature.required_values(args, kwargs)
+        except GuardFailed:
+            return False
+        return True
+
+    def put(self, session: Session) -> None:
+        """Install it again (its guards, armed when it was captured, still check the subtree)."""
+        for module, forward in self.installed:
+            module.forward = forward
+        session.graphs.update(self.graphs)
+        session.uncaptured.extend(self.uncaptured)
+        session.regional.update(self.regional)
+        session.deferred.update(self.deferred)

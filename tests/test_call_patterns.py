@@ -75,3 +75,15 @@ def test_the_signature_check_admits_defaults_passed_explicitly_and_refuses_other
         with_pe.required_values((x, x), {"double": True})
     with pytest.raises(ArgumentsDiffer, match="argument double is False"):
         with_pe.required_values((x, x), {"pe": x, "double": False})
+
+
+def test_alternating_optional_inputs_switch_between_kept_graphs_instead_of_capturing_again(pair):
+    original, optimized = pair
+    x, mod, pe = torch.randn(2, 5, D), torch.randn(2, 1, 3 * D), torch.randn(2, 5, D)
+    for step in range(12):  # more changes of pattern than MAX_RECAPTURES
+        kwargs = {"pe": pe} if step % 2 else {}
+        torch.testing.assert_close(optimized(x, mod, **kwargs), original(x, mod, **kwargs), **EXACT)
+    fallbacks = {reason: calls for _, reason, calls in fusion_pass.report(optimized).fallbacks}
+    assert fallbacks == {"re-captured after: argument pe passed (captured without it)": 1,
+                         "switched to the graph captured for this argument pattern": 10}
+    assert fusion_pass.report(optimized).totals()["residual_gate"] == 1
