@@ -1,18 +1,14 @@
 """``optimize(model)``: the in-place one-liner, and ``report``/``restore`` around it."""
 from __future__ import annotations
 
-import time
 from typing import Iterable
 
 from torch import nn
 
-from fusion_pass.capture import capture
 from fusion_pass.cuda_graphs import new_pool
-from fusion_pass.guards import describe_guard, guards_in
-from fusion_pass.install import alias_weight, install, is_installed, restore as _restore
-from fusion_pass.packing import pack_parameters
-from fusion_pass.pipeline import empty_report, fuse_graph, record
+from fusion_pass.install import restore as _restore
 from fusion_pass.report import Report
+from fusion_pass.session import Session
 
 _REPORT_ATTR = "_fusion_pass_report"
 
@@ -42,40 +38,28 @@ def optimize(
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() expects a torch.nn.Module, got {type(model).__name__}")
     families = _select(patterns)
-    start = time.perf_counter()
-    report = empty_report("optimize", families)
-    captured = capture(model, skip=is_installed)
     pool = new_pool() if cuda_graphs else None
-    report.already_optimized.extend(captured.skipped)
-    report.uncaptured.extend((u.path, u.reason) for u in captured.uncaptured)
-    report.uncaptured_errors.update((u.path, u.error) for u in captured.uncaptured)
-    for graph in captured.graphs:
-        result = fuse_graph(graph.graph, families, root=graph.module, path=graph.path)
-        record(report, result)
-        if not result.matches:
-            continue
-        report.graphs.append(graph.path or "<root>")
-        report.assumptions.extend((graph.path, describe_guard(g)) for g in guards_in(graph.graph))
-        install(graph, pool)
-        for match in result.matches:
-            for owner, attr in match.weight_owners:
-                alias_weight(graph.module.get_submodule(owner), attr)
-            for paths in match.pack:
-                pack_parameters(graph.module, paths)
-    report.seconds = time.perf_counter() - start
-    object.__setattr__(model, _REPORT_ATTR, report)
-    shortfalls = report.strict_failures() if strict else []
+    session = model.__dict__.get(_REPORT_ATTR)
+    if isinstance(session, Session):
+        session.begin(families, pool)  # the same object: a change guard watching the root's __dict__ still holds
+    else:
+        session = Session(families, pool)
+        object.__setattr__(model, _REPORT_ATTR, session)  # before capture and arming: part of the snapshot
+    session.optimize(model)
+    shortfalls = session.report().strict_failures() if strict else []
     if shortfalls:
         raise NothingFused("strict: " + "; ".join(shortfalls))
     return model
 
 
 def report(model: nn.Module) -> Report:
-    """The report of the last ``optimize`` on ``model`` (raises if it was never optimized)."""
+    """What ``optimize`` installed on ``model`` and what its checks did since (raises if it
+    was never optimized). Modules compiled by Dynamo on their first call are listed as pending
+    until then."""
     found = model.__dict__.get(_REPORT_ATTR)
     if found is None:
         raise LookupError("this model has not been through fusion_pass.optimize()")
-    return found
+    return found.report()
 
 
 def restore(model: nn.Module) -> nn.Module:

@@ -7,7 +7,10 @@ The model is never edited. For every module, starting at the root, we try
   star-unpacks a proxy), together with every other submodule of its class (one retry per
   failing class, not per instance: a 48-block model is traced 2-3 times, not 50), and retries,
 - gives up on a module when its *own* forward cannot be traced (data-dependent control
-  flow), and then descends into its children.
+  flow), and then descends into its children; except a repeated block (an element of a
+  ``ModuleList``/``ModuleDict``), which goes to Dynamo instead (:class:`Region`, ``regional.py``);
+- waits for the first call of a module whose forward has optional parameters (which of them
+  a caller passes is known only then) and traces it for that call's arguments.
 
 What to capture is decided only by what can be captured: no model, class or attribute
 names appear here. Each success yields a :class:`CapturedGraph` whose graph refers to
@@ -27,8 +30,13 @@ Invariants (relied on by ``install.py`` and the tests):
   tensors while building a constant is refused (the draw would be frozen);
 - a guard is accepted only where no node before it can modify state, so abandoning a
   call at a failed guard and rerunning the original forward is exact;
-- a graph is specialised to the module's ``training`` flag at capture time, which is
-  recorded so the installed forward can fall back when the flag changes.
+- a graph is traced with the module's required arguments only; every optional argument keeps
+  its default and a call passing another value runs the original forward
+  (:class:`~fusion_pass.guards.CallSignature`);
+- a module with hooks is a leaf (its ``__call__`` runs them); global module hooks refuse
+  capture. Everything else a graph specialised on in the modules it inlined (plain attributes
+  such as ``eps`` and ``training``, submodules, parameters, hooks added later) is checked on
+  every call by ``snapshot.SubtreeGuard``, armed at install.
 """
 from __future__ import annotations
 
@@ -45,6 +53,8 @@ import torch.fx as fx
 from torch import nn
 
 from fusion_pass import explain, guards
+from fusion_pass.guards import CallSignature
+from fusion_pass.snapshot import global_hooks
 from fusion_pass.constants import TensorConstant, constant_node
 from fusion_pass.normalize import mutates
 
@@ -60,8 +70,9 @@ class CapturedGraph:
     path: str
     module: nn.Module
     graph: fx.Graph
-    training: bool
+    signature: CallSignature
     leaf_submodules: tuple[str, ...] = ()
+    in_container: bool = False  # an element of a ModuleList/ModuleDict: a block, for Dynamo when FX fails
 
 
 @dataclass
@@ -74,8 +85,21 @@ class Uncaptured:
 
 
 @dataclass
+class Region:
+    """A module captured on its first call: a block FX could not trace (``reason``), left to
+    Dynamo (``regional.py``), or a forward with optional parameters, traced for that call."""
+
+    path: str
+    module: nn.Module
+    reason: str
+    in_container: bool = False
+
+
+@dataclass
 class CaptureResult:
     graphs: list[CapturedGraph] = field(default_factory=list)
+    regional: list[Region] = field(default_factory=list)  # blocks FX cannot trace, for Dynamo
+    deferred: list[Region] = field(default_factory=list)  # forwards with optional parameters: on their first call
     uncaptured: list[Uncaptured] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
@@ -102,13 +126,21 @@ def _leaf_function_modules() -> tuple[ModuleType, ...]:
 class _LeafOnFailureTracer(fx.Tracer):
     """An FX tracer that reports in which submodule a tracing failure happened."""
 
-    def __init__(self, extra_leaves: set[str]):
+    def __init__(self, extra_leaves: set[str], signature: CallSignature):
         super().__init__(autowrap_modules=_leaf_function_modules())
         self.extra_leaves = extra_leaves
         self._counted_chunks: set[fx.Node] = set()  # chunks whose number of pieces is assumed
+        self.signature = signature
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        """Trace ``forward`` with placeholders for its required parameters only; the others
+        keep their defaults (see :class:`~fusion_pass.guards.CallSignature`)."""
+        return super().create_args_for_root(self.signature.traced_forward(root_fn), is_module, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self.extra_leaves:
+        """Also a leaf: a module with hooks (its ``__call__`` must run them) and the modules
+        inside which tracing failed."""
+        if module_qualified_name in self.extra_leaves or _has_hooks(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -176,12 +208,16 @@ class _PiecesProxy(fx.Proxy):
         return super().__len__() if count is None else count
 
 
-def _trace(module: nn.Module) -> tuple[fx.Graph, tuple[str, ...]]:
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _trace(module: nn.Module, signature: CallSignature) -> tuple[fx.Graph, tuple[str, ...]]:
     """Trace ``module``, making failing submodules leaves. Raises when the module's own
     forward is untraceable or assigns module attributes (a side effect the graph would lose)."""
     leaves: set[str] = set()
     while True:
-        tracer = _LeafOnFailureTracer(leaves)
+        tracer = _LeafOnFailureTracer(leaves, signature)
         before = _attribute_snapshot(module)
         try:
             with _random_state_kept() as drew_random:
@@ -254,40 +290,64 @@ def _restore_attributes(module: nn.Module, before: dict[nn.Module, dict]) -> lis
 _MISSING = object()
 
 
-def capture(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: False) -> CaptureResult:
+def capture(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: False, path: str = "",
+            call: tuple[tuple, dict] | None = None, in_container: bool = False) -> CaptureResult:
     """Capture graphs for ``model``: the whole module when possible, else its children,
-    recursively. Leaf submodules made during a successful trace are captured on their own
+    recursively; ``model`` for the argument pattern of ``call`` (``(args, kwargs)``; default:
+    its required arguments only, see :class:`~fusion_pass.guards.CallSignature`). Leaf submodules made during a successful trace are captured on their own
     too (their insides may still hold patterns). Modules for which ``skip`` is true (and
     their subtrees) are listed in ``result.skipped`` and not traced."""
     result = CaptureResult()
-    _capture_into(model, "", result, skip)
+    if global_hooks():
+        result.uncaptured.append(Uncaptured(path, "global module hooks are registered "
+                                            f"({', '.join(global_hooks())}); a graph would not call them"))
+        return result
+    _capture_into(model, path, result, skip, in_container, call)
     return result
 
 
-def _capture_into(module: nn.Module, path: str, result: CaptureResult, skip) -> None:
+def _capture_into(module: nn.Module, path: str, result: CaptureResult, skip, in_container: bool = False,
+                  call: tuple[tuple, dict] | None = None) -> None:
     if skip(module):
         result.skipped.append(path)
         return
     if _is_plain_container(module):
         for name, child in module.named_children():
-            _capture_into(child, _join(path, name), result, skip)
+            _capture_into(child, _join(path, name), result, skip, in_container=True)
         return
     if _is_torch_builtin(module):
         return  # e.g. nn.Linear: its forward is a single library call, nothing inside to fuse
+    if call is None and _has_optional_parameters(module):
+        result.deferred.append(Region(path, module, "its forward has optional parameters", in_container))
+        return
     try:
-        graph, leaves = _trace(module)
-    except Exception as exc:  # noqa: BLE001 - any failure: descend instead
+        signature = CallSignature(type(module).forward, call)
+        graph, leaves = _trace(module, signature)
+    except Exception as exc:  # noqa: BLE001 - any failure: a block goes to Dynamo, anything else descends
+        if in_container:
+            result.regional.append(Region(path, module, explain.capture_failure(module, exc), True))
+            return
         result.uncaptured.append(Uncaptured(path, explain.capture_failure(module, exc), explain.exception_line(exc)))
         for name, child in module.named_children():
             _capture_into(child, _join(path, name), result, skip)
         return
-    result.graphs.append(CapturedGraph(path, module, graph, module.training, leaves))
-    for leaf in leaves:
+    result.graphs.append(CapturedGraph(path, module, graph, signature, leaves, in_container))
+    called = sorted({node.target for node in graph.nodes if node.op == "call_module"})  # failed or hooked
+    for leaf in called:
         _capture_into(module.get_submodule(leaf), _join(path, leaf), result, skip)
 
 
+def _has_optional_parameters(module: nn.Module) -> bool:
+    """Whether ``forward`` has parameters with defaults: which of them a call passes is known
+    only at a call, so capture waits for the first one (see ``CallSignature``)."""
+    try:
+        return bool(CallSignature(type(module).forward).defaults)
+    except Exception:  # noqa: BLE001 - no inspectable signature (TorchScript): the trace tries and refuses it
+        return False  # no inspectable signature (TorchScript): tried, and refused, by the trace
+
+
 def _is_plain_container(module: nn.Module) -> bool:
-    return isinstance(module, (nn.ModuleList, nn.ModuleDict))
+    return isinstance(module, (nn.ModuleList, nn.ModuleDict))  # (Sequential: its forward is traced)
 
 
 def _is_torch_builtin(module: nn.Module) -> bool:

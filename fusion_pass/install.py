@@ -7,9 +7,9 @@ changes: the module tree, parameters (same objects), buffers and ``state_dict()`
 and the code reads parameters live, so ``load_state_dict``, ``.to()``, ``.half()`` and
 optimizers keep working. ``deepcopy`` copies the installed forward bound to the copy.
 
-The graph was specialised to the module's ``training`` flag at capture; when the flag
-differs at call time, or a call breaks an assumption the graph was captured under
-(``guards.py``), the original forward runs instead (exact fallback).
+Each call first checks what the graph was specialised on (``snapshot.py``: the captured
+subtree is unchanged; ``guards.py``: the arguments and metadata assumptions); see
+:class:`FusedForward` for what happens when a check fails.
 
 Norm modules whose weight parameter is named ``scale`` (and that have no ``weight``) get
 a read-only ``weight`` property aliasing it, through a cached subclass of their own class
@@ -17,44 +17,98 @@ a read-only ``weight`` property aliasing it, through a cached subclass of their 
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from fusion_pass.capture import CapturedGraph
 from fusion_pass.ops.direct import call_directly
 from fusion_pass.cuda_graphs import GraphReplay
-from fusion_pass.guards import GuardFailed
+from fusion_pass.guards import ArgumentsDiffer, CallSignature, GuardFailed
+from fusion_pass.snapshot import SubtreeGuard
 
 
-class FusedForward:
+class InstalledForward:
+    """Base of the forwards fusion_pass installs on a module instance (FX graph code here, a
+    regional Dynamo compile in ``regional.py``): ``module``, ``path``, ``session``, ``arm()``."""
+
+    in_container = False  # the module is an element of a ModuleList/ModuleDict (a block)
+
+
+class FusedForward(InstalledForward):
     """The installed forward: runs the rewritten graph code with ``module`` as ``self``,
-    through CUDA-graph replay when ``graphs`` is set (see ``cuda_graphs.py``)."""
+    through CUDA-graph replay when ``graphs`` is set (see ``cuda_graphs.py``).
 
-    def __init__(self, module: nn.Module, code, training: bool, source: str, graphs: GraphReplay | None = None):
+    Every call checks, in this order: the module subtree is as captured (``guard``, armed by
+    :meth:`arm` once the whole model is installed; on a change ``session.changed`` re-captures
+    or restores the module and answers the call), the call passes its arguments as the graph
+    was traced for (``signature``; else ``session.recapture_for_call`` captures the module for
+    this call's pattern), and the graph's ``assume`` nodes hold (else the original forward runs
+    for this call, exact, counted by the session)."""
+
+    def __init__(self, module: nn.Module, path: str, code, signature: CallSignature, leaves, source: str,
+                 graphs: GraphReplay | None = None, session=None):
         self.module = module
+        self.path = path
         self.code = code
-        self.training = training
+        self.signature = signature
+        self.leaves = tuple(leaves)  # modules the graph calls as modules (not inlined, not guarded inside)
         self.source = source  # generated Python, for debugging (FUSION_PASS_DUMP)
         self.graphs = graphs
+        self.session = session
+        self.guard: SubtreeGuard | None = None
+
+    def arm(self) -> SubtreeGuard:
+        """Snapshot the subtree as it is now: from here on, any change is seen by the next call."""
+        self.guard = SubtreeGuard(self.module, self.path, self.leaves)
+        return self.guard
+
+    def describe_signature(self) -> str:
+        return self.signature.describe()
 
     def __call__(self, *args, **kwargs):
         module = self.module
-        if module.training != self.training:
-            return type(module).forward(module, *args, **kwargs)
+        if (self.guard is None or not self.guard.holds()) and not torch.compiler.is_compiling():
+            if self.session is None or self.guard is None:
+                return type(module).forward(module, *args, **kwargs)
+            return self.session.changed(self, args, kwargs)  # (under torch.compile: Dynamo's guards instead)
+        try:
+            values = self.signature.required_values(args, kwargs)
+        except ArgumentsDiffer as differ:
+            if self.session is None:
+                return type(module).forward(module, *args, **kwargs)
+            return self.session.recapture_for_call(self, str(differ), args, kwargs)
         try:
             if self.graphs is not None:
-                return self.graphs(*args, **kwargs)
-            return self.code(module, *args, **kwargs)
-        except GuardFailed:
+                return self.graphs(*values)
+            return self.code(module, *values)
+        except GuardFailed as failed:
+            if self.session is not None:
+                self.session.fell_back(self.path, str(failed))
             return type(module).forward(module, *args, **kwargs)
+
+
+class DeferredForward(InstalledForward):
+    """Captures its module on the first call, for that call's argument pattern (a forward
+    with optional parameters: which ones a caller passes is known only then), then answers
+    the call through whatever got installed."""
+
+    def __init__(self, module: nn.Module, path: str, in_container: bool, session):
+        self.module, self.path, self.in_container, self.session = module, path, in_container, session
+
+    def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling():  # inside an outer torch.compile: Dynamo traces the original
+            return type(self.module).forward(self.module, *args, **kwargs)
+        return self.session.capture_on_call(self, args, kwargs)
 
 
 def is_installed(module: nn.Module) -> bool:
-    return isinstance(module.__dict__.get("forward"), FusedForward)
+    return isinstance(module.__dict__.get("forward"), InstalledForward)
 
 
-def install(captured: CapturedGraph, graph_pool=None) -> FusedForward:
+def install(captured: CapturedGraph, graph_pool=None, session=None) -> FusedForward:
     """Set ``captured.module.forward`` to the code of ``captured.graph``; with a
-    ``graph_pool`` (``cuda_graphs.new_pool()``), replayed as CUDA graphs where possible."""
+    ``graph_pool`` (``cuda_graphs.new_pool()``), replayed as CUDA graphs where possible.
+    The caller arms it (:meth:`FusedForward.arm`) once every module is installed."""
     call_directly(captured.graph)
     code = captured.graph.python_code(root_module="self")
     namespace = dict(code.globals)
@@ -62,7 +116,9 @@ def install(captured: CapturedGraph, graph_pool=None) -> FusedForward:
     exec(compile(code.src, f"<fusion_pass {label}>", "exec"), namespace)  # noqa: S102 - FX codegen
     forward = namespace["forward"]
     graphs = GraphReplay(captured.module, forward, graph_pool) if graph_pool is not None else None
-    fused = FusedForward(captured.module, forward, captured.training, code.src, graphs)
+    called = sorted({n.target for n in captured.graph.nodes if n.op == "call_module"})
+    fused = FusedForward(captured.module, captured.path, forward, captured.signature, called, code.src, graphs, session)
+    fused.in_container = captured.in_container
     captured.module.forward = fused
     return fused
 
@@ -91,13 +147,20 @@ def _aliased_class(cls: type, attr: str) -> type:
     return _ALIASED_CLASSES[key]
 
 
-def restore(model: nn.Module) -> int:
-    """Undo ``install`` and ``alias_weight`` everywhere in ``model``; returns modules restored."""
+def uninstall(model: nn.Module) -> int:
+    """Remove every installed forward in ``model`` (weight aliases stay); returns how many."""
     restored = 0
     for module in model.modules():
         if is_installed(module):
             del module.forward
             restored += 1
+    return restored
+
+
+def restore(model: nn.Module) -> int:
+    """Undo ``install`` and ``alias_weight`` everywhere in ``model``; returns modules restored."""
+    restored = uninstall(model)
+    for module in model.modules():
         base = type(module).__dict__.get("_fusion_pass_base")
         if base is not None:
             module.__class__ = base

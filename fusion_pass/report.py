@@ -69,6 +69,9 @@ class Report:
     already_optimized: list[str] = field(default_factory=list)
     assumptions: list[tuple[str, str]] = field(default_factory=list)  # (graph path, guarded predicate)
     uncaptured_errors: dict[str, str] = field(default_factory=dict)  # path -> the exception, for --json
+    guards: list[tuple[str, str]] = field(default_factory=list)  # (graph path, what its installed forward checks)
+    fallbacks: list[tuple[str, str, int]] = field(default_factory=list)  # (module path, reason, calls) at run time
+    pending: list[tuple[str, str]] = field(default_factory=list)  # (module path, why): captured on its first call
     seconds: float = 0.0
 
     def counts(self) -> dict[str, int]:
@@ -101,6 +104,9 @@ class Report:
                            for w, r in self.uncaptured],
             "already_optimized": self.already_optimized,
             "assumptions": [{"graph": g, "assumes": a} for g, a in self.assumptions],
+            "guards": [{"graph": g, "checks": c} for g, c in self.guards],
+            "fallbacks": [{"where": w, "reason": r, "calls": n} for w, r, n in self.fallbacks],
+            "pending": [{"where": w, "why": r} for w, r in self.pending],
         }
 
     def to_json(self, **kwargs) -> str:
@@ -118,6 +124,9 @@ class Report:
         self.already_optimized.extend(other.already_optimized)
         self.assumptions.extend(other.assumptions)
         self.uncaptured_errors.update(other.uncaptured_errors)
+        self.guards.extend(other.guards)
+        self.fallbacks.extend(other.fallbacks)
+        self.pending.extend(other.pending)
         self.seconds += other.seconds
 
     @property
@@ -141,7 +150,9 @@ class Report:
                 failures.append(f"{name} left {', '.join(unexplained)} unfused without a reason")
         if self.total == 0 and not failures:
             uncaptured = f"; {len(self.uncaptured)} modules could not be captured" if self.uncaptured else ""
-            failures.append(f"nothing fused: no candidate for {', '.join(self.families)} in this model{uncaptured}")
+            pending = (f"; {len(self.pending)} modules are captured on their first call: call the model, then read "
+                       "fusion_pass.report(model)") if self.pending else ""
+            failures.append(f"nothing fused: no candidate for {', '.join(self.families)} in this model{uncaptured}{pending}")
         return failures
 
     # --- rendering ------------------------------------------------------------------------
@@ -162,7 +173,8 @@ class Report:
         sentences are listed under a heading and wrap at spaces, so a module name is never
         split at any width."""
         parts = [self._summary(), self._first_sites(max_sites), self._legend(), self._near_misses(),
-                 self._uncaptured(), self._assumptions(), self._already_optimized()]
+                 self._uncaptured(), self._assumptions(), self._pending(), self._guards(), self._fallbacks(),
+                 self._already_optimized()]
         return [part for part in parts if part is not None]
 
     def _summary(self) -> Table:
@@ -195,11 +207,18 @@ class Report:
             (family, f"{_first_names(where, 2)}: {reason}") for (family, reason), where in grouped.items()])
 
     def _uncaptured(self):
-        rows = []
-        for reason, n in Counter(reason for _, reason in self.uncaptured).items():
-            first = next(w for w, r in self.uncaptured if r == reason) or "<root>"
-            rows.append((None, f"{n} x {first}{' and similar' if n > 1 else ''}: {reason}"))
-        return _listing("not captured as a whole (they run their own forward; their children were captured):", rows)
+        return _listing("not captured as a whole (they run their own forward; their children were captured):",
+                        _grouped(self.uncaptured))
+
+    def _pending(self):
+        return _listing(f"not yet called ({len(self.pending)} modules), so not yet captured:", _grouped(self.pending))
+
+    def _guards(self):
+        return _listing("checked on every call of an installed graph:", _grouped(self.guards))
+
+    def _fallbacks(self):
+        return _listing("run-time fallbacks (a check failed on a call):",
+                        [(None, f"{where or '<root>'}: {reason} ({calls} calls)") for where, reason, calls in self.fallbacks])
 
     def _assumptions(self):
         return _listing("captured under assumptions, checked every call (the original forward runs when one fails):",
@@ -225,6 +244,15 @@ def _listing(title: str, rows: list[tuple[str | None, str]]) -> Group | None:
     for label, text in rows:
         grid.add_row(" ", *((f"{label}:",) if labelled else ()), text)
     return Group(Text(title, style="bold"), grid, Text(""))
+
+
+def _grouped(rows: list[tuple[str, str]]) -> list[tuple[None, str]]:
+    """One item per distinct text: ``first_place and similar: text`` (with the count)."""
+    items = []
+    for what, n in Counter(what for _, what in rows).items():
+        first = next(where for where, w in rows if w == what) or "<root>"
+        items.append((None, f"{n} x {first}{' and similar' if n > 1 else ''}: {what}"))
+    return items
 
 
 def render_plain(renderable, width: int = PLAIN_WIDTH) -> str:

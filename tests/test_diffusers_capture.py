@@ -1,0 +1,78 @@
+"""``optimize()`` on ten diffusers transformers (tiny random configs, fp32, CPU).
+
+Every transformer block is captured whole (by our tracer, or regionally by Dynamo when the
+tracer cannot follow it), outputs equal the original's with optional inputs passed on one call
+and left out on the next, and what ``optimize()`` fuses equals what the ``torch.compile``
+backend fuses on the same model (the same matcher on Dynamo's whole-model graph).
+"""
+import copy
+
+import pytest
+import torch
+
+import fusion_pass
+from diffusers_models import tiny_models
+
+pytest.importorskip("diffusers")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MODELS = {m.name: m for m in tiny_models()}
+
+#: Models whose root forward holds a fusable site itself (the final ``norm_out(x) * (1 + scale)
+#: + shift``): FX cannot trace these roots and Dynamo takes only blocks, so that site is missed.
+ROOT_SITES = {"ltx_video", "pixart", "dit"}
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def block_paths(tiny, model):
+    return {f"{lst}.{i}" for lst in tiny.blocks for i in range(len(model.get_submodule(lst)))}
+
+
+def captured_whole(report, paths):
+    """Those of ``paths`` inside one graph: their own (FX: the path; Dynamo: "path (Dynamo, ...)"),
+    or an ancestor's FX graph that traced through them (a module the tracer failed in is made a
+    leaf, tried on its own, and then listed as uncaptured when that fails too)."""
+    graphs = {graph.split(" (Dynamo")[0].replace("<root>", "") for graph in report.graphs}
+    failed = {where for where, _ in report.uncaptured}
+
+    def inside(path):
+        ancestors = ["", *(path[:i] for i, c in enumerate(path) if c == ".")]
+        return path in graphs or (path not in failed and any(a in graphs for a in ancestors))
+
+    return {path for path in paths if inside(path)}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_block_is_captured_whole_and_outputs_match_with_and_without_optional_inputs(name):
+    tiny = MODELS[name]
+    original = tiny.build()
+    optimized = fusion_pass.optimize(copy.deepcopy(original))
+    assert fusion_pass.report(optimized).pending  # nothing compiled before the first call
+    calls = [tiny.inputs(), {**tiny.inputs(), **tiny.optional()}, tiny.inputs()]
+    with torch.no_grad():
+        for kwargs in calls:
+            assert rel_err(optimized(**kwargs)[0], original(**kwargs)[0]) <= 1e-5
+    report = fusion_pass.report(optimized)
+    blocks = block_paths(tiny, original)
+    assert len(blocks) == tiny.block_count(original) > 0
+    assert captured_whole(report, blocks) == blocks
+    assert not any("could not capture" in reason for _, reason, _ in report.fallbacks)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_optimize_fuses_what_the_backend_fuses(name, request):
+    if name in ROOT_SITES:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="a site in the root's own forward (final "
+                                              "norm_out modulation) is not captured: see ROOT_SITES"))
+    tiny = MODELS[name]
+    original = tiny.build()
+    optimized = fusion_pass.optimize(copy.deepcopy(original))
+    backend = fusion_pass.backend(inner="eager")
+    compiled = torch.compile(copy.deepcopy(original), backend=backend)
+    with torch.no_grad():
+        optimized(**tiny.inputs())
+        compiled(**tiny.inputs())
+    assert fusion_pass.report(optimized).totals() == backend.report.totals()

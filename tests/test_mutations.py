@@ -1,0 +1,335 @@
+"""Changes made to a model after ``optimize()`` and a first call: the optimized model answers
+exactly as the unoptimized one after the same change, and never runs a stale graph.
+
+Each test builds two identical copies (``deepcopy`` before ``optimize``), optimizes one, calls
+it once, applies the same change to both (same seed) and compares the next call (fp32, rel 1e-5).
+Where the behaviour is a re-capture (LoRA injected: the model is optimized again), the report
+must show the sites fused again: the counts the config predicts (``DiTConfig.expected_sites``).
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fusion_pass
+from reference_models import example_inputs, get_config, load_official
+
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, inject_adapter_in_model  # noqa: E402
+from peft.tuners.lora import LoraLayer, LoraModel  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LORA_TARGETS = ["qkv", "linear1", "linear2"]  # the official file's attention and single-block linears
+INNER = "double_blocks.0.img_mlp.0"  # an nn.Linear the whole-model graph inlines
+NORM = "double_blocks.0.img_norm1"  # nn.LayerNorm(eps=1e-6, elementwise_affine=False)
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def lora(model, name="default"):
+    inject_adapter_in_model(LoraConfig(target_modules=LORA_TARGETS, init_lora_weights=False), model, adapter_name=name)
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def doubled(_module, _args, output):
+    return output * 2
+
+
+def halved_input(_module, args):
+    return (args[0] * 0.5,)
+
+
+@pytest.fixture
+def pair():
+    """(original, optimized after one call, inputs): identical weights."""
+    torch.manual_seed(0)
+    original = load_official("tiny")
+    optimized = fusion_pass.optimize(copy.deepcopy(original))
+    inputs = example_inputs("tiny", seed=1)
+    inputs.call(optimized)
+    return original, optimized, inputs
+
+
+def both(pair, change):
+    for model in pair[:2]:
+        torch.manual_seed(5)
+        change(model)
+
+
+def assert_same(pair, inputs=None):
+    original, optimized, default_inputs = pair
+    inputs = inputs or default_inputs
+    with torch.no_grad():
+        assert rel_err(inputs.call(optimized), inputs.call(original)) <= 1e-5
+
+
+def reasons(model):
+    return " | ".join(reason for _, reason, _ in fusion_pass.report(model).fallbacks)
+
+
+def assert_fused_as_configured(model):
+    """Re-captured: every site the config predicts is fused again (LoRA layers are called as modules)."""
+    assert fusion_pass.report(model).totals() == get_config("tiny").expected_sites()
+
+
+def test_lora_injected_after_optimize_is_applied_and_the_model_is_optimized_again(pair):
+    both(pair, lora)
+    assert_same(pair)
+    assert "submodule double_blocks.0.img_attn.qkv replaced (Linear -> Linear)" in reasons(pair[1])
+    assert_fused_as_configured(pair[1])
+    assert all(isinstance(pair[1].get_submodule(p), LoraLayer) for p in ("single_blocks.0.linear1",))
+
+
+def test_lora_scale_changes_are_applied(pair):
+    both(pair, lora)
+    assert_same(pair)
+    both(pair, lambda m: [layer.scale_layer(0.25) for layer in lora_layers(m)])
+    assert_same(pair)
+    both(pair, lambda m: [layer.set_scale("default", 3.0) for layer in lora_layers(m)])
+    assert_same(pair)
+
+
+def test_set_adapter_switches_the_lora_in_use(pair):
+    both(pair, lambda m: (lora(m, "a"), lora(m, "b")))
+    assert_same(pair)
+    both(pair, lambda m: [layer.set_adapter("a") for layer in lora_layers(m)])
+    assert_same(pair)
+
+
+def test_lora_merged_in_place_is_applied(pair):
+    both(pair, lora)
+    assert_same(pair)
+    both(pair, lambda m: [layer.merge() for layer in lora_layers(m)])
+    assert_same(pair)
+
+
+def test_merge_and_unload_gives_plain_linears_and_the_sites_fused_again(pair):
+    wrappers = []
+    both(pair, lambda m: wrappers.append(LoraModel(m, LoraConfig(target_modules=LORA_TARGETS, init_lora_weights=False),
+                                                   "default")))
+    assert_same(pair)
+    for wrapper in wrappers:
+        wrapper.merge_and_unload()
+    assert not lora_layers(pair[1])
+    assert_same(pair)
+    assert_fused_as_configured(pair[1])
+
+
+def test_a_forward_hook_on_an_inlined_module_runs_and_removing_it_restores_the_graph(pair):
+    handles = []
+    both(pair, lambda m: handles.append(m.get_submodule(INNER).register_forward_hook(doubled)))
+    assert_same(pair)
+    assert f"forward hook added on {INNER}" in reasons(pair[1])
+    assert_fused_as_configured(pair[1])  # the hooked Linear is called as a module, the rest fused
+    for handle in handles:
+        handle.remove()
+    assert_same(pair)
+    assert f"forward hook removed from {INNER}" in reasons(pair[1])
+
+
+def test_a_forward_pre_hook_on_an_inlined_module_runs(pair):
+    both(pair, lambda m: m.get_submodule(INNER).register_forward_pre_hook(halved_input))
+    assert_same(pair)
+    assert f"forward pre hook added on {INNER}" in reasons(pair[1])
+
+
+def test_a_global_module_forward_hook_runs_on_inlined_modules(pair):
+    calls = []
+
+    def count_linears(module, _args, output):
+        if isinstance(module, nn.Linear):
+            calls.append(module)
+            return output * 1.5
+        return None
+
+    handle = torch.nn.modules.module.register_module_forward_hook(count_linears)
+    try:
+        assert_same(pair)
+        assert len(calls) > 0 and len(calls) % 2 == 0  # as many Linear calls in both models
+        assert "global module forward hook registered" in reasons(pair[1])
+    finally:
+        handle.remove()
+
+
+def test_a_changed_layernorm_eps_is_used(pair):
+    both(pair, lambda m: setattr(m.get_submodule(NORM), "eps", 0.5))
+    assert_same(pair)
+    assert f"LayerNorm.eps of {NORM} changed 1e-06 -> 0.5" in reasons(pair[1])
+    assert_fused_as_configured(pair[1])
+
+
+def test_a_replaced_parameter_is_used(pair):
+    both(pair, lambda m: setattr(m.final_layer.linear, "weight", nn.Parameter(torch.randn_like(m.final_layer.linear.weight))))
+    assert_same(pair)
+
+
+def test_to_float64_runs_in_float64(pair):
+    both(pair, lambda m: m.to(torch.float64))
+    assert_same(pair, example_inputs("tiny", seed=1, dtype=torch.float64))
+
+
+def test_train_and_eval_switch_back_and_forth(pair):
+    both(pair, lambda m: m.train())
+    assert_same(pair)
+    both(pair, lambda m: m.eval())
+    assert_same(pair)
+    assert "training" in reasons(pair[1])
+
+
+def test_requires_grad_off_changes_nothing(pair):
+    both(pair, lambda m: m.requires_grad_(False))
+    assert_same(pair)
+    assert fusion_pass.report(pair[1]).fallbacks == []  # flags on the same parameters: nothing to re-check
+
+
+# --- Flux (diffusers): blocks compiled regionally by Dynamo ---------------------------------------
+
+FLUX_LORA_TARGETS = ["to_q", "to_k", "to_v", "proj_mlp"]
+FLUX_INNER = "transformer_blocks.0.ff.net.2"  # an nn.Linear inside a double block
+FLUX_NORM = "transformer_blocks.0.norm1.norm"  # AdaLayerNormZero's LayerNorm(eps=1e-6, no affine)
+
+
+@pytest.fixture
+def flux():
+    """(original, optimized after one call, inputs) for the tiny Flux of tests/diffusers_models.py."""
+    from diffusers_models import tiny_models
+
+    tiny = next(m for m in tiny_models() if m.name == "flux")
+    original = tiny.build()
+    optimized = fusion_pass.optimize(copy.deepcopy(original))
+    flux_call(optimized, tiny.inputs())
+    return original, optimized, tiny.inputs()
+
+
+def flux_call(model, kwargs):
+    with torch.no_grad():
+        return model(**kwargs)[0]
+
+
+def assert_same_flux(pair):
+    original, optimized, kwargs = pair
+    assert rel_err(flux_call(optimized, kwargs), flux_call(original, kwargs)) <= 1e-5
+
+
+def flux_sites(model):
+    return fusion_pass.report(model).totals()
+
+
+def test_flux_lora_injected_after_optimize_is_applied_and_fused_again(flux):
+    before = flux_sites(flux[1])
+    both(flux, lambda m: inject_adapter_in_model(LoraConfig(target_modules=FLUX_LORA_TARGETS, init_lora_weights=False), m))
+    assert_same_flux(flux)
+    both(flux, lambda m: [layer.scale_layer(0.25) for layer in lora_layers(m)])
+    assert_same_flux(flux)
+    assert "submodule transformer_blocks.0.attn.to_q replaced (Linear -> Linear)" in reasons(flux[1])
+    assert flux_sites(flux[1]) == before  # Dynamo recompiled the LoRA blocks; the same sites fused
+
+
+def test_flux_lora_merged_and_set_adapter_are_applied(flux):
+    both(flux, lambda m: (inject_adapter_in_model(LoraConfig(target_modules=FLUX_LORA_TARGETS, init_lora_weights=False),
+                                                  m, adapter_name="a"),
+                          inject_adapter_in_model(LoraConfig(target_modules=FLUX_LORA_TARGETS, init_lora_weights=False),
+                                                  m, adapter_name="b")))
+    assert_same_flux(flux)
+    both(flux, lambda m: [layer.set_adapter("a") for layer in lora_layers(m)])
+    assert_same_flux(flux)
+    both(flux, lambda m: [layer.merge() for layer in lora_layers(m)])
+    assert_same_flux(flux)
+
+
+def test_flux_attention_processor_swapped_is_used(flux):
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    class Halved(FluxAttnProcessor):
+        def __call__(self, *args, **kwargs):
+            out = super().__call__(*args, **kwargs)
+            return tuple(o * 0.5 for o in out) if isinstance(out, tuple) else out * 0.5
+
+    both(flux, lambda m: m.set_attn_processor(Halved()))
+    assert_same_flux(flux)
+    assert "processor" in reasons(flux[1])
+    both(flux, lambda m: m.set_attn_processor(FluxAttnProcessor()))
+    assert_same_flux(flux)
+
+
+def test_flux_fused_qkv_projections_are_used(flux):
+    both(flux, lambda m: m.fuse_qkv_projections())
+    assert_same_flux(flux)
+    both(flux, lambda m: m.unfuse_qkv_projections())
+    assert_same_flux(flux)
+
+
+def test_flux_hooks_run_while_registered(flux):
+    handles = []
+    both(flux, lambda m: handles.append(m.get_submodule(FLUX_INNER).register_forward_hook(doubled)))
+    assert_same_flux(flux)
+    assert f"forward hook added on {FLUX_INNER}" in reasons(flux[1])
+    for handle in handles:
+        handle.remove()
+    both(flux, lambda m: handles.append(m.get_submodule(FLUX_INNER).register_forward_pre_hook(halved_input)))
+    assert_same_flux(flux)
+    for handle in handles:
+        handle.remove()
+    assert_same_flux(flux)
+    assert not any("Dynamo could not" in r for _, r, _ in fusion_pass.report(flux[1]).fallbacks)
+
+
+def test_flux_global_hook_runs(flux):
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, _args, output: output * 1.5 if isinstance(module, nn.Linear) else None)
+    try:
+        assert_same_flux(flux)
+    finally:
+        handle.remove()
+    assert_same_flux(flux)
+
+
+@pytest.mark.parametrize("change", ["eps", "parameter", "float64", "train", "requires_grad"])
+def test_flux_plain_changes_are_used(flux, change):
+    changes = {
+        "eps": lambda m: setattr(m.get_submodule(FLUX_NORM), "eps", 0.5),
+        "parameter": lambda m: setattr(m.get_submodule(FLUX_INNER), "weight",
+                                       nn.Parameter(torch.randn_like(m.get_submodule(FLUX_INNER).weight))),
+        "float64": lambda m: m.to(torch.float64),
+        "train": lambda m: m.train(),
+        "requires_grad": lambda m: m.requires_grad_(False),
+    }
+    both(flux, changes[change])
+    if change == "float64":
+        flux = (flux[0], flux[1], {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                                   for k, v in flux[2].items()})
+    assert_same_flux(flux)
+    if change == "eps":
+        assert f"LayerNorm.eps of {FLUX_NORM} changed 1e-06 -> 0.5" in reasons(flux[1])
+
+
+def test_the_report_and_its_rendering_show_checks_and_fallbacks(flux):
+    import io
+
+    from rich.console import Console
+
+    handle = flux[1].get_submodule(FLUX_INNER).register_forward_hook(doubled)
+    flux_call(flux[1], flux[2])
+    handle.remove()
+    report = fusion_pass.report(flux[1])
+    data = report.to_dict()
+    assert any("Dynamo guards" in g["checks"] for g in data["guards"])
+    assert any("subtree unchanged" in g["checks"] for g in data["guards"])
+    assert any(f["reason"].startswith("original forward while hooks exist (forward hook added on "
+                                      f"{FLUX_INNER})") and f["calls"] == 1 for f in data["fallbacks"])
+    out = io.StringIO()
+    Console(file=out, width=200).print(report)
+    assert "run-time fallbacks" in out.getvalue() and "checked on every call" in out.getvalue()
+
+
+def test_a_deep_copy_of_an_optimized_flux_runs_its_own_blocks(flux):
+    clone = copy.deepcopy(flux[1])
+    assert clone.transformer_blocks[0].forward.module is clone.transformer_blocks[0]
+    assert rel_err(flux_call(clone, flux[2]), flux_call(flux[0], flux[2])) <= 1e-5
