@@ -233,7 +233,15 @@ def _trace(module: nn.Module, signature: CallSignature) -> tuple[fx.Graph, tuple
             raise explain.Refused(f"assigns module attributes ({', '.join(changed)}), which a captured graph would not")
         if drew_random() and any(isinstance(n.target, TensorConstant) for n in graph.nodes):
             raise explain.Refused("draws random numbers into a tensor constant; capturing would freeze them")
-        _refuse_guards_after_side_effects(graph, module)
+        late = _guard_after_side_effects(graph, module)
+        if late is not None:
+            guard, effect = late
+            inside = _innermost_module(guard)
+            if inside and inside not in leaves:  # the guard's module called as a leaf: its own forward decides
+                leaves.update(_same_class(module, inside))
+                continue
+            raise explain.Refused(f"has control flow on {guard.args[2]} after {explain.source_expression(effect)}, "
+                                  "which may modify state (the original forward could not rerun exactly)")
         return graph, tuple(sorted(leaves))
 
 
@@ -259,14 +267,22 @@ def _random_state_kept():
                 not torch.equal(s, torch.cuda.get_rng_state(d)) for s, d in zip(cuda_start, devices)))
 
 
-def _refuse_guards_after_side_effects(graph: fx.Graph, module: nn.Module) -> None:
+def _guard_after_side_effects(graph: fx.Graph, module: nn.Module) -> tuple[fx.Node, fx.Node] | None:
+    """The first ``(guard, node)`` where ``node``, before ``guard``, may modify state (a failed
+    guard there could not fall back to the original forward exactly); None when there is none."""
     for guard in guards.guards_in(graph):
         for node in graph.nodes:
             if node is guard:
                 break
             if mutates(node, module):
-                raise explain.Refused(f"has control flow on {guard.args[2]} after {explain.source_expression(node)}, "
-                                      "which may modify state (the original forward could not rerun exactly)")
+                return guard, node
+    return None
+
+
+def _innermost_module(node: fx.Node) -> str:
+    """The path of the submodule whose forward created ``node`` ("" for the traced module's own)."""
+    stack = list(node.meta.get("nn_module_stack", {}).values())
+    return stack[-1][0] if stack else ""
 
 
 def _attribute_snapshot(module: nn.Module) -> dict[nn.Module, dict]:

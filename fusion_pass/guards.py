@@ -121,14 +121,14 @@ class CallSignature:
         self.passed: dict[str, object] = {name: _TENSOR for name in required}  # name -> _TENSOR or baked value
         if call is not None:
             for name, value in self._bind(*call).items():
-                if name in self.passed:
+                if name in self.passed and isinstance(value, torch.Tensor):
                     continue
                 if isinstance(value, torch.Tensor):
                     self.passed[name] = _TENSOR
                 elif not _bakeable(value):
                     raise ValueError(f"argument {name} of type {type(value).__name__} cannot be captured")
-                elif name not in self.defaults or not _is_default(value, self.defaults[name]):
-                    self.passed[name] = value
+                elif name in self.passed or name not in self.defaults or not _is_default(value, self.defaults[name]):
+                    self.passed[name] = value  # a required parameter passed a non-tensor (``pe=None``) is baked too
         self.traced = tuple(name for name, value in self.passed.items() if value is _TENSOR)
         self._fast = (list(self.traced) == required == list(self.positional[:len(required)])
                       and len(self.passed) == len(required))

@@ -3,13 +3,15 @@
 #
 #     bash scripts/gpu_run.sh "$OUT" [extra `fusion-pass bench` options]
 #
-# with `.whl` in the device call's carry (it holds hy3dgen-*.whl, git-ignored). Stages, each
+# with `.whl` in the device call's carry (git-ignored: hy3dgen, diffusers, peft, importlib_metadata wheels). Stages, each
 # time-boxed so that the whole run ends inside 9.5 minutes:
 #   tests  python3 -m pytest -q -m gpu tests            -> $OUT/gpu_tests.txt
 #   ops    python3 benchmarks/ops_bench.py               -> $OUT/ops_bench.json, $OUT/ops_bench.md
+#   flux   python3 benchmarks/flux_bench.py              -> flux_bench.json, flux_bench.md
+#   shapevae python3 benchmarks/shapevae_bench.py        -> shapevae_bench.json, shapevae_bench.md
 #   bench  python3 -m fusion_pass.cli bench --out $OUT   -> bench.json, bench.md, bench.png,
 #                                                           profile_eager.txt, profile_optimize.txt
-# That is 8 files, the most $OUT returns: nothing else may be written there. The bench gets the
+# Pick stages so that at most 8 files come back (the most $OUT returns). The bench gets the
 # time the first two stages left (--time-budget) and drops its most expendable compile modes to
 # fit; for the whole default bench alone: GPU_RUN_STAGES=bench bash scripts/gpu_run.sh "$OUT".
 # Environment: GPU_RUN_STAGES (default tests,ops,bench), GPU_RUN_DEADLINE (seconds, default 560).
@@ -21,7 +23,7 @@ shift
 mkdir -p "$OUT"
 STAGES=${GPU_RUN_STAGES:-tests,ops,bench}
 DEADLINE=${GPU_RUN_DEADLINE:-560}
-TESTS_MAX=120
+TESTS_MAX=260
 OPS_MAX=120
 export PYTHONUNBUFFERED=1
 SUMMARY=()
@@ -35,17 +37,16 @@ box() {  # box SECONDS: the smaller of SECONDS and the time left before the dead
 }
 banner() { echo; echo "=== $* (t=${SECONDS}s, $(left)s left) ==="; }
 
-# --- set-up: hy3dgen (the official DiT file) from the carried wheel ------------------------
+# --- set-up: the carried wheels (hy3dgen: the official DiT file; diffusers, peft and
+# importlib_metadata for the diffusers tests and benchmarks), installed without their deps -----
 SITE=/tmp/site
-WHEEL=$(ls .whl/hy3dgen-*.whl 2>/dev/null | head -n 1)
-if [[ -n "$WHEEL" ]]; then
+WHEELS=$(ls .whl/*.whl 2>/dev/null)
+if [[ -n "$WHEELS" ]]; then
   python3 -m pip install -q --no-deps --no-index --no-compile --disable-pip-version-check \
-      --target "$SITE" "$WHEEL" 2>/dev/null \
-    || python3 -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" "$WHEEL" "$SITE" \
-    || echo "warning: could not install $WHEEL"
+      --target "$SITE" $WHEELS 2>/dev/null || echo "warning: could not install $WHEELS"
   export PYTHONPATH=".:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 else
-  echo "warning: no .whl/hy3dgen-*.whl (carry .whl): the bench measures reference_models' twin"
+  echo "warning: no .whl/*.whl (carry .whl): the bench measures reference_models' twin, diffusers tests skip"
   export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
@@ -93,6 +94,16 @@ if has_stage ops; then
     SUMMARY+=("ops absent")
   fi
 fi
+
+# --- stages flux, shapevae: the other models' side-by-side benchmarks (two files each) --------
+for stage in flux shapevae; do
+  if has_stage $stage; then
+    banner "$stage: benchmarks/${stage}_bench.py"
+    start=$SECONDS
+    timeout -k 10 "$(box 300)" python3 benchmarks/${stage}_bench.py --out "$OUT" 2>&1 | grep -v "should be kept in float32"
+    SUMMARY+=("$stage rc=${PIPESTATUS[0]} ($((SECONDS - start)) s)")
+  fi
+done
 
 # --- stage 3: the bench (its summary tables are the last thing printed) -----------------------
 if has_stage bench; then

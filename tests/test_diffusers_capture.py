@@ -20,7 +20,7 @@ MODELS = {m.name: m for m in tiny_models()}
 
 #: Models whose root forward holds a fusable site itself (the final ``norm_out(x) * (1 + scale)
 #: + shift``): FX cannot trace these roots and Dynamo takes only blocks, so that site is missed.
-ROOT_SITES = {"ltx_video", "pixart", "dit"}
+ROOT_SITES = {"ltx_video", "pixart", "dit", "wan"}
 
 
 def rel_err(out, ref):

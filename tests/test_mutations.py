@@ -76,7 +76,8 @@ def reasons(model):
 
 def assert_fused_as_configured(model):
     """Re-captured: every site the config predicts is fused again (LoRA layers are called as modules)."""
-    assert fusion_pass.report(model).totals() == get_config("tiny").expected_sites()
+    fused = {family: n for family, n in fusion_pass.report(model).totals().items() if n}  # no other family fused
+    assert fused == get_config("tiny").expected_sites()
 
 
 def test_lora_injected_after_optimize_is_applied_and_the_model_is_optimized_again(pair):

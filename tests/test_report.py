@@ -29,7 +29,7 @@ class AdaLN(nn.Module):
 
 class Unpacks(nn.Module):
     def forward(self, x):
-        return torch.maximum(*x.chunk(2, dim=-1))  # star-unpacking a traced value: FX cannot follow it
+        return torch.maximum(*x.unbind(-1))  # star-unpacking a traced value of unknown length: FX cannot follow it
 
 
 class BranchesOnValue(nn.Module):

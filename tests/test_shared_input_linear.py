@@ -311,7 +311,8 @@ def test_official_modulations_and_final_adaln_are_one_group():
     (site,) = fusion_pass.report(model).families[FAMILY].sites
     assert site.detail.startswith(f"{2 * config.depth + config.depth_single_blocks + 1} Linears of silu")
     assert graph_of(model).count("silu(") == 2  # the group's one and time_in's MLP's (of another input)
-    assert fusion_pass.report(model).totals() == {**config.expected_sites(), FAMILY: 1}
+    fused = {family: n for family, n in fusion_pass.report(model).totals().items() if n}  # no other family fused
+    assert fused == {**config.expected_sites(), FAMILY: 1}
     torch.testing.assert_close(inputs.call(model), expected, rtol=0, atol=0)
 
 
