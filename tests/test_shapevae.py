@@ -3,40 +3,27 @@ path from the installed ``hy3dgen==2.0.2`` wheel: its residual adds feeding the 
 (``residual_layernorm``) and its q/k LayerNorms (``qk_layernorm``) fuse, through ``optimize()`` and
 the compile backend, outputs exact.
 
-The package ``__init__``s import pymeshlab, trimesh, cv2, diffusers and transformers, and
-``attention_blocks.py`` imports ``.attention_processors`` and ``...utils.logger`` relatively; so its
-folder is mounted as a private package, with ``utils`` standing in as a logger alone.
+Loaded as ``reference_models.shapevae`` loads it (a private package with a logger-only ``utils``:
+the wheel's package ``__init__``s import pymeshlab, trimesh, cv2, diffusers and transformers).
 """
 from __future__ import annotations
 
 import copy
-import importlib
 import importlib.util
-import logging
-import sys
-import types
-from pathlib import Path
 
 import pytest
 import torch
 
 import fusion_pass
+from reference_models.shapevae import autoencoder_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-_PACKAGE = "_fusion_pass_shapevae"
 
 
 def attention_blocks():
-    spec = importlib.util.find_spec("hy3dgen")
-    if spec is None:
+    if importlib.util.find_spec("hy3dgen") is None:
         pytest.skip("needs hy3dgen (pip install --no-deps hy3dgen==2.0.2)")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "shapegen" / "models" / "autoencoders"
-    for name, path in ((_PACKAGE, []), (f"{_PACKAGE}.models", []), (f"{_PACKAGE}.models.autoencoders", [str(folder)])):
-        package = sys.modules.setdefault(name, types.ModuleType(name))
-        package.__path__ = path
-    utils = sys.modules.setdefault(f"{_PACKAGE}.utils", types.ModuleType(f"{_PACKAGE}.utils"))
-    utils.logger = logging.getLogger("hy3dgen")
-    return importlib.import_module(f"{_PACKAGE}.models.autoencoders.attention_blocks")
+    return autoencoder_module("attention_blocks")
 
 
 LAYERS = 3
