@@ -79,6 +79,12 @@ from .row_access import load_row_f32, row_offsets, row_tile, store_row
 
 
 @triton.jit
+def _pairs(tile, BLOCK_ROWS: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Columns (2j, 2j + 1) of a [BLOCK_ROWS, 2 * BLOCK_P] tile, as two [BLOCK_ROWS, BLOCK_P] tiles."""
+    return tl.split(tl.reshape(tile, (BLOCK_ROWS, BLOCK_P, 2)))
+
+
+@triton.jit
 def _rmsnorm_rope_tile(
     first_row,  # first row of this program's tile
     n_rows,  # rows of this tensor
@@ -102,34 +108,61 @@ def _rmsnorm_rope_tile(
         out[col_a] = n_a * cos[col_a] - n_b * sin[col_a]
         out[col_b] = n_b * cos[col_b] + n_a * sin[col_b]
 
-    (cos/sin at pair j for both columns when PAIR_FREQS). fp32 throughout, one cast on store."""
-    outer, inner, pairs, mask = row_tile(first_row, n_rows, n_inner, n_pairs, BLOCK_ROWS, BLOCK_P)
+    (cos/sin at pair j for both columns when PAIR_FREQS). fp32 throughout, one cast on store.
+
+    Interleaved pairs are loaded and stored as whole rows (contiguous, vectorised accesses) and
+    split into their even and odd columns in registers (`_pairs`); the halves (j, j + D/2) are
+    two contiguous loads already."""
     if INTERLEAVED:
-        col_a = 2 * pairs
-        col_b = col_a + 1
+        outer, inner, cols, mask = row_tile(first_row, n_rows, n_inner, 2 * n_pairs, BLOCK_ROWS, 2 * BLOCK_P)
+        x_a, x_b = _pairs(load_row_f32(X, row_offsets(outer, inner, x_s0, x_s1, x_sc, cols), mask),
+                          BLOCK_ROWS, BLOCK_P)
+        if PAIR_FREQS:
+            _, _, pairs, pair_mask = row_tile(first_row, n_rows, n_inner, n_pairs, BLOCK_ROWS, BLOCK_P)
+            cos_a = load_row_f32(COS, row_offsets(outer, inner, c_s0, c_s1, c_sc, pairs), pair_mask)
+            sin_a = load_row_f32(SIN, row_offsets(outer, inner, s_s0, s_s1, s_sc, pairs), pair_mask)
+            cos_b = cos_a
+            sin_b = sin_a
+        else:
+            cos_a, cos_b = _pairs(load_row_f32(COS, row_offsets(outer, inner, c_s0, c_s1, c_sc, cols), mask),
+                                  BLOCK_ROWS, BLOCK_P)
+            sin_a, sin_b = _pairs(load_row_f32(SIN, row_offsets(outer, inner, s_s0, s_s1, s_sc, cols), mask),
+                                  BLOCK_ROWS, BLOCK_P)
+        if HAS_WEIGHT:
+            w_a, w_b = _pairs(load_row_f32(W, row_offsets(outer, inner, 0, 0, w_sc, cols), mask),
+                              BLOCK_ROWS, BLOCK_P)
     else:
-        col_a = pairs
-        col_b = pairs + n_pairs
-    x_a = load_row_f32(X, row_offsets(outer, inner, x_s0, x_s1, x_sc, col_a), mask)
-    x_b = load_row_f32(X, row_offsets(outer, inner, x_s0, x_s1, x_sc, col_b), mask)
-    if PAIR_FREQS:
-        cos_a = load_row_f32(COS, row_offsets(outer, inner, c_s0, c_s1, c_sc, pairs), mask)
-        sin_a = load_row_f32(SIN, row_offsets(outer, inner, s_s0, s_s1, s_sc, pairs), mask)
-        cos_b = cos_a
-        sin_b = sin_a
-    else:
-        cos_a = load_row_f32(COS, row_offsets(outer, inner, c_s0, c_s1, c_sc, col_a), mask)
-        cos_b = load_row_f32(COS, row_offsets(outer, inner, c_s0, c_s1, c_sc, col_b), mask)
-        sin_a = load_row_f32(SIN, row_offsets(outer, inner, s_s0, s_s1, s_sc, col_a), mask)
-        sin_b = load_row_f32(SIN, row_offsets(outer, inner, s_s0, s_s1, s_sc, col_b), mask)
+        outer, inner, col_a, mask = row_tile(first_row, n_rows, n_inner, n_pairs, BLOCK_ROWS, BLOCK_P)
+        col_b = col_a + n_pairs
+        x_a = load_row_f32(X, row_offsets(outer, inner, x_s0, x_s1, x_sc, col_a), mask)
+        x_b = load_row_f32(X, row_offsets(outer, inner, x_s0, x_s1, x_sc, col_b), mask)
+        if PAIR_FREQS:
+            cos_a = load_row_f32(COS, row_offsets(outer, inner, c_s0, c_s1, c_sc, col_a), mask)
+            sin_a = load_row_f32(SIN, row_offsets(outer, inner, s_s0, s_s1, s_sc, col_a), mask)
+            cos_b = cos_a
+            sin_b = sin_a
+        else:
+            cos_a = load_row_f32(COS, row_offsets(outer, inner, c_s0, c_s1, c_sc, col_a), mask)
+            cos_b = load_row_f32(COS, row_offsets(outer, inner, c_s0, c_s1, c_sc, col_b), mask)
+            sin_a = load_row_f32(SIN, row_offsets(outer, inner, s_s0, s_s1, s_sc, col_a), mask)
+            sin_b = load_row_f32(SIN, row_offsets(outer, inner, s_s0, s_s1, s_sc, col_b), mask)
+        if HAS_WEIGHT:
+            w_a = load_row_f32(W, row_offsets(outer, inner, 0, 0, w_sc, col_a), mask)
+            w_b = load_row_f32(W, row_offsets(outer, inner, 0, 0, w_sc, col_b), mask)
     rstd = 1.0 / tl.sqrt(tl.sum(x_a * x_a + x_b * x_b, axis=1)[:, None] / (2 * n_pairs) + eps)
     n_a = x_a * rstd
     n_b = x_b * rstd
     if HAS_WEIGHT:
-        n_a = n_a * load_row_f32(W, row_offsets(outer, inner, 0, 0, w_sc, col_a), mask)
-        n_b = n_b * load_row_f32(W, row_offsets(outer, inner, 0, 0, w_sc, col_b), mask)
-    store_row(OUT, row_offsets(outer, inner, o_s0, o_s1, o_sc, col_a), mask, n_a * cos_a - n_b * sin_a)
-    store_row(OUT, row_offsets(outer, inner, o_s0, o_s1, o_sc, col_b), mask, n_b * cos_b + n_a * sin_b)
+        n_a = n_a * w_a
+        n_b = n_b * w_b
+    out_a = n_a * cos_a - n_b * sin_a
+    out_b = n_b * cos_b + n_a * sin_b
+    if INTERLEAVED:
+        out = tl.reshape(tl.join(out_a, out_b), (BLOCK_ROWS, 2 * BLOCK_P))
+        store_row(OUT, row_offsets(outer, inner, o_s0, o_s1, o_sc, cols), mask, out)
+    else:
+        store_row(OUT, row_offsets(outer, inner, o_s0, o_s1, o_sc, col_a), mask, out_a)
+        store_row(OUT, row_offsets(outer, inner, o_s0, o_s1, o_sc, col_b), mask, out_b)
 
 
 @triton.jit

@@ -18,9 +18,10 @@ from ops_testing import (
 )
 
 CASE = OP_CASES["qk_rmsnorm_rope"]
-HEAD_SHAPES = [(2, 2, 4, 64), (1, 2, 1, 6), (1, 3, 3, 34)]
+HEAD_SHAPES = [(2, 2, 4, 64), (1, 2, 1, 6), (1, 3, 3, 34), (1, 2, 3, 2)]
 """[B, H, L, D]: a model-like head, one token of batch 1 with D/2 = 3 (odd, not a power of
-two), and D = 34 (a tile wider than the row)."""
+two), D = 34 (a tile wider than the row) and D = 2 (one pair a row: the kernel splits a row
+tile into its even and odd columns, here tiles of one column each)."""
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
