@@ -3,7 +3,7 @@
     PYTHONPATH=. python scripts/diffusers_table.py            # print the markdown table
     PYTHONPATH=. python scripts/diffusers_table.py --readme   # and write it into README.md
 
-Per model: the sites its code has (``tests/diffusers_sites.expected_sites``, derived from the config
+Per model: the sites its code has (``tests/diffusers_models.expected_sites``, derived from the config
 and diffusers' source), what ``optimize()`` fused, what the compile backend fused (Dynamo's
 whole-model graph, eager inner compiler), and the near-misses each reported, grouped by reason.
 Columns: modulations (LayerNorm or RMSNorm ``* (1 + scale) + shift``) / gates / q/k norm pairs.
@@ -18,10 +18,11 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import diffusers
 import torch
 
 import fusion_pass
-from tests import diffusers_sites
+from tests.diffusers_models import MODELS, expected_sites
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN, END = "<!-- diffusers-table: begin -->", "<!-- diffusers-table: end -->"
@@ -29,7 +30,7 @@ FAMILIES = ("layernorm_modulate", "residual_gate", ("qk_rmsnorm", "qk_layernorm"
 
 
 def code_sites(name: str, model) -> tuple[int, int, int]:
-    sites = diffusers_sites.expected_sites(name, model.config)
+    sites = expected_sites(name, model.config)
     return sites.modulations + sites.unsupported.get("rms_modulate", 0), sites.gates, sites.qk + sites.qk_layernorm
 
 
@@ -43,7 +44,7 @@ def misses(report) -> Counter:
 
 
 def measure(name: str) -> dict:
-    model, inputs = diffusers_sites.build(name)
+    model, inputs = MODELS[name].build(), MODELS[name].inputs()
     with torch.no_grad():
         reference = model(**inputs)[0]
         optimized = fusion_pass.optimize(copy.deepcopy(model))
@@ -76,7 +77,7 @@ def table(rows: dict[str, dict]) -> str:
     totals = [tuple(map(sum, zip(*(row[k] for row in rows.values())))) for k in ("sites", "optimize", "backend")]
     lines.append(f"| **all** | {_cell(totals[0])} | {_cell(totals[1])} | {_cell(totals[2])} | |")
     worst = max(row["error"] for row in rows.values())
-    versions = f"torch {torch.__version__}, diffusers {diffusers_sites.diffusers.__version__}"
+    versions = f"torch {torch.__version__}, diffusers {diffusers.__version__}"
     kernels = "Triton interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "their PyTorch references"
     lines.append("")
     lines.append(f"Cells: modulations / gates / q/k norm pairs. Largest relative output difference: {worst:.1e} "
@@ -95,7 +96,7 @@ def write_readme(text: str) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readme", action="store_true", help="write the table into README.md")
-    parser.add_argument("models", nargs="*", default=list(diffusers_sites.BUILDERS))
+    parser.add_argument("models", nargs="*", default=list(MODELS))
     args = parser.parse_args(argv)
     torch._dynamo.config.cache_size_limit = 64
     text = table({name: measure(name) for name in args.models})

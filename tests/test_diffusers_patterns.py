@@ -3,7 +3,7 @@ whole-model graphs): per-family counts derived from each model's code and config
 in the graph, the unfused norms gone, outputs equal (fp32).
 
 Site counts come from diffusers 0.42.1 (``diffusers/models/transformers/*``), derived from each
-model's config in ``diffusers_sites.expected_sites``, which says where each comes from.
+model's config in ``diffusers_models.expected_sites``, which says where each comes from.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ pytest.importorskip("diffusers", reason="the test extras install diffusers==0.42
 import fusion_pass  # noqa: E402
 from fusion_pass.ops.direct import direct_call  # noqa: E402
 from fusion_pass.registry import FUSED_OPS  # noqa: E402
-from tests import diffusers_sites  # noqa: E402
+from diffusers_models import MODELS, expected_sites  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,7 +41,7 @@ class KeepGraphs:
 
 def _run(name):
     torch._dynamo.reset()
-    model, inputs = diffusers_sites.build(name)
+    model, inputs = MODELS[name].build(), MODELS[name].inputs()
     with torch.no_grad():
         reference = model(**inputs)[0]
         keep = KeepGraphs()
@@ -49,10 +49,10 @@ def _run(name):
     return model, reference, out, keep
 
 
-@pytest.mark.parametrize("name", list(diffusers_sites.BUILDERS))
+@pytest.mark.parametrize("name", list(MODELS))
 def test_backend_fuses_every_site_the_model_code_has(name):
     model, reference, out, keep = _run(name)
-    sites = diffusers_sites.expected_sites(name, model.config)
+    sites = expected_sites(name, model.config)
     totals = keep.backend.report.totals()
     assert (totals["layernorm_modulate"], totals["residual_gate"], totals["qk_rmsnorm"], totals["qk_rmsnorm_rope"],
             totals["qk_layernorm"]) == (sites.modulations, sites.gates, sites.qk, sites.qk_rope, sites.qk_layernorm)
@@ -81,7 +81,7 @@ def test_backend_fuses_the_same_sites_in_bf16_on_the_gpu(name, cuda):
     """On CUDA in bf16 (the dtype these models run in) the backend fuses what the fp32 CPU test
     fuses, its compiled kernels launch, and the output stays as close to an fp32 run as eager's."""
     torch._dynamo.reset()
-    model, inputs = diffusers_sites.build(name)
+    model, inputs = MODELS[name].build(), MODELS[name].inputs()
     model = model.to(cuda)
     to_device = {k: v.to(cuda) if torch.is_tensor(v) else v for k, v in inputs.items()}
     with torch.no_grad():
@@ -92,7 +92,7 @@ def test_backend_fuses_the_same_sites_in_bf16_on_the_gpu(name, cuda):
         eager = model(**low)[0]
         keep = KeepGraphs()
         fused = torch.compile(model, backend=keep)(**low)[0]
-    sites = diffusers_sites.expected_sites(name, model.config)
+    sites = expected_sites(name, model.config)
     totals = keep.backend.report.totals()
     assert (totals["layernorm_modulate"], totals["residual_gate"], totals["qk_rmsnorm"], totals["qk_rmsnorm_rope"]) == (
         sites.modulations, sites.gates, sites.qk, sites.qk_rope)

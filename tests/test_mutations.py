@@ -200,9 +200,9 @@ FLUX_NORM = "transformer_blocks.0.norm1.norm"  # AdaLayerNormZero's LayerNorm(ep
 @pytest.fixture
 def flux():
     """(original, optimized after one call, inputs) for the tiny Flux of tests/diffusers_models.py."""
-    from diffusers_models import tiny_models
+    from diffusers_models import MODELS
 
-    tiny = next(m for m in tiny_models() if m.name == "flux")
+    tiny = MODELS["flux"]
     original = tiny.build()
     optimized = fusion_pass.optimize(copy.deepcopy(original))
     flux_call(optimized, tiny.inputs())
