@@ -30,6 +30,7 @@ FUSED_OPS: dict[str, FusedOp] = {
     op.key: op
     for op in (
         FusedOp("layernorm_scale_shift"),
+        FusedOp("rmsnorm_scale_shift"),
         FusedOp("residual_gate"),
         FusedOp("residual_gate_layernorm_scale_shift", outputs=("residual", "normed")),
         FusedOp("qk_rmsnorm", outputs=("q", "k")),

@@ -23,6 +23,7 @@ from .linear_group import linear_group, reference_linear_group
 from .linear_rows import linear_rows, reference_linear_rows
 from .residual_gate import reference_residual_gate, residual_gate
 from .residual_layernorm import reference_residual_add_layernorm, residual_add_layernorm
+from .rmsnorm_modulate import reference_rmsnorm_scale_shift, rmsnorm_scale_shift
 
 __all__ = [
     "MAX_BLOCK",
@@ -52,8 +53,10 @@ __all__ = [
     "reference_residual_add_layernorm",
     "reference_residual_gate",
     "reference_residual_gate_layernorm_scale_shift",
+    "reference_rmsnorm_scale_shift",
     "residual_add_layernorm",
     "residual_gate",
     "residual_gate_layernorm_scale_shift",
+    "rmsnorm_scale_shift",
     "use_triton",
 ]

@@ -10,8 +10,11 @@ x, typically `[B, 1, D]` chunk views of a `[B, 1, 6D]` modulation; weight, bias:
         r = residual + gate * y;  normed = layer_norm(r) * (1 + scale) + shift
     fusion_pass::residual_add_layernorm(x, y, weight, bias, eps) -> (residual, normed)
         r = x + y;  normed = layer_norm(r)                 (pre-LN blocks: hy3dgen's ShapeVAE)
+    fusion_pass::rmsnorm_scale_shift(x, shift, scale, eps, weight) -> out
+        out = rms_norm(x) * (1 + scale) + shift            (LTX-Video; `rmsnorm_modulate.py`)
 
-with `layer_norm(x) = (x - mean) / sqrt(var + eps) * weight + bias` (biased variance). Dtypes
+with `layer_norm(x) = (x - mean) / sqrt(var + eps) * weight + bias` (biased variance) and, under
+the RMS switch, `rms_norm(x) = x / sqrt(mean(x^2) + eps) * weight`. Dtypes
 and shapes are those of the unfused expression: fp16 x with an fp32 scale gives an fp32 out.
 The kernel (fp16/bf16/fp32) computes in fp32 and rounds once per output; it normalises the
 rounded r that it returns, as the unfused expression does; y of `residual_add_layernorm` must
@@ -67,7 +70,7 @@ def _residual_norm_modulate_kernel(
     B,  # LayerNorm bias [D] (read when HAS_BIAS)
     R_OUT,  # [rows, D] r, written when HAS_RESIDUAL
     OUT,  # [rows, D] (modulated) LayerNorm, written when NORMALIZE
-    eps,  # LayerNorm epsilon
+    eps,  # LayerNorm (RMSNorm) epsilon
     n_rows,  # rows in all
     n_inner,  # rows per outer index: row r is (r // n_inner, r % n_inner)
     n_cols,  # D
@@ -88,6 +91,7 @@ def _residual_norm_modulate_kernel(
     HAS_RESIDUAL: tl.constexpr,  # x := x + gate * y (x + y without HAS_GATE) first, and store it to R_OUT
     HAS_GATE: tl.constexpr,
     NORMALIZE: tl.constexpr,  # compute and store the LayerNorm
+    RMS: tl.constexpr,  # ... an RMSNorm instead: no mean subtracted, no bias
     MODULATE: tl.constexpr,  # ... modulated: * (1 + scale) + shift
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -99,6 +103,7 @@ def _residual_norm_modulate_kernel(
         x      = x + gate * y  (x + y without HAS_GATE)    (HAS_RESIDUAL; stored, rounded, to R_OUT)
         mean   = sum(x) / D;  var = sum((x - mean)^2) / D;  rstd = 1 / sqrt(var + eps)
         out    = (x - mean) * rstd * w + b                                   (NORMALIZE)
+        out    = x / sqrt(sum(x^2) / D + eps) * w                            (NORMALIZE and RMS)
         out    = out * (1 + scale) + shift                                   (MODULATE)
 
     All arithmetic in fp32; each output is rounded once, on store.
@@ -118,7 +123,10 @@ def _residual_norm_modulate_kernel(
         # Normalise r as stored, like the unfused layer_norm(r) does.
         x = x.to(R_OUT.dtype.element_ty).to(tl.float32)
     if NORMALIZE:
-        normed = layernorm_f32(x, mask, n_cols, eps)
+        if RMS:
+            normed = x * (1.0 / tl.sqrt(tl.sum(x * x, axis=1)[:, None] / n_cols + eps))
+        else:
+            normed = layernorm_f32(x, mask, n_cols, eps)
         if HAS_WEIGHT:
             normed = normed * load_row_f32(W, row_offsets(outer, inner, 0, 0, w_sc, cols), mask)
         if HAS_BIAS:
@@ -130,7 +138,7 @@ def _residual_norm_modulate_kernel(
 
 class _OutputDtypes(NamedTuple):
     r: torch.dtype | None  # r = x + gate * y (HAS_RESIDUAL), else None
-    out: torch.dtype | None  # the (modulated) LayerNorm (NORMALIZE), else None
+    out: torch.dtype | None  # the (modulated) LayerNorm or RMSNorm (NORMALIZE), else None
 
 
 class _LaunchPlan(NamedTuple):
@@ -140,7 +148,7 @@ class _LaunchPlan(NamedTuple):
     n_cols: int
     elem_bytes: int  # of x, for `row_settings`
     args: tuple  # the kernel's arguments from n_rows to o_s1
-    constexprs: Mapping[str, object]  # column strides and the HAS_*/NORMALIZE/MODULATE switches
+    constexprs: Mapping[str, object]  # column strides and the HAS_*/NORMALIZE/RMS/MODULATE switches
 
 
 def _normalizes(shift, normalize: bool | None = None) -> bool:
@@ -149,11 +157,12 @@ def _normalizes(shift, normalize: bool | None = None) -> bool:
 
 
 @plan_cache
-def _output_dtypes(cpu_kernels, x, y, gate, shift, scale, weight, bias, normalize=None) -> _OutputDtypes | None:
+def _output_dtypes(cpu_kernels, x, y, gate, shift, scale, weight, bias, normalize=None, rms=False) -> _OutputDtypes | None:
     """Output dtypes of the kernel on operands with these `tensor_key`s (None where absent), or
     None where the reference must run: the kernel conditions (`rows_fit_kernel`) and
     F.layer_norm's, weight and bias `[D]` in the normalised dtype (x's, or r's); an ungated y
-    of x's shape. `normalize` (None: whether shift is given) computes the LayerNorm."""
+    of x's shape. `normalize` (None: whether shift is given) computes the LayerNorm, `rms` an
+    RMSNorm instead (F.rms_norm's conditions are F.layer_norm's, without bias)."""
     x, y, gate, shift, scale, weight, bias = map(tensor_meta, (x, y, gate, shift, scale, weight, bias))
     normalize = _normalizes(shift, normalize)
     if y is not None and gate is None and y.shape != x.shape:
@@ -178,7 +187,8 @@ def _launch_plan(key: tuple, out_stride: tuple[int, ...]) -> _LaunchPlan | None:
     None where the rows do not coalesce into two row dims (`row_layout`)."""
     _, *tensor_keys = key
     x, y, gate, shift, scale, weight, bias = map(tensor_meta, tensor_keys[:7])
-    normalize = _normalizes(shift, *tensor_keys[7:])  # a key may end before `normalize` (its default)
+    normalize, rms = (*tensor_keys[7:], None, False)[:2]  # a key may end before them (their defaults)
+    normalize = _normalizes(shift, normalize)
     slots = (x, y, gate, shift, scale, weight, bias, x._replace(stride=out_stride))
     layout = row_layout(x.shape, *(t for t in slots if t is not None))
     if layout is None:
@@ -192,6 +202,7 @@ def _launch_plan(key: tuple, out_stride: tuple[int, ...]) -> _LaunchPlan | None:
         HAS_RESIDUAL=y is not None,
         HAS_GATE=gate is not None,
         NORMALIZE=normalize,
+        RMS=rms,
         MODULATE=shift is not None,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
@@ -211,6 +222,7 @@ def run_residual_norm_modulate(
     bias: Tensor | None = None,
     eps: float = 0.0,
     normalize: bool | None = None,
+    rms: bool = False,
     launch: Launch = Launch.EAGER,
 ) -> ResidualNormOut | None:
     """The kernel's outputs over rows of `x` (`[..., D]`), or None, launching nothing, where
@@ -218,13 +230,14 @@ def run_residual_norm_modulate(
 
     Pass y (and gate) for the (gated) residual (`.residual`); shift and scale (weight, bias
     optional) for the modulated LayerNorm (`.normed`), or `normalize=True` without them for the
-    plain LayerNorm (None: normalise where shift is given); the other output is None. `launch`: see
+    plain LayerNorm (None: normalise where shift is given); `rms` normalises with RMSNorm instead
+    (bias must be None); the other output is None. `launch`: see
     `launch.Launch` (`Launch.NONE`, the fake impls, allocates the outputs and launches nothing).
     """
     key = (
         kernels_on_cpu(x, launch),
         tensor_key(x), tensor_key(y), tensor_key(gate), tensor_key(shift), tensor_key(scale),
-        tensor_key(weight), tensor_key(bias), normalize,
+        tensor_key(weight), tensor_key(bias), normalize, rms,
     )
     dtypes = launch.planner(_output_dtypes)(*key)
     if dtypes is None:

@@ -159,6 +159,11 @@ def _layernorm_args(x_shape, dtype, layout="chunk", device="cpu", affine=False):
     return x, shift, scale, 1e-6, weight, bias
 
 
+def _rmsnorm_args(x_shape, dtype, layout="chunk", device="cpu", affine=False):
+    x, shift, scale, eps, weight, _ = _layernorm_args(x_shape, dtype, layout, device, affine)
+    return x, shift, scale, eps, weight
+
+
 def _residual_norm_args(x_shape, dtype, layout="chunk", device="cpu", affine=False):
     residual, shift, scale, eps, weight, bias = _layernorm_args(x_shape, dtype, layout, device, affine)
     y = randn(*x_shape, dtype=dtype, scale=2.0, device=device)
@@ -236,6 +241,9 @@ OP_CASES = {
     "layernorm_scale_shift": _row_case(
         ops.layernorm_scale_shift, ops.reference_layernorm_scale_shift, _layernorm_args, broadcast_operand=1
     ),
+    "rmsnorm_scale_shift": _row_case(
+        ops.rmsnorm_scale_shift, ops.reference_rmsnorm_scale_shift, _rmsnorm_args, broadcast_operand=1
+    ),
     "residual_gate": _row_case(
         ops.residual_gate, ops.reference_residual_gate, _residual_gate_args, broadcast_operand=2
     ),
@@ -283,7 +291,7 @@ run over these. Row-wise numerics also run over `ROW_CASES` (all but qk_rmsnorm)
 BROADCAST_OPS = [name for name, case in OP_CASES.items() if case.broadcast_operand is not None]
 """The ops with an operand that may broadcast (and promote): the generic broadcast tests run on these."""
 
-ROW_OPS = ["layernorm_scale_shift", "residual_gate", "residual_gate_layernorm_scale_shift"]
+ROW_OPS = ["layernorm_scale_shift", "rmsnorm_scale_shift", "residual_gate", "residual_gate_layernorm_scale_shift"]
 
 
 def assert_op_accurate(case: OpCase, args, dtype: torch.dtype, *, interpreted: bool) -> None:
