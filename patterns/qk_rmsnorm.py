@@ -91,7 +91,7 @@ def _decomposed_site(node, ctx, cast, core, upcast, weight, rsqrt, statistic):
         return miss("RMSNorm mean is taken without keepdim=True")
     if upcasts and cast is None:
         return miss("normalized value is computed in fp32 and never cast back to the input dtype")
-    if cast is not None and not _is_dtype_of(cast.args[1], x):
+    if cast is not None and not is_dtype_of(cast.args[1], x):
         return miss("normalized value is cast to a dtype that is not (provably) the input's")
     internal = [node, core, rsqrt, add, mean, square]
     if cast is not None:
@@ -103,7 +103,7 @@ def _decomposed_site(node, ctx, cast, core, upcast, weight, rsqrt, statistic):
     return RMSNormSite(node, x, weight, float(add.args[0]), tuple(internal), casts_back=False)
 
 
-def _is_dtype_of(dtype, x: fx.Node) -> bool:
+def is_dtype_of(dtype, x: fx.Node) -> bool:
     if isinstance(dtype, fx.Node):
         return dtype.op == "call_function" and dtype.target is getattr and dtype.args == (x, "dtype")
     meta = tensor_meta(x)

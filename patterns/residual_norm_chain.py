@@ -31,8 +31,8 @@ class ResidualNormChain:
 
     def find(self, graph: fx.Graph, ctx: MatchContext) -> Iterator[Match | NearMiss]:
         for norm_site in scan(graph, ctx, lambda node: layernorm_modulate.match_site(node, ctx)):
-            if not isinstance(norm_site, layernorm_modulate.LayerNormModulateSite):
-                continue
+            if not isinstance(norm_site, layernorm_modulate.LayerNormModulateSite) or norm_site.rms:
+                continue  # the chained op normalizes with LayerNorm only
             gate_site = residual_gate.match_site(norm_site.x, ctx, ctx.positions(graph))
             if isinstance(gate_site, residual_gate.ResidualGateSite):
                 yield self.to_match(gate_site, norm_site, ctx)

@@ -31,7 +31,7 @@ FAMILIES = ("layernorm_modulate", "residual_gate", ("qk_rmsnorm", "qk_layernorm"
 
 def code_sites(name: str, model) -> tuple[int, int, int]:
     sites = expected_sites(name, model.config)
-    return sites.modulations + sites.unsupported.get("rms_modulate", 0), sites.gates, sites.qk + sites.qk_layernorm
+    return sites.modulations, sites.gates, sites.qk + sites.qk_layernorm
 
 
 def fused(report) -> tuple[int, ...]:

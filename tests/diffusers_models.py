@@ -17,7 +17,7 @@ controlnet residuals are added after blocks 1.., never after block 0).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import diffusers
@@ -262,16 +262,14 @@ MODELS: dict[str, TinyModel] = {m.name: m for m in (
 class Sites:
     """Sites in a model's code: ``modulations`` are ``LN(x) * (1 + scale) + shift``, ``gates``
     ``x + gate * f(...)``, ``qk`` q/k RMSNorm pairs feeding one attention, ``qk_rope`` those of them
-    that diffusers' real-valued RoPE rotates right after the norm. ``unsupported``: sites
-    of a family no fused op covers yet (``rms_modulate``: an RMSNorm modulated), ``qk_layernorm``
-    q/k LayerNorm pairs. ``norms_left``: the LayerNorm/RMSNorm calls that stay in the graph
-    once every supported site is fused (the unsupported sites' norms among them)."""
+    that diffusers' real-valued RoPE rotates right after the norm (``modulations`` count RMSNorms
+    modulated the same way), ``qk_layernorm`` q/k LayerNorm pairs. ``norms_left``: the
+    LayerNorm/RMSNorm calls that stay in the graph once every site is fused."""
 
     modulations: int
     gates: int
     qk: int
     norms_left: int
-    unsupported: dict = field(default_factory=dict)
     qk_rope: int = 0  # q/k pairs among ``qk`` rotated right after their norms, one table (qk_rmsnorm_rope)
     qk_layernorm: int = 0  # q/k LayerNorm pairs feeding one attention
 
@@ -319,12 +317,11 @@ def expected_sites(name: str, config) -> Sites:
         # norm_final (affine LayerNorm, unmodulated); norm_out: AdaLayerNorm `(1 + scale)[:, None, :]`.
         return Sites(4 * c.num_layers + 1, 4 * c.num_layers, 0, 1, qk_layernorm=c.num_layers)
     if name == "ltx":
-        # LTXVideoTransformerBlock: norm1/norm2 are RMSNorms modulated `norm(x) * (1 + scale) + shift`
-        # (rms modulation: no fused op yet), gates on attn1 and ff, q/k pairs of attn1 and attn2
-        # (rms_norm_across_heads), attn1's rotated (LTX's apply_rotary_emb, interleaved, over all heads).
-        # norm_out: LayerNorm `* (1 + scale) + shift`.
-        return Sites(1, 2 * c.num_layers, 2 * c.num_layers, 2 * c.num_layers, {"rms_modulate": 2 * c.num_layers},
-                     qk_rope=c.num_layers)
+        # LTXVideoTransformerBlock: norm1/norm2 are RMSNorms (elementwise_affine=False) modulated
+        # `norm(x) * (1 + scale) + shift` (rmsnorm_scale_shift, counted as modulations), gates on attn1
+        # and ff, q/k pairs of attn1 and attn2 (rms_norm_across_heads), attn1's rotated (LTX's
+        # apply_rotary_emb, interleaved, over all heads). norm_out: LayerNorm `* (1 + scale) + shift`.
+        return Sites(2 * c.num_layers + 1, 2 * c.num_layers, 2 * c.num_layers, 0, qk_rope=c.num_layers)
     if name == "sana":
         # SanaTransformerBlock: norm1, norm2 modulated, 2 gates, no q/k norms (qk_norm=None);
         # caption_norm (RMSNorm on the text input); norm_out: SanaModulatedNorm.

@@ -289,6 +289,39 @@ def test_fp32_layernorm_modulated_and_cast_back_is_fused(dtype):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+RMS_MODULATED = {
+    "diffusers": lambda s, x: diffusers_rms_norm(x, None),  # LTX: RMSNorm(elementwise_affine=False)
+    "rms_norm": lambda s, x: F.rms_norm(x, (D,), None, 1e-6),
+    "rms_norm_weighted": lambda s, x: F.rms_norm(x, (D,), s.qh_weight, 1e-6),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("spelling", RMS_MODULATED)
+def test_rmsnorm_modulated_is_fused_and_no_less_accurate(spelling, dtype):
+    """LTX's `norm1(x) * (1 + scale_msa) + shift_msa` (norm1 an unweighted diffusers RMSNorm)."""
+    report, got, expected, module, inputs = backend_run(modulate(VIEW_AFTER_ONE_PLUS["index"], RMS_MODULATED[spelling]),
+                                                        dtype)
+    assert fused(report) == {"layernorm_modulate": 1}
+    assert [site.detail for site in report.families["layernorm_modulate"].sites][0].startswith("rms_norm, eps=1e-06")
+    assert got.dtype == expected.dtype
+    ulp = torch.finfo(dtype).eps * expected.abs().max().item()  # the interpreter truncates half stores
+    assert _fp64_error(module, inputs, got) <= _fp64_error(module, inputs, expected) + ulp
+
+
+def test_rmsnorm_left_in_fp32_before_the_modulation_is_not_fused():
+    def fn(s, x, emb):  # the fp32 norm is modulated in fp32: the fused op would round it to bf16 first
+        shift, scale = emb.chunk(6, dim=1)[:2]
+        xf = x.float()
+        normed = x * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return normed * (1 + scale[:, None]) + shift[:, None]
+
+    report, got, expected, *_ = backend_run(fn, torch.bfloat16)
+    assert fused(report) == {}
+    assert reasons(report, "layernorm_modulate") == ["RMSNorm is computed in fp32 and never cast back to the input dtype"]
+    torch.testing.assert_close(got, expected, rtol=0.0, atol=0.0)
+
+
 def test_norm_cast_to_its_own_dtype_is_fused():
     def fn(s, x, emb):  # `self.norm(x).to(dtype=dtype)` in an fp32 model
         shift, scale = emb.chunk(6, dim=1)[:2]
