@@ -2,7 +2,8 @@
 
 Matches    ``r = residual + gate * y`` whose new residual ``r`` feeds
            ``LN(r) * (1 + scale) + shift``: the two halves of consecutive DiT sub-blocks.
-Accepts    every spelling the two single families accept (it reuses their matchers);
+Accepts    every LayerNorm spelling the two single families accept (it reuses their matchers;
+           an RMSNorm half is left to ``layernorm_modulate``: this op normalizes with LayerNorm);
            ``r`` may have other users (the next residual add): the op returns ``r`` too.
 Refuses    (near-miss) chains whose halves match but whose fused call would have to run
            before its own inputs exist or after a user of ``r`` (an ordering conflict).
