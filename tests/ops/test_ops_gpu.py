@@ -33,7 +33,7 @@ def test_kernel_on_gpu_matches_float64(launches, poisoned_outputs, name, length,
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-@pytest.mark.parametrize("name", ["layernorm_scale_shift", "residual_gate_layernorm_scale_shift"])
+@pytest.mark.parametrize("name", ["layernorm_scale_shift", "rmsnorm_scale_shift", "residual_gate_layernorm_scale_shift"])
 def test_layernorm_weight_and_bias_on_gpu(launches, poisoned_outputs, name, dtype):
     case = OP_CASES[name]
     args = case.make_args(case.model_shape(1370), dtype, "chunk", device="cuda", affine=True)
