@@ -170,7 +170,7 @@ class _LeafOnFailureTracer(fx.Tracer):
             equal = self.create_proxy("call_function", operator.eq, (length, n), {})
             stack = list(chunk.meta.get("nn_module_stack", {}).values())
             where = f"{stack[-1][0]}: " if stack and stack[-1][0] else ""
-            self.create_proxy("call_function", guards.assume, (equal, True, f"{where}len({chunk.name}) == {n}"), {})
+            self.create_proxy("call_function", guards.assume, (equal, True, f"{where}chunk({n}) makes {n} pieces"), {})
         return len(pieces)
 
     def iter(self, obj: fx.Proxy):

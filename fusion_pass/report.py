@@ -221,8 +221,16 @@ class Report:
                         [(None, f"{where or '<root>'}: {reason} ({calls} calls)") for where, reason, calls in self.fallbacks])
 
     def _assumptions(self):
+        """One line per distinct assumption; one made in many modules (``path: what``, e.g. a
+        chunk's number of pieces in every block) is listed once with its count and first module."""
+        rows = []
+        for graph, assumption in self.assumptions:
+            module, sep, what = assumption.partition(": ")
+            inside = sep and " " not in module and "(" not in module  # a module path, then the assumption
+            where = ".".join(p for p in (graph, module) if p) if inside else graph
+            rows.append((where, what if inside else assumption))
         return _listing("captured under assumptions, checked every call (the original forward runs when one fails):",
-                        [(None, f"{graph or '<root>'}: {assumption}") for graph, assumption in self.assumptions])
+                        _grouped(rows))
 
     def _already_optimized(self) -> Text | None:
         if not self.already_optimized:
