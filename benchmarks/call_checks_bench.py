@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from flux_bench import _environment, time_steps  # noqa: E402  (one timing helper for the benchmarks)
+from fusion_pass.bench.environment import environment, environment_line
+from fusion_pass.bench.timing import rel_err, time_calls
 
 
 def main(argv=None) -> int:
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     fusion_pass.optimize(model)
     setup_s = time.perf_counter() - start
-    step_ms = time_steps(lambda: inputs.call(model), 3, 20, cuda)
+    step_ms = time_calls(lambda: inputs.call(model), 20, cuda, warmup=3)
     forward = model.__dict__["forward"]
     repeats = 1000
     start = time.perf_counter()
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
         forward.signature.required_values(inputs.args, inputs.kwargs)
     checks_us = (time.perf_counter() - start) / repeats * 1e6
     step = statistics.median(step_ms)
-    result = {"config": args.config, "dtype": str(dtype), "environment": _environment(),
+    result = {"config": args.config, "dtype": str(dtype), "environment": environment(cuda),
               "modules_watched": forward.guard.modules, "checks_us": round(checks_us, 1), "step_ms": round(step, 3),
               "checks_share_of_step": checks_us / 1e3 / step, "optimize_setup_s": round(setup_s, 3),
               "fallbacks": fusion_pass.report(model).fallbacks}
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     (args.out / "call_checks.json").write_text(json.dumps(result, indent=2))
     (args.out / "call_checks.md").write_text(
         f"# Per-call checks of optimize()'s installed forward, {args.config} {dtype}\n\n"
-        f"environment: {result['environment']}\n\n"
+        f"environment: {environment_line(result['environment'])}\n\n"
         f"| modules watched | checks us/call | optimize() step ms | checks / step | optimize() set-up s |\n|---|---|---|---|---|\n"
         f"| {result['modules_watched']} | {checks_us:.1f} | {step:.2f} | {100 * result['checks_share_of_step']:.2f} % | "
         f"{setup_s:.2f} |\n")

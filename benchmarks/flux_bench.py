@@ -17,13 +17,15 @@ import argparse
 import copy
 import gc
 import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from fusion_pass.bench.environment import environment, environment_line
+from fusion_pass.bench.timing import percentile, rel_err, time_calls
 
 CONFIGS = {
     # FLUX.1-dev's transformer config (black-forest-labs/FLUX.1-dev, transformer/config.json)
@@ -59,32 +61,6 @@ def cast_inputs(inputs: dict, dtype) -> dict:
             else v for k, v in inputs.items()}
 
 
-def time_steps(step, warmup: int, repeat: int, cuda: bool) -> list[float]:
-    for _ in range(warmup):
-        step()
-    if not cuda:
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - start) * 1e3)
-        return times
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeat)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeat)]
-    torch.cuda.synchronize()
-    for s, e in zip(starts, ends):
-        s.record()
-        step()
-        e.record()
-    torch.cuda.synchronize()
-    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
-
-
-def rel_err(out, ref) -> float:
-    out, ref = out.detach().float(), ref.detach().float()
-    return float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -111,7 +87,7 @@ def main(argv=None) -> int:
     inputs = make_inputs(cfg, *TOKENS[args.config], device, dtype)
     results: dict = {"config": args.config, "dtype": args.dtype, "tokens": TOKENS[args.config],
                      "params_b": sum(p.numel() for p in model.parameters()) / 1e9, "build_s": round(build_s, 1),
-                     "environment": _environment(), "modes": {}}
+                     "environment": environment(cuda), "modes": {}}
     torch.set_grad_enabled(False)
 
     fp32 = copy.deepcopy(model).float()
@@ -147,8 +123,8 @@ def main(argv=None) -> int:
         setup_s = time.perf_counter() - start
         err = rel_err(out, ref32)
         del out
-        times = time_steps(lambda: target(**inputs), args.warmup, args.repeat, cuda)
-        record = {"step_ms": round(statistics.median(times), 3), "p90_ms": round(sorted(times)[int(0.9 * (len(times) - 1))], 3),
+        times = time_calls(lambda: target(**inputs), args.repeat, cuda, warmup=args.warmup)
+        record = {"step_ms": round(statistics.median(times), 3), "p90_ms": round(percentile(times, 0.9), 3),
                   "setup_s": round(setup_s, 2), "err_vs_fp32": err}
         if cuda:
             record["peak_mb"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
@@ -172,7 +148,7 @@ def _markdown(results: dict) -> str:
     compiled = modes.get("compile", {})
     lines = [f"# Flux ({results['config']}, {results['params_b']:.2f}B params) {results['dtype']}, "
              f"tokens {results['tokens'][0]} image + {results['tokens'][1]} text, batch 1",
-             "", f"environment: {results['environment']}", "",
+             "", f"environment: {environment_line(results['environment'])}", "",
              "| mode | step ms | x eager | x compile | set-up s | peak MB | err vs fp32 | x eager's err |",
              "|---|---|---|---|---|---|---|---|"]
     for mode, r in modes.items():
@@ -184,13 +160,6 @@ def _markdown(results: dict) -> str:
         if "fused" in r:
             lines.append(f"\n{mode} fused (per family): {r['fused']}; near-misses: {r['near_misses']}")
     return "\n".join(lines) + "\n"
-
-
-def _environment() -> str:
-    import triton
-
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return f"{gpu}, torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}"
 
 
 if __name__ == "__main__":

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
+from fusion_pass.bench.environment import environment, environment_line
+from fusion_pass.bench.timing import rel_err, time_calls
 from reference_models.shapevae import ShapeVAEConfig, ShapeVAEDecoder
 
-sys.path.insert(0, str(Path(__file__).parent))
-from flux_bench import _environment, rel_err, time_steps  # noqa: E402  (one timing helper for both)
 
 
 def main(argv=None) -> int:
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     lat, q = latents.to(dtype), queries.to(dtype)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     results = {"config": dataclasses.asdict(cfg), "dtype": str(dtype),
-               "octree_resolution": args.octree_resolution, "environment": _environment(), "modes": {}}
+               "octree_resolution": args.octree_resolution, "environment": environment(cuda), "modes": {}}
     eager_out = {}
     for mode in ("eager", "optimize", "optimize+cudagraph"):
         fusion_pass.restore(model)
@@ -65,8 +65,8 @@ def main(argv=None) -> int:
         chunk = model.geo_decoder(queries=q, latents=tokens).clone()
         sync()
         setup_s = time.perf_counter() - start
-        t_tok = time_steps(lambda: model(lat), 3, args.repeat, cuda)
-        t_chunk = time_steps(lambda: model.geo_decoder(queries=q, latents=tokens), 3, args.repeat, cuda)
+        t_tok = time_calls(lambda: model(lat), args.repeat, cuda, warmup=3)
+        t_chunk = time_calls(lambda: model.geo_decoder(queries=q, latents=tokens), args.repeat, cuda, warmup=3)
         sync()
         start = time.perf_counter()
         grid = model.volume(tokens, args.octree_resolution)
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     (args.out / "shapevae_bench.json").write_text(json.dumps(results, indent=2, default=str))
     eager = results["modes"]["eager"]
     lines = [f"# hy3dgen ShapeVAE decoding, {dtype}, octree resolution {args.octree_resolution}", "",
-             f"environment: {results['environment']}", "",
+             f"environment: {environment_line(results['environment'])}", "",
              "| mode | transformer ms | x eager | geo chunk (8000 pts) ms | x eager | volume s | x eager | set-up s | err tokens vs fp32 | err chunk vs fp32 |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for mode, r in results["modes"].items():

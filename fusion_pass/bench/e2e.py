@@ -11,7 +11,7 @@ from .modes import Group, StepInputs, _call, _sync
 from .output import _one_line
 from .settings import Settings
 from .spec import DTYPES, E2E_BEST_OF, E2E_MODES
-from .timing import _dynamo_counts, _rel_err
+from .timing import _dynamo_counts, rel_err
 
 
 def _e2e_candidates(settings: Settings) -> set[str]:
@@ -110,9 +110,9 @@ def _run_e2e(group: Group, results: dict[str, Any], console,
             continue
         entry = record["modes"][mode]
         if eager is not None:
-            entry["err_vs_eager"] = _rel_err(final, eager)
+            entry["err_vs_eager"] = rel_err(final, eager)
         if "float32" in finals:
-            entry["err_vs_fp32"] = _rel_err(final, finals["float32"])
+            entry["err_vs_fp32"] = rel_err(final, finals["float32"])
         if eager is not None and mode != "eager":
             entry["speedup_vs_eager"] = round(record["modes"]["eager"]["total_s"] / entry["total_s"], 3)
     record["status"] = "ok"

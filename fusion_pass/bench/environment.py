@@ -14,6 +14,12 @@ from .settings import Settings
 
 
 def _environment(settings: Settings) -> dict[str, Any]:
+    return environment(settings.cuda)
+
+
+def environment(cuda: bool) -> dict[str, Any]:
+    """Date, versions, device (and driver on CUDA), git revision: recorded with every result file
+    (the bench's, and the model scripts' in ``benchmarks/``)."""
     env: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
@@ -34,7 +40,7 @@ def _environment(settings: Settings) -> dict[str, Any]:
         env["hy3dgen"] = version("hy3dgen")
     except Exception:  # noqa: BLE001
         env["hy3dgen"] = None
-    if settings.cuda:
+    if cuda:
         props = torch.cuda.get_device_properties(0)
         env["device"] = torch.cuda.get_device_name(0)
         env["capability"] = f"{props.major}.{props.minor}"
@@ -46,6 +52,12 @@ def _environment(settings: Settings) -> dict[str, Any]:
     env["git"] = _safe(lambda: subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                               timeout=5, cwd=Path(__file__).parent).stdout.strip() or None)
     return env
+
+
+def environment_line(env: dict[str, Any]) -> str:
+    """One line of :func:`environment`'s record, for a markdown result file."""
+    return (f"{env['device']}, torch {env['torch']}, triton {env['triton']}, python {env['python']}, "
+            f"{env['date']}, git {env['git']}")
 
 
 def _nvidia_smi(query: str) -> str | None:

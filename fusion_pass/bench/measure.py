@@ -13,7 +13,7 @@ from .output import _one_line
 from .profiling import _profile
 from .settings import _matches
 from .spec import MODES
-from .timing import _dynamo_counts, _mb, _rel_err, _summary, _time_steps
+from .timing import _dynamo_counts, _mb, rel_err, _summary, _time_steps
 
 
 def _measure(group: Group, mode: str) -> dict[str, Any]:
@@ -60,8 +60,8 @@ def _measure(group: Group, mode: str) -> dict[str, Any]:
     record["setup_s"] = round(setup_s, 3)
     record["setup_what"] = prepared.setup_what
     record["first_call_s"] = round(first_call_s, 3)
-    record["err_vs_eager"] = _rel_err(out, group.ref_eager)
-    record["err_vs_fp32"] = _rel_err(out, group.ref_fp32)
+    record["err_vs_eager"] = rel_err(out, group.ref_eager)
+    record["err_vs_fp32"] = rel_err(out, group.ref_fp32)
     if settings.profile:
         try:  # a profiler failure costs the kernel figures, not the timings
             record["profile"] = _profile(prepared.step, group.inputs, settings)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .settings import Settings
 from .spec import DTYPES, MODES
-from .timing import _rel_err
+from .timing import rel_err
 
 
 @dataclass
@@ -122,7 +122,7 @@ def _prepare_optimize_cudagraph(group: Group, levers: tuple[str, ...] = ()) -> P
         replayed = _call(model, inputs).clone()
         with replay_paused(model):  # the same fused code, run without replay
             fresh = _call(model, inputs)
-        checks.append({"bitwise_equal": bool(torch.equal(replayed, fresh)), "rel_err": _rel_err(replayed, fresh)})
+        checks.append({"bitwise_equal": bool(torch.equal(replayed, fresh)), "rel_err": rel_err(replayed, fresh)})
     ok = all(c["bitwise_equal"] or c["rel_err"] <= 1e-3 for c in checks) and torch.equal(first, _call(model, group.inputs))
     if not ok:
         raise RuntimeError(f"CUDA-graph replay differs from the optimized model run without replay: {checks}")

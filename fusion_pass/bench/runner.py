@@ -29,7 +29,7 @@ from .profiling import _init_cupti, _profile_text
 from .settings import Settings, UsageError, _matches, _settings, _settings_dict, add_arguments
 from .spec import DTYPES, GROUP_OPEN_S, MODES, REFERENCE_BLOCKS
 from .targets import _targets
-from .timing import _rel_err
+from .timing import rel_err
 
 
 class Interrupted(BaseException):
@@ -337,7 +337,7 @@ def _open_group(config, dtype, settings, fp32_models, results, groups, console) 
         "shapes": {"x": list(inputs.x.shape), "t": list(inputs.t.shape),
                    "cond": list(inputs.contexts["main"].shape)},
         "blocks": {"double": cfg.depth, "single": cfg.depth_single_blocks},
-        "eager_vs_fp32": _rel_err(ref_eager, ref_fp32),
+        "eager_vs_fp32": rel_err(ref_eager, ref_fp32),
         "modes": {},
     })
     console.log(f"[{group.key}] {params / 1e9:.2f}B parameters, x {tuple(inputs.x.shape)}, "

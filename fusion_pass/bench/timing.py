@@ -15,31 +15,40 @@ if TYPE_CHECKING:  # annotations only: modes imports this module
 
 
 def _time_steps(step, inputs: StepInputs, settings: Settings) -> list[float]:
-    """Milliseconds per step: CUDA events around each call (no sync between calls), or host time."""
-    if not settings.cuda:
+    """Milliseconds per step of ``step(inputs)`` (see :func:`time_calls`)."""
+    return time_calls(lambda: step(inputs), settings.repeat, settings.cuda)
+
+
+def time_calls(call, repeat: int, cuda: bool, warmup: int = 0) -> list[float]:
+    """Milliseconds per ``call()``, ``repeat`` times after ``warmup`` untimed calls: CUDA events
+    around each call (no sync between calls), or host time without CUDA. Also used by the model
+    scripts in ``benchmarks/``."""
+    for _ in range(warmup):
+        call()
+    if not cuda:
         times = []
-        for _ in range(settings.repeat):
+        for _ in range(repeat):
             start = time.perf_counter()
-            step(inputs)
+            call()
             times.append((time.perf_counter() - start) * 1e3)
         return times
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(settings.repeat)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(settings.repeat)]
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeat)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeat)]
     torch.cuda.synchronize()
     for start, end in zip(starts, ends):
         start.record()
-        step(inputs)
+        call()
         end.record()
     torch.cuda.synchronize()
     return [start.elapsed_time(end) for start, end in zip(starts, ends)]
 
 
 def _summary(times: list[float], timer: str) -> dict[str, Any]:
-    return {"median": round(_percentile(times, 0.5), 4), "p10": round(_percentile(times, 0.1), 4),
-            "p90": round(_percentile(times, 0.9), 4), "n": len(times), "timer": timer}
+    return {"median": round(percentile(times, 0.5), 4), "p10": round(percentile(times, 0.1), 4),
+            "p90": round(percentile(times, 0.9), 4), "n": len(times), "timer": timer}
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     k = (len(ordered) - 1) * q
     lo = math.floor(k)
@@ -47,7 +56,7 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def _rel_err(out: Tensor, ref: Tensor) -> float:
+def rel_err(out: Tensor, ref: Tensor) -> float:
     """||out - ref|| / ||ref||, in float32."""
     out, ref = out.detach().float(), ref.detach().float()
     return float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))
