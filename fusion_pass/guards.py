@@ -121,8 +121,8 @@ class CallSignature:
         self.passed: dict[str, object] = {name: _TENSOR for name in required}  # name -> _TENSOR or baked value
         if call is not None:
             for name, value in self._bind(*call).items():
-                if name in self.passed and isinstance(value, torch.Tensor):
-                    continue
+                if name in self.passed and not _bakeable(value):
+                    continue  # a required parameter given a tensor or a structure of them: traced
                 if isinstance(value, torch.Tensor):
                     self.passed[name] = _TENSOR
                 elif not _bakeable(value):
@@ -150,8 +150,8 @@ class CallSignature:
     def required_values(self, args: tuple, kwargs: dict) -> tuple:
         """The values of the traced parameters, in order; raises :class:`ArgumentsDiffer` when
         the call does not match the captured pattern."""
-        if self._fast and not kwargs and len(args) == len(self.traced):
-            return args  # the common call: exactly the required arguments, positionally
+        if self._fast and not kwargs and len(args) == len(self.traced) and not any(map(_bakeable, args)):
+            return args  # the common call: exactly the required arguments, positionally, none a baked kind
         bound = self._bind(args, kwargs)
         values = []
         for name, captured in self.passed.items():
@@ -161,7 +161,7 @@ class CallSignature:
                 raise ArgumentsDiffer(f"required argument {name} missing")  # the original forward raises the error
             value = bound.pop(name)
             if captured is _TENSOR:
-                if not isinstance(value, torch.Tensor):
+                if _bakeable(value):  # None, a number, ...: captured traced, so a branch on it may differ
                     raise ArgumentsDiffer(f"argument {name} is {type(value).__name__} (captured with a tensor)")
                 values.append(value)
             elif not _is_default(value, captured):

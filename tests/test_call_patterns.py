@@ -87,3 +87,28 @@ def test_alternating_optional_inputs_switch_between_kept_graphs_instead_of_captu
     assert fallbacks == {"re-captured after: argument pe passed (captured without it)": 1,
                          "switched to the graph captured for this argument pattern": 10}
     assert fusion_pass.report(optimized).totals()["residual_gate"] == 1
+
+
+class RequiredNone(nn.Module):
+    """Hunyuan3D's blocks: ``forward(self, x, mod, pe)`` with ``pe`` required but passed None."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = OptionalInputs()
+
+    def forward(self, x, mod, pe):
+        return self.block(x, mod, pe=pe)
+
+
+def test_a_required_argument_passed_none_is_captured_once_for_that_pattern():
+    torch.manual_seed(0)
+    original = RequiredNone()
+    optimized = fusion_pass.optimize(copy.deepcopy(original))
+    x, mod = torch.randn(2, 5, D), torch.randn(2, 1, 3 * D)
+    for _ in range(3):
+        torch.testing.assert_close(optimized(x, mod, None), original(x, mod, None), **EXACT)
+    report = fusion_pass.report(optimized)
+    reasons = [(reason, calls) for _, reason, calls in report.fallbacks]
+    # captured with a tensor placeholder for pe, then once for pe=None (baked), and never again
+    assert reasons == [("re-captured after: argument pe is NoneType (captured with a tensor)", 1)]
+    assert report.totals()["layernorm_modulate"] == 1 and report.totals()["residual_gate"] == 1
