@@ -21,10 +21,12 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from fusion_pass.bench.environment import environment, environment_line
+from fusion_pass.bench.profiling import _init_cupti, _profile, _profile_text
 from fusion_pass.bench.timing import percentile, rel_err, time_calls
 
 CONFIGS = {
@@ -69,6 +71,8 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default="eager,optimize,optimize+cudagraph,compile")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--profile", action="store_true",
+                        help="also write flux_profile.txt: each mode's kernels by total time (one step)")
     args = parser.parse_args(argv)
     from diffusers import FluxTransformer2DModel
 
@@ -97,6 +101,9 @@ def main(argv=None) -> int:
     if cuda:
         torch.cuda.empty_cache()
 
+    profiles: list[str] = []
+    if args.profile and cuda:
+        _init_cupti()
     for mode in args.modes.split(","):
         gc.collect()
         if cuda:
@@ -132,6 +139,9 @@ def main(argv=None) -> int:
             rep = report()
             record["fused"] = rep.totals()
             record["near_misses"] = {name: len(f.near_misses) for name, f in rep.families.items()}
+        if args.profile:
+            profiles.append(_profile_text("flux", mode, _profile(lambda _: target(**inputs), None,
+                                                                 SimpleNamespace(cuda=cuda), top=40)))
         results["modes"][mode] = record
         print(mode, json.dumps(record), flush=True)
         del target
@@ -139,6 +149,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "flux_bench.json").write_text(json.dumps(results, indent=2))
     (args.out / "flux_bench.md").write_text(_markdown(results))
+    if profiles:
+        (args.out / "flux_profile.txt").write_text(f"# {environment_line(results['environment'])}\n\n" + "".join(profiles))
     return 0
 
 

@@ -14,7 +14,8 @@
 # Pick stages so that at most 8 files come back (the most $OUT returns). The bench gets the
 # time the first two stages left (--time-budget) and drops its most expendable compile modes to
 # fit; for the whole default bench alone: GPU_RUN_STAGES=bench bash scripts/gpu_run.sh "$OUT".
-# Environment: GPU_RUN_STAGES (default tests,ops,bench), GPU_RUN_DEADLINE (seconds, default 560).
+# Environment: GPU_RUN_STAGES (default tests,ops,bench), GPU_RUN_DEADLINE (seconds, default 560),
+# GPU_RUN_FLUX_ARGS (extra options of benchmarks/flux_bench.py, e.g. "--profile").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -100,7 +101,8 @@ for stage in flux shapevae; do
   if has_stage $stage; then
     banner "$stage: benchmarks/${stage}_bench.py"
     start=$SECONDS
-    timeout -k 10 "$(box 300)" python3 benchmarks/${stage}_bench.py --out "$OUT" 2>&1 | grep -v "should be kept in float32"
+    extra=(); [[ $stage == flux ]] && read -ra extra <<< "${GPU_RUN_FLUX_ARGS:-}"
+    timeout -k 10 "$(box 300)" python3 benchmarks/${stage}_bench.py --out "$OUT" "${extra[@]}" 2>&1 | grep -v "should be kept in float32"
     SUMMARY+=("$stage rc=${PIPESTATUS[0]} ($((SECONDS - start)) s)")
   fi
 done

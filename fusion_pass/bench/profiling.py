@@ -21,9 +21,9 @@ GEMM_RE = re.compile(r"gemm|gemv|nvjet|cutlass|xmma|cublas|splitk|wgmma|^triton_
 ATTENTION_RE = re.compile(r"flash|fmha|attention|sdpa", re.I)
 
 
-def _profile(step, inputs: StepInputs, settings: Settings) -> dict[str, Any]:
+def _profile(step, inputs: StepInputs, settings: Settings, top: int = 20) -> dict[str, Any]:
     """One step under torch.profiler: kernels (CUDA) or top-level aten ops (CPU), their time,
-    the GEMM + attention share, and the top-20 table by total time."""
+    the GEMM + attention share, and the ``top`` rows by total time (under "top20")."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -46,7 +46,7 @@ def _profile(step, inputs: StepInputs, settings: Settings) -> dict[str, Any]:
         rows.setdefault(event.name, []).append(event.time_range.elapsed_us())
     total_us = sum(sum(v) for v in rows.values())
     gemm_attn_us = sum(sum(v) for name, v in rows.items() if _kernel_class(name) != "other")
-    table = sorted(((sum(v), len(v), name) for name, v in rows.items()), reverse=True)[:20]
+    table = sorted(((sum(v), len(v), name) for name, v in rows.items()), reverse=True)[:top]
     return {
         "unit": unit,
         "kernels": len(kernels),
