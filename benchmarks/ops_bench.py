@@ -121,6 +121,8 @@ def model_workloads(dtype: torch.dtype, flux_tokens: int = FLUX_TOKENS, vae_toke
 
     - `qk_rmsnorm_rope`: Flux-dev's single block, q/k `to_q(x).unflatten(-1, (24, 128))`
       `[1, L, 24, 128]`, bf16/fp16 weights, fp32 tables `cos[None, :, None, :]` (interleaved);
+    - `gelu_cat`: Flux-dev's single block, `cat(attn [1, L, 3072], gelu(proj_mlp [1, L, 12288]))`
+      (rows wider than one block: column chunks);
     - `residual_add_layernorm`: a pre-LN residual of width 3072 (Flux's hidden size) and of the
       ShapeVAE's latent transformer (width 1024, affine LayerNorm);
     - `qk_layernorm`: the ShapeVAE's self-attention (q, k `torch.split`s of `qkv.view(B, N, 16, 192)`)
@@ -154,8 +156,11 @@ def model_workloads(dtype: torch.dtype, flux_tokens: int = FLUX_TOKENS, vae_toke
     queries = randn(1, vae_queries, VAE_WIDTH).view(1, vae_queries, VAE_HEADS, vae_dim)
     latent_k, _ = torch.split(randn(1, vae_tokens, 2 * VAE_WIDTH).view(1, vae_tokens, VAE_HEADS, 2 * vae_dim), vae_dim, -1)
     params = [randn(vae_dim) for _ in range(4)]
+    flux_gelu_cat = workload("gelu_cat", ops.gelu_cat, ops.reference_gelu_cat, randn(1, flux_tokens, FLUX_HIDDEN),
+                             randn(1, flux_tokens, 4 * FLUX_HIDDEN), 2, "tanh")
     return [
         (rope, 1, flux_tokens),
+        (flux_gelu_cat, 1, flux_tokens),
         (residual_layernorm(flux_tokens, FLUX_HIDDEN), 1, flux_tokens),
         (residual_layernorm(vae_tokens, VAE_WIDTH), 1, vae_tokens),
         (workload("qk_layernorm", ops.qk_layernorm, ops.reference_qk_layernorm, vae_q, vae_k, *params, EPS),

@@ -10,10 +10,11 @@ dtype `promote_types(a.dtype, b.dtype)` (cat's promotion), shape `[..., Da + Db]
 
 The kernel copies a into `out[..., :Da]` and writes gelu(b) into `out[..., Da:]`: programs
 `[0, a_programs)` take a's rows, the rest b's, each operand tiled by the shared row heuristic of
-its own width. GELU is computed in fp32 and rounded once to b's dtype, as PyTorch's GELU does in
-its opmath type. It runs when dim is the last dim, both inputs are fp16/bf16/fp32 on one CUDA
-device (or the CPU interpreter) with `0 < Da, Db <= MAX_BLOCK` and rows that coalesce; anything
-else computes the reference.
+its own width, rows wider than `COLUMN_CHUNK` cut into chunks of columns (a program a chunk:
+nothing is reduced over a row). GELU is computed in fp32 and rounded once to b's dtype, as
+PyTorch's GELU does in its opmath type. It runs when dim is the last dim, both inputs are
+fp16/bf16/fp32 on one CUDA device (or the CPU interpreter), non-empty, with rows that coalesce;
+anything else computes the reference.
 """
 
 from __future__ import annotations
@@ -33,15 +34,14 @@ from .direct import fused_op
 from .launch import (
     Launch,
     TensorMeta,
+    chunked_row_settings,
     contiguous_strides,
     kernels_on_cpu,
-    fits_one_block,
     launch_kernel,
     launch_mode,
     on_device_of,
     plan_cache,
     row_layout,
-    row_settings,
     rows_fit_kernel,
     tensor_key,
     tensor_meta,
@@ -86,6 +86,7 @@ def _gelu_cat_kernel(
     B,  # [rows, Db] second operand, through GELU
     OUT,  # [rows, Da + Db] output
     a_programs,  # programs [0, a_programs) copy a's tiles, the rest write gelu(b)'s
+    a_chunks, b_chunks,  # column chunks per row of a and of b (a program takes one chunk of a tile)
     n_rows,  # rows (the product of the leading dims)
     a_inner, b_inner,  # rows per outer index of a's and of b's row layout
     a_cols, b_cols,  # Da, Db
@@ -102,14 +103,18 @@ def _gelu_cat_kernel(
     B_BLOCK_ROWS: tl.constexpr,
     B_BLOCK_D: tl.constexpr,
 ):
-    """`out[r, :Da] = a[r]`, `out[r, Da:] = gelu(b[r])` (fp32, one rounding), a tile a program."""
+    """`out[r, :Da] = a[r]`, `out[r, Da:] = gelu(b[r])` (fp32, one rounding), one column chunk of
+    a tile of rows a program."""
     program = tl.program_id(0).to(tl.int64)
     if program < a_programs:
-        copy_tile(program * A_BLOCK_ROWS, n_rows, A, a_s0, a_s1, a_sc, OUT, ao_s0, ao_s1, o_sc,
-                  a_inner, a_cols, A_BLOCK_ROWS, A_BLOCK_D)
+        col = (program % a_chunks) * A_BLOCK_D
+        copy_tile((program // a_chunks) * A_BLOCK_ROWS, n_rows, A + col * a_sc, a_s0, a_s1, a_sc,
+                  OUT + col * o_sc, ao_s0, ao_s1, o_sc, a_inner, a_cols - col, A_BLOCK_ROWS, A_BLOCK_D)
     else:
-        _gelu_tile((program - a_programs) * B_BLOCK_ROWS, n_rows, b_inner, b_cols, B, b_s0, b_s1, b_sc,
-                   OUT + a_cols * o_sc, bo_s0, bo_s1, o_sc, TANH, B_BLOCK_ROWS, B_BLOCK_D)
+        program -= a_programs
+        col = (program % b_chunks) * B_BLOCK_D
+        _gelu_tile((program // b_chunks) * B_BLOCK_ROWS, n_rows, b_inner, b_cols - col, B + col * b_sc, b_s0, b_s1,
+                   b_sc, OUT + (a_cols + col) * o_sc, bo_s0, bo_s1, o_sc, TANH, B_BLOCK_ROWS, B_BLOCK_D)
 
 
 def reference_gelu_cat(a: Tensor, b: Tensor, dim: int, approximate: str = "none") -> Tensor:
@@ -122,9 +127,9 @@ class _LaunchPlan(NamedTuple):
     out_shape: tuple[int, ...]
     out_dtype: torch.dtype
     n_rows: int
-    a_cols: int  # Da, for `row_settings`
-    b_cols: int  # Db, for `row_settings`
-    elem_bytes: int  # the wider of a's and b's element sizes, for `row_settings`
+    a_cols: int  # Da, for `chunked_row_settings`
+    b_cols: int  # Db, for `chunked_row_settings`
+    elem_bytes: int  # the wider of a's and b's element sizes, for `chunked_row_settings`
     args: tuple  # the kernel's arguments from n_rows to bo_s1
     constexprs: Mapping[str, object]  # column strides and TANH
 
@@ -136,8 +141,8 @@ def _launch_plan(cpu_kernels: bool, a: tuple, b: tuple, dim: int, approximate: s
     a, b = tensor_meta(a), tensor_meta(b)
     if not (
         approximate in APPROXIMATIONS
-        and rows_fit_kernel(cpu_kernels, a, b)
-        and fits_one_block(b.shape[-1])
+        and rows_fit_kernel(cpu_kernels, a, b, chunked=True)
+        and math.prod(b.shape) > 0
         and len(a.shape) == len(b.shape)
         and a.shape[:-1] == b.shape[:-1]
         and dim in (-1, len(a.shape) - 1)
@@ -171,14 +176,14 @@ def _gelu_cat(a: Tensor, b: Tensor, dim: int, approximate: str, launch: Launch) 
         return reference_gelu_cat(a, b, dim, approximate)
     out = torch.empty(plan.out_shape, dtype=plan.out_dtype, device=a.device)
     if launch is not Launch.NONE:
-        a_settings = row_settings(plan.a_cols, plan.elem_bytes)
-        b_settings = row_settings(plan.b_cols, plan.elem_bytes)
-        a_programs = a_settings.programs(plan.n_rows)
+        a_settings, a_chunks = chunked_row_settings(plan.a_cols, plan.elem_bytes)
+        b_settings, b_chunks = chunked_row_settings(plan.b_cols, plan.elem_bytes)
+        a_programs = a_settings.programs(plan.n_rows) * a_chunks
         with on_device_of(a):
             launch_kernel(
                 _gelu_cat_kernel,
-                a_programs + b_settings.programs(plan.n_rows),
-                (a, b, out, a_programs, *plan.args),
+                a_programs + b_settings.programs(plan.n_rows) * b_chunks,
+                (a, b, out, a_programs, a_chunks, b_chunks, *plan.args),
                 {**plan.constexprs, "A_BLOCK_ROWS": a_settings.block_rows, "A_BLOCK_D": a_settings.block_size,
                  "B_BLOCK_ROWS": b_settings.block_rows, "B_BLOCK_D": b_settings.block_size},
                 max(a_settings.num_warps, b_settings.num_warps),

@@ -183,6 +183,19 @@ def fits_one_block(n_cols: int) -> bool:
     return 0 < n_cols <= MAX_BLOCK
 
 
+COLUMN_CHUNK = 4096
+"""Columns a program of an elementwise row kernel takes at most: wider rows (Flux's 12288-wide
+MLP half) are cut into chunks of this many columns, one program each, since nothing is
+reduced over the row."""
+
+
+def chunked_row_settings(n_cols: int, elem_bytes: int) -> tuple[RowSettings, int]:
+    """`row_settings` for one chunk of rows of `n_cols` elements, and the chunks per row
+    (`cdiv(n_cols, COLUMN_CHUNK)`; 1 for rows of at most COLUMN_CHUNK columns)."""
+    chunk = min(int(n_cols), COLUMN_CHUNK)
+    return row_settings(chunk, elem_bytes), -(-int(n_cols) // chunk)
+
+
 @contextlib.contextmanager
 def interpret_on_cpu() -> Iterator[None]:
     """Let CPU tensors take the Triton kernels (under `TRITON_INTERPRET=1`) in this context."""
@@ -223,9 +236,10 @@ def on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def rows_fit_kernel(cpu_kernels: bool, x: TensorMeta, *operands: TensorMeta) -> bool:
+def rows_fit_kernel(cpu_kernels: bool, x: TensorMeta, *operands: TensorMeta, chunked: bool = False) -> bool:
     """Whether a row-wise kernel may take rows of `x` (`[..., D]`) with `operands`: one device
-    that `devices_take_kernel` accepts, kernel dtypes only, x non-empty with D <= MAX_BLOCK.
+    that `devices_take_kernel` accepts, kernel dtypes only, x non-empty with D <= MAX_BLOCK (any
+    D for a kernel that cuts rows into chunks: `chunked_row_settings`).
     That the operands broadcast into x's shape (one that adds dims makes the reference run) is
     left to `row_layout`, which the launch needs anyway."""
     tensors = (x, *operands)
@@ -234,7 +248,7 @@ def rows_fit_kernel(cpu_kernels: bool, x: TensorMeta, *operands: TensorMeta) -> 
         and all(t.dtype in KERNEL_DTYPES for t in tensors)
         and len(x.shape) >= 1
         and math.prod(x.shape) > 0
-        and fits_one_block(x.shape[-1])
+        and (chunked or fits_one_block(x.shape[-1]))
     )
 
 

@@ -16,6 +16,7 @@ from ops_testing import FLOAT_DTYPES, assert_accurate, assert_inductor_launches_
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
 gelu_cat_module = import_module("fusion_pass.ops.gelu_cat")
+launch = import_module("fusion_pass.ops.launch")
 APPROXIMATIONS = ("none", "tanh")
 
 
@@ -112,6 +113,22 @@ def test_repeated_call_signature_reuses_its_launch_plan(interpreted):
     assert interpreted.count == 2
 
 
+# Rows wider than a program's chunk of columns (Flux-dev: a 3072, b 12288 > MAX_BLOCK) are cut
+# into chunks, one program each; the last chunk of each operand is partial.
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_rows_cut_into_column_chunks(interpreted, monkeypatch, dtype):
+    monkeypatch.setattr(launch, "COLUMN_CHUNK", 16)
+    a, b = block_operands((2, 3), 40, 70, dtype)  # 3 chunks of a, 5 of b, both last partial
+    assert_gelu_cat_accurate(a, b, "tanh", dtype, interpreted=True)
+    assert interpreted.count == 1
+
+
+def test_b_wider_than_one_block_takes_the_kernel(interpreted):
+    a, b = block_operands((2,), launch.COLUMN_CHUNK + 3, MAX_BLOCK + 5, torch.float32)
+    assert_gelu_cat_accurate(a, b, "none", torch.float32, interpreted=True)
+    assert interpreted.count == 1
+
+
 # --- where the kernel does not apply: the reference, bit for bit ---------------------------
 
 def test_cpu_outside_interpret_on_cpu_is_reference_bit_exact(launches):
@@ -125,9 +142,8 @@ def test_cpu_outside_interpret_on_cpu_is_reference_bit_exact(launches):
         ((2, 4), 16, 40, torch.float64),  # dtype
         ((2, 0), 16, 40, torch.float32),  # no rows
         ((2, 4), 0, 40, torch.float32),  # empty a
-        ((1,), 8, MAX_BLOCK + 1, torch.float32),  # b wider than one block
     ],
-    ids=["float64", "no-rows", "empty-a", "wide-b"],
+    ids=["float64", "no-rows", "empty-a"],
 )
 def test_unsupported_operands_run_reference(interpreted, lead, a_cols, b_cols, dtype):
     assert_runs_reference(*block_operands(lead, a_cols, b_cols, dtype))
@@ -230,6 +246,17 @@ HIDDEN, MLP_HIDDEN = 1024, 4096
 def test_kernel_on_gpu_matches_float64(launches, poisoned_outputs, length, dtype, approximate):
     a, b = block_operands((2, length), HIDDEN, MLP_HIDDEN, dtype, device="cuda")
     assert_gelu_cat_accurate(a, b, approximate, dtype, interpreted=False)
+    assert launches.count == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_flux_single_block_rows_on_gpu(launches, poisoned_outputs, dtype):
+    """Flux-dev's single block: attention 3072 wide, MLP half 12288 (> MAX_BLOCK: column chunks),
+    over 512 text + 4096 image tokens."""
+    a, b = block_operands((1, 4608), 3072, 12288, dtype, device="cuda")
+    assert_gelu_cat_accurate(a, b, "tanh", dtype, interpreted=False)
     assert launches.count == 1
 
 
