@@ -10,6 +10,8 @@ Shapes (``--config dev``, issue 13's target): 19 double + 38 single blocks, hidd
 first call), peak memory, fused sites (the report) and the relative error against a float32
 run of the same weights and inputs, next to eager's. ``--config tiny`` runs a small smoke
 version (also on the CPU with host timers). Writes ``flux_bench.json`` and ``flux_bench.md``.
+Modes (``--modes``, comma-separated): eager, compile, and ``optimize`` with any of ``+cudagraph``
+(``cuda_graphs=True``) and ``+levers`` (the opt-in families too: ``patterns.OPT_IN``).
 """
 from __future__ import annotations
 
@@ -77,6 +79,7 @@ def main(argv=None) -> int:
     from diffusers import FluxTransformer2DModel
 
     import fusion_pass
+    from patterns import FAMILY_NAMES, OPT_IN_NAMES
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -115,9 +118,11 @@ def main(argv=None) -> int:
         report = None
         if mode == "eager":
             target = model
-        elif mode in ("optimize", "optimize+cudagraph"):
+        elif mode.split("+")[0] == "optimize" and set(mode.split("+")[1:]) <= {"cudagraph", "levers"}:
             fusion_pass.restore(model)
-            target = fusion_pass.optimize(model, cuda_graphs=mode == "optimize+cudagraph")
+            options = set(mode.split("+")[1:])
+            levers = [*FAMILY_NAMES, *OPT_IN_NAMES] if "levers" in options else None
+            target = fusion_pass.optimize(model, cuda_graphs="cudagraph" in options, patterns=levers)
             report = lambda: fusion_pass.report(model)  # noqa: E731
         elif mode == "compile":
             fusion_pass.restore(model)
