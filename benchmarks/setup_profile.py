@@ -10,7 +10,8 @@ first call and every Triton compile of the fused kernels) and of the second call
 compile (kernel, seconds). Then the same compiles again, each time into a new empty cache: one
 after the other, and from ``--threads`` threads at once (``concurrent.futures``; what Triton's
 own ``AsyncCompileMode`` would use), to see whether Triton's compiler runs in parallel threads
-on this machine. Writes ``setup_profile.json`` and ``setup_profile.md``.
+on this machine. ``--no-precompile`` turns off the first call's parallel dry run
+(``fusion_pass/precompile.py``) to compare. Writes ``setup_profile.json`` and ``setup_profile.md``.
 """
 from __future__ import annotations
 
@@ -30,7 +31,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--config", default="hunyuan3d-2")
     parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--no-precompile", action="store_true",
+                        help="FUSION_PASS_PRECOMPILE=0: no parallel dry run on the first call (fusion_pass/precompile.py)")
     args = parser.parse_args(argv)
+    if args.no_precompile:
+        os.environ["FUSION_PASS_PRECOMPILE"] = "0"
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="fp_triton_cache_")
     start = time.perf_counter()
     import torch
@@ -98,11 +103,12 @@ def main(argv=None) -> int:
         return time.perf_counter() - began
 
     replay = {"serial s": recompile_all(1), f"{args.threads} threads s": recompile_all(args.threads)} if compiles else {}
-    result = {"config": args.config, "dtype": str(dtype), "environment": environment(cuda), "compiles": len(compiles),
+    result = {"config": args.config, "dtype": str(dtype), "precompile": not args.no_precompile, "environment": environment(cuda), "compiles": len(compiles),
               "timings": timings, "seconds_per_kernel": dict(per_kernel.most_common()), "replay": replay}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "setup_profile.json").write_text(json.dumps(result, indent=2, default=str))
-    lines = [f"# optimize() set-up on an empty Triton cache, {args.config} {dtype}", "",
+    lines = [f"# optimize() set-up on an empty Triton cache, {args.config} {dtype}, "
+             f"precompile {'off' if args.no_precompile else 'on'}", "",
              f"environment: {environment_line(result['environment'])}", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {name} | {seconds:.3f} |" for name, seconds in timings.items()]
     lines += ["", f"{len(compiles)} Triton compiles; seconds per kernel: "

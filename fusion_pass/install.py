@@ -23,6 +23,7 @@ from torch import nn
 from fusion_pass.capture import CapturedGraph
 from fusion_pass.ops.direct import call_directly
 from fusion_pass.cuda_graphs import GraphReplay
+from fusion_pass.precompile import dry_run_is_safe, precompile
 from fusion_pass.guards import ArgumentsDiffer, CallSignature, GuardFailed
 from fusion_pass.snapshot import SubtreeGuard
 
@@ -56,6 +57,7 @@ class FusedForward(InstalledForward):
         self.graphs = graphs
         self.session = session
         self.guard: SubtreeGuard | None = None
+        self.precompile = False  # dry-run the first call to compile its kernels in parallel (precompile.py)
 
     def arm(self) -> SubtreeGuard:
         """Snapshot the subtree as it is now: from here on, any change is seen by the next call."""
@@ -78,6 +80,9 @@ class FusedForward(InstalledForward):
                 return type(module).forward(module, *args, **kwargs)
             return self.session.recapture_for_call(self, str(differ), args, kwargs)
         try:
+            if self.precompile:
+                self.precompile = False
+                precompile(lambda: self.code(module, *values), values)
             if self.graphs is not None:
                 return self.graphs(*values)
             return self.code(module, *values)
@@ -119,6 +124,7 @@ def install(captured: CapturedGraph, graph_pool=None, session=None) -> FusedForw
     called = sorted({n.target for n in captured.graph.nodes if n.op == "call_module"})
     fused = FusedForward(captured.module, captured.path, forward, captured.signature, called, code.src, graphs, session)
     fused.in_container = captured.in_container
+    fused.precompile = dry_run_is_safe(captured.graph, captured.module)
     captured.module.forward = fused
     return fused
 

@@ -353,6 +353,20 @@ def _as_row_layout(dims: list[tuple[int, list[int]]], cols: list[int], n_tensors
     return RowLayout(n_outer, n_inner, tuple(zip(outer, inner, cols)))
 
 
+_dry_run: contextvars.ContextVar[bool] = contextvars.ContextVar("fusion_pass_dry_run", default=False)
+
+
+@contextlib.contextmanager
+def dry_run() -> Iterator[None]:
+    """In this context ``launch_kernel`` compiles (``JITFunction.warmup``) instead of launching:
+    ops allocate their outputs and leave them unwritten (``fusion_pass.precompile``)."""
+    token = _dry_run.set(True)
+    try:
+        yield
+    finally:
+        _dry_run.reset(token)
+
+
 def launch_kernel(kernel, programs: int, args: tuple, constexprs: dict, num_warps: int, *, traced: bool = False) -> None:
     """`kernel[(programs,)](*args, **constexprs, num_warps=num_warps)`, on the current stream;
     `traced` (`Launch.TRACED`): through `torch.library.wrap_triton`, which records the launch in
@@ -368,6 +382,10 @@ def launch_kernel(kernel, programs: int, args: tuple, constexprs: dict, num_warp
     """
     if traced:
         torch.library.wrap_triton(kernel)[(programs,)](*args, **constexprs, num_warps=num_warps)
+        return
+    if _dry_run.get():
+        if isinstance(kernel, triton.runtime.jit.JITFunction):
+            kernel.warmup(*args, grid=(programs,), **constexprs, num_warps=num_warps)
         return
     if not (_compiled_launch_ok[0] and isinstance(kernel, triton.runtime.jit.JITFunction)):
         kernel[(programs,)](*args, **constexprs, num_warps=num_warps)  # interpreter, or a test double

@@ -1,0 +1,62 @@
+"""Run stage, first call: compile a graph's Triton kernels in parallel before it runs them.
+
+On an empty Triton cache (a freshly started machine), each fused kernel specialisation compiles
+when the first call reaches it, one after the other. :func:`precompile` runs the graph once
+first as a *dry run*: every fused op allocates its output and, instead of launching its kernel,
+hands the launch to ``JITFunction.warmup`` inside Triton's ``AsyncCompileMode`` with a thread
+pool, so the compiles of all the call's kernels are submitted together and awaited once; the
+real call then finds them compiled. Everything else in the graph (GEMMs, attention) runs as
+usual on values the dry run leaves unwritten, whose results are discarded.
+
+Exactness: the dry run must leave no trace. It runs only for graphs that write in place into
+nothing but tensors they made themselves (``aliasing.written_aliases``: no input, parameter or
+buffer can change), on CUDA, with autograd off and the random state restored afterwards; an
+exception inside it is dropped (the real call then compiles what is left as before). Where
+Triton has no ``AsyncCompileMode`` (before 3.5) it does nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import torch
+from torch import fx, nn
+
+from fusion_pass.aliasing import written_aliases
+from fusion_pass.ops.launch import dry_run
+
+ENABLED = os.environ.get("FUSION_PASS_PRECOMPILE", "1") != "0"
+"""Off with ``FUSION_PASS_PRECOMPILE=0`` (or by setting this to False)."""
+
+THREADS = min(16, os.cpu_count() or 1)
+
+
+def dry_run_is_safe(graph: fx.Graph, root: nn.Module) -> bool:
+    """Whether running ``graph`` with garbage in its fused ops' outputs can change nothing
+    outside it: every in-place write lands in a tensor the graph made itself."""
+    aliases = written_aliases(graph, root)
+    return aliases is not None and not any(node.op in ("placeholder", "get_attr") for node in aliases)
+
+
+def precompile(run: Callable[[], Any], values: tuple) -> None:
+    """Dry-run ``run()`` (the graph on the call's ``values``) with its Triton compiles in
+    parallel; see the module docstring for when it does nothing."""
+    mode = _async_compile_mode()
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not (ENABLED and mode is not None and tensors and all(t.is_cuda for t in tensors)
+            and not torch.is_grad_enabled()):
+        return
+    devices = sorted({t.device.index or 0 for t in tensors})
+    with contextlib.suppress(Exception), torch.random.fork_rng(devices=devices), \
+            ThreadPoolExecutor(THREADS) as pool, mode(pool), dry_run():
+        run()
+
+
+def _async_compile_mode():
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:
+        return None
+    return AsyncCompileMode

@@ -1,0 +1,91 @@
+"""The first call's dry run (`fusion_pass.precompile`): which graphs may take it, that inside
+`launch.dry_run()` kernels are compiled and never launched, and (on the GPU) that a model's
+outputs, inputs and random state are exactly as without it."""
+import copy
+import operator
+
+import pytest
+import torch
+from torch import fx, nn
+
+import fusion_pass
+import fusion_pass.ops as ops
+from fusion_pass import precompile
+from fusion_pass.ops import launch
+
+
+class WritesItsInput(nn.Module):
+    def forward(self, x):
+        x.add_(1.0)
+        return x * 2
+
+
+class WritesAFreshTensor(nn.Module):
+    def forward(self, x):
+        y = x * 2
+        y.add_(1.0)
+        return y
+
+
+def writes_its_buffer() -> tuple[fx.Graph, nn.Module]:
+    """``self.count.add_(1); return x + 1`` (symbolic_trace would run the write on the real buffer)."""
+    module = nn.Module()
+    module.register_buffer("count", torch.zeros(1))
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    graph.call_method("add_", (graph.get_attr("count"), 1.0))
+    graph.output(graph.call_function(operator.add, (x, 1.0)))
+    return graph, module
+
+
+@pytest.mark.parametrize("module, safe", [(WritesItsInput(), False), (WritesAFreshTensor(), True)], ids=["input", "fresh"])
+def test_a_dry_run_is_taken_only_where_no_input_can_be_written(module, safe):
+    graph = fx.symbolic_trace(module).graph
+    assert precompile.dry_run_is_safe(graph, module) is safe
+
+
+def test_no_dry_run_for_a_graph_that_writes_a_buffer():
+    assert not precompile.dry_run_is_safe(*writes_its_buffer())
+
+
+def test_inside_a_dry_run_ops_allocate_and_launch_nothing(interpreted):
+    x, shift, scale = torch.randn(2, 4, 16), torch.randn(2, 1, 16), torch.randn(2, 1, 16)
+    with ops.interpret_on_cpu(), launch.dry_run():
+        out = ops.layernorm_scale_shift(x, shift, scale, 1e-6)
+    assert out.shape == x.shape and interpreted.count == 0
+    with ops.interpret_on_cpu():
+        ops.layernorm_scale_shift(x, shift, scale, 1e-6)
+    assert interpreted.count == 1  # outside it, the same call launches
+
+
+def test_on_the_cpu_the_first_call_runs_no_dry_run(monkeypatch):
+    """No CUDA tensors: precompile returns before running anything (the graph runs once)."""
+    runs = []
+    precompile.precompile(lambda: runs.append(1), (torch.randn(2),))
+    assert runs == []
+
+
+def tensors(inputs) -> list[torch.Tensor]:
+    leaves, _ = torch.utils._pytree.tree_flatten((inputs.args, inputs.kwargs))
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_model_with_and_without_the_dry_run_is_bit_identical_and_leaves_inputs_and_rng(monkeypatch):
+    from reference_models import example_inputs, load_official
+
+    torch.manual_seed(0)
+    model = load_official("tiny").eval().cuda().half()
+    inputs = example_inputs("tiny", seed=0, device="cuda", dtype=torch.float16)
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(precompile, "ENABLED", enabled)
+        optimized = fusion_pass.optimize(copy.deepcopy(model))
+        before = [t.clone() for t in tensors(inputs)]
+        rng = torch.cuda.get_rng_state()
+        with torch.no_grad():
+            results.append(inputs.call(optimized))
+        assert torch.equal(rng, torch.cuda.get_rng_state())
+        assert all(torch.equal(b, a) for b, a in zip(before, tensors(inputs), strict=True))
+    assert torch.equal(results[0], results[1])
