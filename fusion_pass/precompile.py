@@ -33,11 +33,39 @@ ENABLED = os.environ.get("FUSION_PASS_PRECOMPILE", "1") != "0"
 THREADS = min(16, os.cpu_count() or 1)
 
 
+#: Ops that read tensor *values* as indices, sizes or Python numbers: on the dry run's unwritten
+#: values they could index out of bounds (a device-side assert) or ask for absurd sizes, so a graph
+#: holding any of them gets no dry run.
+VALUE_READING = frozenset({
+    "item", "tolist", "nonzero", "argwhere", "unique", "unique_consecutive", "masked_select", "bincount",
+    "histc", "multinomial", "repeat_interleave", "searchsorted", "bucketize", "gather", "scatter", "scatter_add",
+    "scatter_reduce", "index_select", "index_add", "index_copy", "index_fill", "index_put", "take",
+    "take_along_dim", "embedding", "embedding_bag", "one_hot", "__index__", "__int__", "__float__", "__bool__",
+})
+
+
 def dry_run_is_safe(graph: fx.Graph, root: nn.Module) -> bool:
     """Whether running ``graph`` with garbage in its fused ops' outputs can change nothing
-    outside it: every in-place write lands in a tensor the graph made itself."""
+    outside it and cannot fail on values: every in-place write lands in a tensor the graph made
+    itself, no op reads values as indices or sizes (``VALUE_READING``, tensor subscripts)."""
     aliases = written_aliases(graph, root)
-    return aliases is not None and not any(node.op in ("placeholder", "get_attr") for node in aliases)
+    if aliases is None or any(node.op in ("placeholder", "get_attr") for node in aliases):
+        return False
+    return not any(_reads_values(node) for node in graph.nodes)
+
+
+def _reads_values(node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return True  # a module the graph calls whole: its forward is not seen here
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if name.split(".")[-1].rstrip("_") in VALUE_READING:
+        return True
+    if name == "getitem" and len(node.args) > 1:  # x[t] with a tensor index
+        index = node.args[1]
+        return any(isinstance(i, fx.Node) for i in (index if isinstance(index, (tuple, list)) else (index,)))
+    return False
 
 
 def precompile(run: Callable[[], Any], values: tuple) -> None:

@@ -89,3 +89,23 @@ def test_a_model_with_and_without_the_dry_run_is_bit_identical_and_leaves_inputs
         assert torch.equal(rng, torch.cuda.get_rng_state())
         assert all(torch.equal(b, a) for b, a in zip(before, tensors(inputs), strict=True))
     assert torch.equal(results[0], results[1])
+
+
+class IndexesByValues(nn.Module):
+    def forward(self, x, table):
+        return table[x.argmax(-1)] + torch.gather(x, 1, x.long())
+
+
+def sizes_from_values() -> fx.Graph:
+    """``torch.zeros(x.sum().item())`` (symbolic_trace cannot trace ``item``)."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    total = graph.call_method("item", (graph.call_method("sum", (x,)),))
+    graph.output(graph.call_function(torch.zeros, (total,)))
+    return graph
+
+
+@pytest.mark.parametrize("make_graph", [lambda: fx.symbolic_trace(IndexesByValues()).graph, sizes_from_values],
+                         ids=["indices", "sizes"])
+def test_no_dry_run_for_a_graph_that_reads_values_as_indices_or_sizes(make_graph):
+    assert not precompile.dry_run_is_safe(make_graph(), nn.Module())
