@@ -4,8 +4,9 @@ On an empty Triton cache (a freshly started machine), each fused kernel speciali
 when the first call reaches it, one after the other. :func:`precompile` runs the graph once
 first as a *dry run*: every fused op allocates its output and, instead of launching its kernel,
 hands the launch to ``JITFunction.warmup`` inside Triton's ``AsyncCompileMode`` with a thread
-pool, so the compiles of all the call's kernels are submitted together and awaited once; the
-real call then finds them compiled. Everything else in the graph (GEMMs, attention) runs as
+pool, so the compiles of all the call's kernels are submitted together and awaited once, and
+then loads them (binary and launcher, which Triton otherwise does at each kernel's first launch)
+from the same pool; the real call finds them ready. Everything else in the graph (GEMMs, attention) runs as
 usual on values the dry run leaves unwritten, whose results are discarded.
 
 Exactness: the dry run must leave no trace. It runs only for graphs that write in place into
@@ -17,6 +18,7 @@ Triton has no ``AsyncCompileMode`` (before 3.5) it does nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
@@ -77,9 +79,20 @@ def precompile(run: Callable[[], Any], values: tuple) -> None:
             and not torch.is_grad_enabled()):
         return
     devices = sorted({t.device.index or 0 for t in tensors})
-    with contextlib.suppress(Exception), torch.random.fork_rng(devices=devices), \
-            ThreadPoolExecutor(THREADS) as pool, mode(pool), dry_run():
-        run()
+    with contextlib.suppress(Exception), torch.random.fork_rng(devices=devices), ThreadPoolExecutor(THREADS) as pool:
+        with mode(pool) as compiling, dry_run():
+            run()
+        # each compiled kernel loads its binary and builds its launcher on its first launch: now, in parallel
+        kernels = [future.kernel for future in compiling.future_kernels.values() if future.kernel is not None]
+        list(pool.map(functools.partial(_load, torch.cuda.current_device()), kernels))
+
+
+def _load(device: int, kernel) -> None:
+    """``CompiledKernel._init_handles`` (module load, launcher) in a worker thread; on failure the
+    first launch does it again, as without a precompile."""
+    with contextlib.suppress(Exception):
+        torch.cuda.set_device(device)
+        kernel._init_handles()
 
 
 def _async_compile_mode():
