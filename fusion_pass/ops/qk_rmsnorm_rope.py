@@ -57,7 +57,6 @@ from torch import Tensor
 
 from .direct import fused_op
 from .launch import (
-    GroupedRowLayout,
     Launch,
     TensorMeta,
     broadcast_strides,
@@ -166,6 +165,33 @@ def _rmsnorm_rope_tile(
 
 
 @triton.jit
+def grouped_rope_tile(
+    program,  # this program's index among the tensor's programs
+    group_programs,  # programs per row group: program p takes group p // group_programs
+    n_rows, n_inner, n_pairs,  # rows per group, rows per outer index, D / 2
+    X, x_sg, x_s0, x_s1, x_sc,  # input: (group, outer, inner, col) strides
+    W, w_sc,  # per-channel weight [D] (read when HAS_WEIGHT)
+    COS, c_sg, c_s0, c_s1, c_sc,  # cos over x's rows, 0 where broadcast
+    SIN, s_sg, s_s0, s_s1, s_sc,  # sin, likewise
+    OUT, o_sg, o_s0, o_s1, o_sc,  # output
+    eps,
+    HAS_WEIGHT: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    PAIR_FREQS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """`_rmsnorm_rope_tile` of one tensor laid out as a `launch.GroupedRowLayout`: the program's
+    group offsets the pointers, its index within the group picks the tile."""
+    g = program // group_programs
+    _rmsnorm_rope_tile((program % group_programs) * BLOCK_ROWS, n_rows, n_inner, n_pairs,
+                       X + g * x_sg, x_s0, x_s1, x_sc, W, w_sc,
+                       COS + g * c_sg, c_s0, c_s1, c_sc, SIN + g * s_sg, s_s0, s_s1, s_sc,
+                       OUT + g * o_sg, o_s0, o_s1, o_sc, eps,
+                       HAS_WEIGHT, INTERLEAVED, PAIR_FREQS, BLOCK_ROWS, BLOCK_P)
+
+
+@triton.jit
 def _qk_rmsnorm_rope_kernel(
     Q,  # [q_groups, q_rows, D] queries
     QW,  # q weight [D] (None without)
@@ -208,20 +234,15 @@ def _qk_rmsnorm_rope_kernel(
     """BLOCK_ROWS rows of q or of k per program: RMSNorm, weight, rotation (`_rmsnorm_rope_tile`)."""
     program = tl.program_id(0).to(tl.int64)
     if program < q_programs:
-        g = program // q_group_programs
-        _rmsnorm_rope_tile((program % q_group_programs) * BLOCK_ROWS, q_rows, q_inner, n_pairs,
-                           Q + g * q_sg, q_s0, q_s1, q_sc, QW, qw_sc,
-                           COS + g * qc_sg, qc_s0, qc_s1, c_sc, SIN + g * qs_sg, qs_s0, qs_s1, s_sc,
-                           Q_OUT + g * qo_sg, qo_s0, qo_s1, qo_sc, q_eps,
-                           Q_HAS_WEIGHT, INTERLEAVED, PAIR_FREQS, BLOCK_ROWS, BLOCK_P)
+        grouped_rope_tile(program, q_group_programs, q_rows, q_inner, n_pairs,
+                          Q, q_sg, q_s0, q_s1, q_sc, QW, qw_sc, COS, qc_sg, qc_s0, qc_s1, c_sc,
+                          SIN, qs_sg, qs_s0, qs_s1, s_sc, Q_OUT, qo_sg, qo_s0, qo_s1, qo_sc, q_eps,
+                          Q_HAS_WEIGHT, INTERLEAVED, PAIR_FREQS, BLOCK_ROWS, BLOCK_P)
     else:
-        program = program - q_programs
-        g = program // k_group_programs
-        _rmsnorm_rope_tile((program % k_group_programs) * BLOCK_ROWS, k_rows, k_inner, n_pairs,
-                           K + g * k_sg, k_s0, k_s1, k_sc, KW, kw_sc,
-                           COS + g * kc_sg, kc_s0, kc_s1, c_sc, SIN + g * ks_sg, ks_s0, ks_s1, s_sc,
-                           K_OUT + g * ko_sg, ko_s0, ko_s1, ko_sc, k_eps,
-                           K_HAS_WEIGHT, INTERLEAVED, PAIR_FREQS, BLOCK_ROWS, BLOCK_P)
+        grouped_rope_tile(program - q_programs, k_group_programs, k_rows, k_inner, n_pairs,
+                          K, k_sg, k_s0, k_s1, k_sc, KW, kw_sc, COS, kc_sg, kc_s0, kc_s1, c_sc,
+                          SIN, ks_sg, ks_s0, ks_s1, s_sc, K_OUT, ko_sg, ko_s0, ko_s1, ko_sc, k_eps,
+                          K_HAS_WEIGHT, INTERLEAVED, PAIR_FREQS, BLOCK_ROWS, BLOCK_P)
 
 
 def check_rope_operands(x: Tensor | TensorMeta, other: Tensor | TensorMeta, cos, sin) -> None:
@@ -297,13 +318,13 @@ def _output_dtypes(cpu_kernels, q, k, q_weight, k_weight, cos, sin) -> _OutputDt
     return _OutputDtypes(*(x.dtype if w is None else promoted_dtype(x.dtype, w) for x, w in zip((q, k), weights)))
 
 
-def _leading(t: TensorMeta) -> TensorMeta:
+def row_operand(t: TensorMeta) -> TensorMeta:
     """`t` with its last dim cut to one unit column: a `row_layout` operand of the rows alone,
     for cos/sin whose last dim (D/2 in the pair form) need not be x's."""
     return t._replace(shape=(*t.shape[:-1], 1), stride=(*t.stride[:-1], 1))
 
 
-def _channel_stride(weight: TensorMeta | None, x: TensorMeta) -> int | None:
+def channel_stride(weight: TensorMeta | None, x: TensorMeta) -> int | None:
     """The column stride of a per-channel weight broadcast into x (0 without a weight: unread),
     or None for a weight that varies along x's rows."""
     if weight is None:
@@ -312,45 +333,61 @@ def _channel_stride(weight: TensorMeta | None, x: TensorMeta) -> int | None:
     return None if strides is None or any(strides[:-1]) else strides[-1]
 
 
+class RopeRows(NamedTuple):
+    """The rows of one tensor's norm and rotation as `grouped_rope_tile` arguments."""
+
+    n_groups: int
+    n_rows: int  # rows per group
+    n_inner: int  # rows per outer index
+    strides: tuple[int, ...]  # (group, outer, inner) strides of x, out, cos, sin, in that order
+
+
+def rope_rows(x: TensorMeta, out: TensorMeta, cos: TensorMeta, sin: TensorMeta) -> RopeRows | None:
+    """x's rows with its output and tables (of x's rows, broadcasting into them), or None where
+    a table adds dims or the rows do not coalesce into three row dims (`grouped_row_layout`)."""
+    layout = grouped_row_layout((*x.shape[:-1], 1), *map(row_operand, (x, out, cos, sin)))
+    if layout is None:
+        return None
+    strides = tuple(s for g, (s0, s1, _) in zip(layout.group_strides, layout.rows.strides) for s in (g, s0, s1))
+    return RopeRows(layout.n_groups, layout.rows.n_rows, layout.rows.n_inner, strides)
+
+
 @plan_cache
 def _launch_plan(
     key: tuple, q_out_stride: tuple[int, ...], k_out_stride: tuple[int, ...], eps: float | None, interleaved: bool
 ) -> _LaunchPlan | None:
     """The launch on operands with `_output_dtypes` key `key`, outputs of these strides, `eps`
-    and `interleaved`, or None where a weight is not per-channel, cos/sin add dims to q or k,
-    or rows do not coalesce into three row dims (`grouped_row_layout`)."""
+    and `interleaved`, or None where a weight is not per-channel or `rope_rows` refuses q or k."""
     _, *tensor_keys = key
     q, k, q_weight, k_weight, cos, sin = map(tensor_meta, tensor_keys)
-    layouts = []
-    for x, out_stride in ((q, q_out_stride), (k, k_out_stride)):
-        rows = (*x.shape[:-1], 1)
-        layouts.append(grouped_row_layout(rows, *map(_leading, (x, x._replace(stride=out_stride), cos, sin))))
-    weight_cols = (_channel_stride(q_weight, q), _channel_stride(k_weight, k))
-    if None in layouts or None in weight_cols:
+    q_rows = rope_rows(q, q._replace(stride=q_out_stride), cos, sin)
+    k_rows = rope_rows(k, k._replace(stride=k_out_stride), cos, sin)
+    weight_cols = (channel_stride(q_weight, q), channel_stride(k_weight, k))
+    if q_rows is None or k_rows is None or None in weight_cols:
         return None
-    q_layout, k_layout = layouts
-
-    def strides(layout: GroupedRowLayout) -> tuple[int, ...]:  # (group, outer, inner) of x, out, cos, sin
-        return tuple(s for g, (s0, s1, _) in zip(layout.group_strides, layout.rows.strides) for s in (g, s0, s1))
-
     d = q.shape[-1]
     args = (
         default_eps(q, eps), default_eps(k, eps),
-        q_layout.rows.n_rows, k_layout.rows.n_rows,
-        q_layout.rows.n_inner, k_layout.rows.n_inner,
+        q_rows.n_rows, k_rows.n_rows,
+        q_rows.n_inner, k_rows.n_inner,
         d // 2,
-        *strides(q_layout), *strides(k_layout),
+        *q_rows.strides, *k_rows.strides,
     )
     constexprs = dict(
         q_sc=q.stride[-1], qw_sc=weight_cols[0], qo_sc=q_out_stride[-1],
         k_sc=k.stride[-1], kw_sc=weight_cols[1], ko_sc=k_out_stride[-1],
         c_sc=cos.stride[-1], s_sc=sin.stride[-1],
         Q_HAS_WEIGHT=q_weight is not None, K_HAS_WEIGHT=k_weight is not None,
-        INTERLEAVED=bool(interleaved), PAIR_FREQS=bool(2 * cos.shape[-1] == d),  # bool: concrete under SymInts
+        INTERLEAVED=bool(interleaved), PAIR_FREQS=pair_freqs(cos, d),
     )
     elem_bytes = max(q.dtype.itemsize, k.dtype.itemsize)
-    return _LaunchPlan(q_layout.n_groups, k_layout.n_groups, q_layout.rows.n_rows, k_layout.rows.n_rows, d,
+    return _LaunchPlan(q_rows.n_groups, k_rows.n_groups, q_rows.n_rows, k_rows.n_rows, d,
                        elem_bytes, args, MappingProxyType(constexprs))
+
+
+def pair_freqs(cos: TensorMeta, d: int) -> bool:
+    """Whether cos/sin hold one value per pair (`[..., D/2]`); bool: concrete under SymInts."""
+    return bool(2 * cos.shape[-1] == d)
 
 
 def _qk_rmsnorm_rope(q, k, q_weight, k_weight, eps, cos, sin, interleaved, launch: Launch) -> tuple[Tensor, Tensor]:
