@@ -170,6 +170,11 @@ class _LaunchPlan(NamedTuple):
     constexprs: Mapping[str, object]  # column strides and switches
 
 
+def joins_rows(ndim: int, dim: int) -> bool:
+    """Whether a cat on `dim` of `ndim`-dim tensors joins rows, not columns (any dim but the last)."""
+    return ndim >= 2 and -ndim <= dim < ndim - 1 and dim != -1
+
+
 def _stream_part(t: TensorMeta, joint_rows: tuple[int, ...], dim: int, start: int, length: int):
     """What a stream's rows `[start, start + length)` along `dim` read of `t`, which broadcasts into
     the joint rows `joint_rows` (`[..., 1]`): `(meta of those rows, element offset)`, or None."""
@@ -199,7 +204,7 @@ def _launch_plan(cpu_kernels, q0, k0, q1, k1, q_weight0, k_weight0, q_weight1, k
     if not (
         all(rows_fit_kernel(cpu_kernels, x, *(t for t in (w, cos, sin) if t is not None)) for x, w in zip(inputs, weights))
         and len({x.device for x in inputs}) == 1
-        and ndim >= 2 and -ndim <= dim < ndim - 1 and dim != -1
+        and joins_rows(ndim, dim)
     ):
         return None
     dim %= ndim
@@ -247,7 +252,8 @@ def _qk_rmsnorm_cat_rope(tensors: tuple, eps, dim, cos, sin, interleaved, launch
     and launches nothing): kernel or reference.
     `tensors`: q0, k0, q1, k1, q_weight0, k_weight0, q_weight1, k_weight1."""
     q0, k0 = tensors[:2]
-    check_rope_operands(q0, k0, cos, sin)
+    if joins_rows(q0.dim(), dim):  # the joint q and k are as wide as q0 and k0 (else the reference checks them)
+        check_rope_operands(q0, k0, cos, sin)
     key = (kernels_on_cpu(q0, launch), *map(tensor_key, (*tensors, cos, sin)), eps, dim, interleaved)
     plan = launch.planner(_launch_plan)(*key)
     if plan is None:
