@@ -37,11 +37,13 @@ per tensor after coalescing (`launch.grouped_row_layout`: `[B, H, L, D]` qkv vie
 unfused code in fp32, or fp64 for fp64 inputs). An odd D, q and k of different D, or cos/sin of a width other than D or
 D/2 raise ValueError.
 
+A cat of two streams between norm and RoPE (Flux's double blocks concatenate text and image q/k,
+then rotate the joint sequence) is `qk_rmsnorm_cat_rope`'s, whose kernel tiles its four row sets
+with this module's `grouped_rope_tile`.
+
 Not covered (the matcher refuses them): a norm over all heads followed by per-head RoPE (Wan's
 `rms_norm_across_heads` norms `[B, L, H * D]` rows, then rotates `[B, L, H, D]`); RoPE on part of
-the tokens or a cat between norm and RoPE (HunyuanVideo's single blocks, Flux's double blocks
-concatenate text and image q before RoPE: the rotation of each stream is the op with that
-stream's rows of cos/sin); partial rotary (RoPE on the first rot_dim < D columns).
+the tokens (HunyuanVideo's single blocks); partial rotary (RoPE on the first rot_dim < D columns).
 """
 
 from __future__ import annotations
