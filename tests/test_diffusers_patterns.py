@@ -120,12 +120,12 @@ def test_flux_double_blocks_run_norms_cat_and_rope_as_one_kernel(monkeypatch):
     `apply_rotary_emb` on the joint q and k): one qk_rmsnorm_cat_rope call per block (num_layers of
     them), through optimize() and the backend, its kernel running (interpreter), no joint-cat
     near-miss left, outputs equal the original's."""
-    module = __import__("fusion_pass.ops.qk_rmsnorm_cat_rope", fromlist=["_"])
-    launches = CountLaunches(module._qk_rmsnorm_cat_rope_kernel)
-    monkeypatch.setattr(module, "_qk_rmsnorm_cat_rope_kernel", launches)
+    module = __import__("fusion_pass.ops.qk_rmsnorm_rope", fromlist=["_"])  # the RoPE kernel serves both ops
+    launches = CountLaunches(module._qk_rmsnorm_rope_kernel)
+    monkeypatch.setattr(module, "_qk_rmsnorm_rope_kernel", launches)
     tiny = MODELS["flux"]
     original = tiny.build()
-    blocks = original.config.num_layers
+    blocks, single_blocks = original.config.num_layers, original.config.num_single_layers
     torch._dynamo.reset()
     keep = KeepGraphs()
     with torch.no_grad(), interpret_on_cpu():
@@ -133,7 +133,9 @@ def test_flux_double_blocks_run_norms_cat_and_rope_as_one_kernel(monkeypatch):
         optimized = fusion_pass.optimize(copy.deepcopy(original))
         by_optimize = optimized(**tiny.inputs())[0]
         by_backend = torch.compile(copy.deepcopy(original), backend=keep)(**tiny.inputs())[0]
-    assert launches.count == 2 * blocks  # one a block, in each of the two runs
+    # one launch a block (the single blocks' qk_rmsnorm_rope too), in each of the two runs: a joint
+    # call that ran its reference instead would launch nothing
+    assert launches.count == 2 * (blocks + single_blocks)
     for report in (fusion_pass.report(optimized), keep.backend.report):
         assert report.counts()["qk_rmsnorm_cat_rope"] == blocks
         assert report.families["qk_rmsnorm_cat"].near_misses == []

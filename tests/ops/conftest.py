@@ -23,7 +23,6 @@ KERNELS = (
     (import_module("fusion_pass.ops.gelu_cat"), "_gelu_cat_kernel"),
     (import_module("fusion_pass.ops.qk_rmsnorm_cat"), "_qk_rmsnorm_cat_kernel"),
     (import_module("fusion_pass.ops.qk_rmsnorm_rope"), "_qk_rmsnorm_rope_kernel"),
-    (import_module("fusion_pass.ops.qk_rmsnorm_cat_rope"), "_qk_rmsnorm_cat_rope_kernel"),
     (import_module("fusion_pass.ops.qk_layernorm"), "_qk_layernorm_kernel"),
 )
 
