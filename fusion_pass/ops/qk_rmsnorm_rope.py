@@ -38,8 +38,10 @@ unfused code in fp32, or fp64 for fp64 inputs). An odd D, q and k of different D
 D/2 raise ValueError.
 
 A cat of two streams between norm and RoPE (Flux's double blocks concatenate text and image q/k,
-then rotate the joint sequence) is `qk_rmsnorm_cat_rope`'s, whose kernel tiles its four row sets
-with this module's `grouped_rope_tile`.
+then rotate the joint sequence) is `qk_rmsnorm_cat_rope`'s: the same kernel with its second stream
+switched on (`TWO_STREAMS`), four row sets (q0, k0, q1, k1) writing into the joint q and k at their
+stream's offset and reading the tables there. Each row set is a `RopeRows` (`rope_rows`), a launch
+a `RopeLaunch` (`rope_launch`, `launch_rope`), for either op.
 
 Not covered (the matcher refuses them): a norm over all heads followed by per-head RoPE (Wan's
 `rms_norm_across_heads` norms `[B, L, H * D]` rows, then rotates `[B, L, H, D]`); RoPE on part of
