@@ -43,6 +43,7 @@ EPS = 1e-6
 SHAPES = [(2, 3072), (2, 1370), (2, 4442), (8, 4442)]  # (B, L); the last is past the L2
 DTYPES = [torch.float16, torch.bfloat16]
 FLUX_HIDDEN, FLUX_HEADS, FLUX_TOKENS = 3072, 24, 4096 + 512  # Flux-dev: image + text tokens, batch 1
+FLUX_TEXT_TOKENS = 512  # of FLUX_TOKENS, the text stream's (stream 0 of the double blocks' joint attention)
 VAE_WIDTH, VAE_HEADS, VAE_LATENTS = 1024, 16, 3072  # Hunyuan3D-2's ShapeVAE (assumed config: see model_workloads)
 VAE_QUERIES = 10_000  # points per decoder chunk (`num_chunks` of hy3dgen's volume decoders)
 HOST_CALLS = 2000
@@ -123,6 +124,8 @@ def model_workloads(dtype: torch.dtype, flux_tokens: int = FLUX_TOKENS, vae_toke
       `[1, L, 24, 128]`, bf16/fp16 weights, fp32 tables `cos[None, :, None, :]` (interleaved);
     - `gelu_cat`: Flux-dev's single block, `cat(attn [1, L, 3072], gelu(proj_mlp [1, L, 12288]))`
       (rows wider than one block: column chunks);
+    - `qk_rmsnorm_cat_rope`: Flux-dev's double block, the same q/k of the text (512 tokens) and image
+      (4096) streams, each with its own weights, joined on dim 1 and rotated by the joint tables;
     - `residual_add_layernorm`: a pre-LN residual of width 3072 (Flux's hidden size) and of the
       ShapeVAE's latent transformer (width 1024, affine LayerNorm);
     - `qk_layernorm`: the ShapeVAE's self-attention (q, k `torch.split`s of `qkv.view(B, N, 16, 192)`)
@@ -140,11 +143,20 @@ def model_workloads(dtype: torch.dtype, flux_tokens: int = FLUX_TOKENS, vae_toke
 
     head_dim = FLUX_HIDDEN // FLUX_HEADS
     q, k = (randn(1, flux_tokens, FLUX_HIDDEN).unflatten(-1, (FLUX_HEADS, head_dim)) for _ in "qk")
-    positions = torch.arange(flux_tokens, device="cuda", dtype=torch.float32)[:, None]
-    angles = (positions * 10000.0 ** (-torch.arange(0, head_dim, 2, device="cuda") / head_dim)).repeat_interleave(2, -1)
-    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+
+    def tables(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:  # interleaved, `[1, L, 1, D]`, fp32
+        positions = torch.arange(tokens, device="cuda", dtype=torch.float32)[:, None]
+        angles = positions * 10000.0 ** (-torch.arange(0, head_dim, 2, device="cuda") / head_dim)
+        angles = angles.repeat_interleave(2, -1)
+        return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+
     rope = workload("qk_rmsnorm_rope", ops.qk_rmsnorm_rope, ops.reference_qk_rmsnorm_rope,
-                    q, k, randn(head_dim), randn(head_dim), EPS, cos, sin, True)
+                    q, k, randn(head_dim), randn(head_dim), EPS, *tables(flux_tokens), True)
+    text = max(1, flux_tokens * FLUX_TEXT_TOKENS // FLUX_TOKENS)  # 512 of 4608; 1 of the host timing's 1
+    image = max(1, flux_tokens - text)
+    streams = [randn(1, n, FLUX_HIDDEN).unflatten(-1, (FLUX_HEADS, head_dim)) for n in (text, text, image, image)]
+    cat_rope = workload("qk_rmsnorm_cat_rope", ops.qk_rmsnorm_cat_rope, ops.reference_qk_rmsnorm_cat_rope,
+                        *streams, *(randn(head_dim) for _ in range(4)), EPS, 1, *tables(text + image), True)
 
     def residual_layernorm(tokens: int, width: int) -> Workload:
         return workload("residual_add_layernorm", ops.residual_add_layernorm, ops.reference_residual_add_layernorm,
@@ -161,6 +173,7 @@ def model_workloads(dtype: torch.dtype, flux_tokens: int = FLUX_TOKENS, vae_toke
     return [
         (rope, 1, flux_tokens),
         (flux_gelu_cat, 1, flux_tokens),
+        (cat_rope, 1, text + image),
         (residual_layernorm(flux_tokens, FLUX_HIDDEN), 1, flux_tokens),
         (residual_layernorm(vae_tokens, VAE_WIDTH), 1, vae_tokens),
         (workload("qk_layernorm", ops.qk_layernorm, ops.reference_qk_layernorm, vae_q, vae_k, *params, EPS),
@@ -236,7 +249,7 @@ def host_overheads() -> list[HostOverhead]:
         call = direct_call(getattr(torch.ops.fusion_pass, w.op).default)
         return lambda: call(*w.args)
 
-    small = [*workloads(2, 1, torch.float16), *(w for w, _, _ in model_workloads(torch.float16, 1, 1, 1)[:4])]
+    small = [*workloads(2, 1, torch.float16), *(w for w, _, _ in model_workloads(torch.float16, 1, 1, 1)[:5])]
     return [
         HostOverhead(w.op, host_us_per_call(w.fused), host_us_per_call(direct(w)),
                      host_us_per_call(lambda w=w: w.unfused(*w.args)))

@@ -36,6 +36,7 @@ FUSED_OPS: dict[str, FusedOp] = {
         FusedOp("qk_rmsnorm", outputs=("q", "k")),
         FusedOp("qk_rmsnorm_cat", outputs=("q", "k", "v")),
         FusedOp("qk_rmsnorm_rope", outputs=("q", "k")),
+        FusedOp("qk_rmsnorm_cat_rope", outputs=("q", "k")),
         FusedOp("residual_add_layernorm", outputs=("residual", "normed")),
         FusedOp("qk_layernorm", outputs=("q", "k")),
         FusedOp("gelu_cat"),

@@ -7,7 +7,8 @@ Matches    a double-stream block's ``cat((q_0', q_1'), d)``, ``cat((k_0', k_1'),
 Accepts    ``torch.cat`` / ``concat`` / ``concatenate``, operands in a tuple or list, dim positional
            or keyword; the normed q and k fed straight to their cats, or all four through
            ``.to(v_i)`` (the official ``QKNorm``); any other use of the v views.
-Skips      cats with no normed q operand (a k cat is read from its q cat).
+Skips      cats with no normed q operand (a k cat is read from its q cat); joint q or k that feed
+           a rotation (``patterns/qk_rmsnorm_cat_rope.py``'s candidates, Flux's double blocks).
 Refuses    (near-miss) a q cat that joins anything but two streams' normed q, eps that differs
            between the streams, a normed q or k (or its cast) with another user, normed k not
            concatenated in the q cat's order, casts other than ``.to(v_i)`` on all four, no cat of
@@ -30,6 +31,7 @@ from fusion_pass.match import (
 )
 from fusion_pass.registry import FUSED_OPS
 from patterns.attention_inputs import origin
+from patterns.qk_rmsnorm_rope import match_rope
 
 NAME = "qk_rmsnorm_cat"
 _QK_RMSNORM = FUSED_OPS["qk_rmsnorm"]
@@ -94,6 +96,78 @@ def _same_dim(a: Any, b: Any, ndim: int | None) -> bool:
     return ndim is not None and isinstance(a, int) and isinstance(b, int) and a % ndim == b % ndim
 
 
+@dataclass
+class JointCats:
+    """A cat of two streams' normed q (``q_cat``) and the cat of their normed k in that order."""
+
+    q_cat: fx.Node
+    k_cat: fx.Node | None  # None: not found
+    queries: list[NormedOperand | None]  # per cat operand
+    keys: list[NormedOperand | None]  # the k fields of the queries' calls
+    dim: Any
+
+    def refusal(self) -> str | None:
+        """Why the streams' norms and cats cannot fold into one call, or None."""
+        operands = cat_arguments(self.q_cat)[0]
+        if len(operands) != 2 or any(n is None or n.index != _Q for n in self.queries):
+            others = [describe(t) for t, n in zip(operands, self.queries) if n is None or n.index != _Q]
+            return (f"the q cat joins {', '.join(others) or 'more than two streams'}, "
+                    "not just two streams' normed q")
+        calls = tuple(n.call for n in self.queries)
+        if calls[0] is calls[1]:
+            return "the q cat joins one stream's normed q twice"
+        eps = tuple(call.args[4] for call in calls)
+        if eps[0] != eps[1]:
+            return f"eps differs between the streams' q/k norms ({eps[0]} vs {eps[1]})"
+        if self.k_cat is None:
+            return "the streams' normed k are not concatenated in the q cat's order"
+        for q, k, call in zip(self.queries, self.keys, calls):
+            for label, operand, cat in (("q", q, self.q_cat), ("k", k, self.k_cat)):
+                other = _other_user(operand, cat)
+                if other is not None:
+                    return f"the normed {label} of a stream is also used by {describe(other)}"
+            other = next((u for u in call.users if u not in (q.field, k.field)), None)
+            if other is not None:
+                return f"a stream's qk_rmsnorm result is also used by {describe(other)}"
+        return None
+
+    def same_dim(self, cat: fx.Node) -> bool:
+        """Whether ``cat`` joins along the q cat's dim."""
+        meta = tensor_meta(self.q_cat)
+        return _same_dim(self.dim, cat_arguments(cat)[1], meta.dim() if meta is not None else None)
+
+
+def joint_cats(node: fx.Node) -> JointCats | None:
+    """``node`` as a cat of normed q (at least one operand a ``qk_rmsnorm`` call's q), with the
+    cat of the k of the same calls in the same order looked up; None for any other node."""
+    arguments = cat_arguments(node)
+    if arguments is None:
+        return None
+    operands, dim = arguments
+    queries = [normed_operand(t) for t in operands]
+    if not any(n is not None and n.index == _Q for n in queries):
+        return None
+    keys = [_field(n.call, _K) if n is not None else None for n in queries]
+    return JointCats(node, _k_cat(keys) if len(keys) == 2 else None, queries, keys, dim)
+
+
+def _k_cat(keys: list[NormedOperand | None]) -> fx.Node | None:
+    """A cat of exactly both streams' normed k, in stream order."""
+    if None in keys:
+        return None
+    values = (keys[0].value, keys[1].value)
+    for user in values[0].users:
+        arguments = cat_arguments(user)
+        if arguments is not None and arguments[0] == values:
+            return user
+    return None
+
+
+def rotated(joint: JointCats) -> bool:
+    """Whether the joint q or k feeds a rotation: the ``qk_rmsnorm_cat_rope`` family's candidate."""
+    return any(cat is not None and match_rope(cat) is not None for cat in (joint.q_cat, joint.k_cat))
+
+
 class QKRMSNormCat:
     name = NAME
     op_key = "qk_rmsnorm_cat"
@@ -104,37 +178,15 @@ class QKRMSNormCat:
         yield from scan(graph, ctx, lambda node: self._match_at(node, graph, ctx))
 
     def _match_at(self, node: fx.Node, graph: fx.Graph, ctx: MatchContext) -> Match | NearMiss | None:
-        arguments = cat_arguments(node)
-        if arguments is None:
-            return None
-        operands, dim = arguments
-        normed = [normed_operand(t) for t in operands]
-        if not any(n is not None and n.index == _Q for n in normed):
+        joint = joint_cats(node)
+        if joint is None or rotated(joint):
             return None
         miss = lambda reason: NearMiss(NAME, ctx.where(node), reason)  # noqa: E731
-        if len(operands) != 2 or any(n is None or n.index != _Q for n in normed):
-            others = [describe(t) for t, n in zip(operands, normed) if n is None or n.index != _Q]
-            return miss(f"the q cat joins {', '.join(others) or 'more than two streams'}, "
-                        "not just two streams' normed q")
-        calls = tuple(n.call for n in normed)
-        if calls[0] is calls[1]:
-            return miss("the q cat joins one stream's normed q twice")
-        eps = tuple(call.args[4] for call in calls)
-        if eps[0] != eps[1]:
-            return miss(f"eps differs between the streams' q/k norms ({eps[0]} vs {eps[1]})")
-        keys = [_field(call, _K) for call in calls]
-        k_cat = self._k_cat(keys)
-        if k_cat is None:
-            return miss("the streams' normed k are not concatenated in the q cat's order")
-        for q, k, call in zip(normed, keys, calls):
-            for label, operand, cat in (("q", q, node), ("k", k, k_cat)):
-                other = _other_user(operand, cat)
-                if other is not None:
-                    return miss(f"the normed {label} of a stream is also used by {describe(other)}")
-            other = next((u for u in call.users if u not in (q.field, k.field)), None)
-            if other is not None:
-                return miss(f"a stream's qk_rmsnorm result is also used by {describe(other)}")
-        projections = tuple(origin(call.args[0]) for call in calls)
+        reason = joint.refusal()
+        if reason is not None:
+            return miss(reason)
+        normed, keys, k_cat, dim = joint.queries, joint.keys, joint.k_cat, joint.dim
+        projections = tuple(origin(n.call.args[0]) for n in normed)
         casts = [n.casts for n in (*normed, *keys)]  # q0, q1, k0, k1
         v_like = [c[0].args[1] if len(c) == 1 else None for c in casts] if any(casts) else []
         if v_like and not (
@@ -142,30 +194,15 @@ class QKRMSNormCat:
             and v_like[0] is v_like[2] and v_like[1] is v_like[3]
         ):
             return miss("the normed q and k are cast before the cats, other than all by `.to(v)` of their stream")
-        meta = tensor_meta(node)
-        ndim = meta.dim() if meta is not None else None
-        same_dim = lambda cat: _same_dim(dim, cat_arguments(cat)[1], ndim)  # noqa: E731
         v_cats = [cat for cat in self._v_cats(graph, projections, node, k_cat)
                   if not v_like or cat_arguments(cat)[0] == tuple(v_like[:2])]
         if not v_cats:
             return miss("no cat of the streams' v (views of their q/k projection) in the q cat's order")
-        v_cat = next((cat for cat in v_cats if same_dim(cat)), v_cats[0])
-        if not (same_dim(k_cat) and same_dim(v_cat)):
+        v_cat = next((cat for cat in v_cats if joint.same_dim(cat)), v_cats[0])
+        if not (joint.same_dim(k_cat) and joint.same_dim(v_cat)):
             dims = (dim, cat_arguments(k_cat)[1], cat_arguments(v_cat)[1])
             return miss(f"the q, k and v cats are on different dims {dims}")
         return self.to_match(node, k_cat, v_cat, normed, keys, dim, cast_to_v=bool(v_like), ctx=ctx)
-
-    @staticmethod
-    def _k_cat(keys: list[NormedOperand | None]) -> fx.Node | None:
-        """A cat of exactly both streams' normed k, in stream order."""
-        if None in keys:
-            return None
-        values = (keys[0].value, keys[1].value)
-        for user in values[0].users:
-            arguments = cat_arguments(user)
-            if arguments is not None and arguments[0] == values:
-                return user
-        return None
 
     @staticmethod
     def _v_cats(graph: fx.Graph, projections: tuple[fx.Node, ...], q_cat: fx.Node, k_cat: fx.Node) -> list[fx.Node]:

@@ -11,8 +11,8 @@ Accepts    rotate interleaved (``use_real_unbind_dim=-1``; Flux single blocks, H
            fp32 upcasts and the final cast back (casts to a value's own dtype are gone after
            ``normalize``); either operand order of ``+`` and ``*``; cos/sin ``[..., D]`` of any shape that
            broadcasts into q's and k's without widening them.
-Skips      q/k norms whose results feed no rotation (``cat`` first: Flux's double blocks, which the
-           op does not cover; see ``fusion_pass/ops/qk_rmsnorm_rope.py``).
+Skips      q/k norms whose results feed no rotation (``cat`` first: Flux's double blocks, the
+           ``qk_rmsnorm_cat_rope`` family's).
 Refuses    (near-miss) only one of q and k rotated, q and k rotated with different tables or layouts,
            a normed q or k also used besides its rotation, a rotation whose result has another dtype
            or shape than the normed value, cos/sin not D wide or widening q.
@@ -86,6 +86,23 @@ def match_rope(n: fx.Node) -> RopeSite | str | None:
     nodes = (*reads[1:], splits[0], *rotate_nodes, *({rotated_read} - {rotation}), cos_product, sin_product, total,
              *({out} - {total}))
     return RopeSite(out, cos, sin, interleaved, nodes)
+
+
+def match_qk_rope(q: fx.Node, k: fx.Node) -> tuple[RopeSite, RopeSite] | str | None:
+    """The rotations of q and of k (``match_rope``) with one cos, sin and layout, a reason they
+    are not that, or None when neither is rotated."""
+    sites = [match_rope(q), match_rope(k)]
+    if sites == [None, None]:
+        return None
+    for label, site in zip("qk", sites):
+        if isinstance(site, str):
+            return f"{label}: {site}"
+        if site is None:
+            return f"only {'k' if label == 'q' else 'q'} is rotated"
+    q_site, k_site = sites
+    if (q_site.cos, q_site.sin, q_site.interleaved) != (k_site.cos, k_site.sin, k_site.interleaved):
+        return "q and k are rotated with different tables or layouts"
+    return q_site, k_site
 
 
 def _pair_split(node: fx.Node, n: fx.Node) -> bool | None:
@@ -190,18 +207,12 @@ class QKRMSNormRope:
         normed = [_normed(call, index) for index in (_Q, _K)]
         if None in normed or len(call.users) != 2:
             return None
-        sites = [match_rope(value) for value, _ in normed]
-        if sites == [None, None]:
+        sites = match_qk_rope(normed[0][0], normed[1][0])
+        if sites is None:
             return None
-        miss = lambda reason: NearMiss(NAME, ctx.where(call), reason)  # noqa: E731
-        for label, site in zip("qk", sites):
-            if isinstance(site, str):
-                return miss(f"{label}: {site}")
-            if site is None:
-                return miss(f"only {'k' if label == 'q' else 'q'} is rotated")
+        if isinstance(sites, str):
+            return NearMiss(NAME, ctx.where(call), sites)
         q, k = sites
-        if (q.cos, q.sin, q.interleaved) != (k.cos, k.sin, k.interleaved):
-            return miss("q and k are rotated with different tables or layouts")
         return Match(
             family=self.name,
             op_key=self.op_key,

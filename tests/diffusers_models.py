@@ -271,6 +271,8 @@ class Sites:
     qk: int
     norms_left: int
     qk_rope: int = 0  # q/k pairs among ``qk`` rotated right after their norms, one table (qk_rmsnorm_rope)
+    qk_cat_rope: int = 0  # joint attentions whose two streams' q/k pairs (among ``qk``) are concatenated,
+    # then rotated by one table (qk_rmsnorm_cat_rope: one site folds two pairs)
     qk_layernorm: int = 0  # q/k LayerNorm pairs feeding one attention
 
 
@@ -283,9 +285,11 @@ def expected_sites(name: str, config) -> Sites:
         # context ff); q/k pairs: norm_q/norm_k and norm_added_q/norm_added_k. FluxSingleTransformerBlock:
         # 1 modulation (AdaLayerNormZeroSingle), 1 gate, 1 q/k pair. norm_out: AdaLayerNormContinuous.
         # RoPE (FluxAttnProcessor, apply_rotary_emb interleaved) right after the single blocks' norms; the
-        # double blocks concatenate text and image q/k between norm and RoPE.
+        # double blocks concatenate text and image q/k (`torch.cat([encoder_query, query], dim=1)`) between
+        # norm and RoPE: one joint site each, folding its two pairs.
         return Sites(4 * c.num_layers + c.num_single_layers + 1, 4 * c.num_layers + c.num_single_layers,
-                     2 * c.num_layers + c.num_single_layers, 0, qk_rope=c.num_single_layers)
+                     2 * c.num_layers + c.num_single_layers, 0, qk_rope=c.num_single_layers,
+                     qk_cat_rope=c.num_layers)
     if name == "sd3":
         # JointTransformerBlock: norm1 (SD35AdaLayerNormZeroX: one LayerNorm, two modulations, in dual-attention
         # layers; AdaLayerNormZero otherwise), norm1_context (AdaLayerNormZero, or AdaLayerNormContinuous in the
@@ -307,7 +311,9 @@ def expected_sites(name: str, config) -> Sites:
         # 1 modulation, 1 gate, 1 q/k pair; the token refiner's blocks: 2 gates (HunyuanVideoAdaNorm) after
         # two unmodulated affine LayerNorms, attention without q/k norms. norm_out: AdaLayerNormContinuous.
         # RoPE right after the double blocks' image q/k norms; the single blocks rotate only the image
-        # tokens (`query[:, :, :-encoder_len]`), not the norm's whole output.
+        # tokens (`query[:, :, :-encoder_len]`), not the norm's whole output. The double blocks concatenate
+        # the rotated image q/k with the text q/k after RoPE (`torch.cat([query, encoder_query], dim=2)`):
+        # no qk_cat_rope (RoPE is not over the joint sequence).
         return Sites(4 * c.num_layers + c.num_single_layers + 1,
                      4 * c.num_layers + c.num_single_layers + 2 * c.num_refiner_layers,
                      2 * c.num_layers + c.num_single_layers, 2 * c.num_refiner_layers, qk_rope=c.num_layers)
@@ -333,6 +339,7 @@ def expected_sites(name: str, config) -> Sites:
     if name == "qwen_image":
         # QwenImageTransformerBlock: img/txt norm1 and norm2 modulated (4), 4 gates, q/k pairs: image and
         # added (QwenDoubleStreamAttnProcessor2_0, diffusers RMSNorm); txt_norm (RMSNorm on the text input);
-        # norm_out: AdaLayerNormContinuous.
+        # norm_out: AdaLayerNormContinuous. Each stream is rotated on its own (complex form,
+        # apply_rotary_emb_qwen(use_real=False), its own table) before the joint cat: no qk_rope, no qk_cat_rope.
         return Sites(4 * c.num_layers + 1, 4 * c.num_layers, 2 * c.num_layers, 1)
     raise KeyError(name)

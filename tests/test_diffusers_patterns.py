@@ -7,6 +7,7 @@ model's config in ``diffusers_models.expected_sites``, which says where each com
 """
 from __future__ import annotations
 
+import copy
 import operator
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 pytest.importorskip("diffusers", reason="the test extras install diffusers==0.42.1")
 
 import fusion_pass  # noqa: E402
+from fusion_pass.ops import interpret_on_cpu  # noqa: E402
 from fusion_pass.ops.direct import direct_call  # noqa: E402
 from fusion_pass.registry import FUSED_OPS  # noqa: E402
 from diffusers_models import MODELS, expected_sites  # noqa: E402
@@ -55,7 +57,8 @@ def test_backend_fuses_every_site_the_model_code_has(name):
     sites = expected_sites(name, model.config)
     totals = keep.backend.report.totals()
     assert (totals["layernorm_modulate"], totals["residual_gate"], totals["qk_rmsnorm"], totals["qk_rmsnorm_rope"],
-            totals["qk_layernorm"]) == (sites.modulations, sites.gates, sites.qk, sites.qk_rope, sites.qk_layernorm)
+            totals["qk_rmsnorm_cat_rope"], totals["qk_layernorm"]) == (
+        sites.modulations, sites.gates, sites.qk, sites.qk_rope, sites.qk_cat_rope, sites.qk_layernorm)
     # norms that no site uses stay in the graph: counted among norms_left
     calls = {key: 0 for key in FUSED_OPS}
     norms_left = 0
@@ -69,6 +72,7 @@ def test_backend_fuses_every_site_the_model_code_has(name):
     assert (calls["residual_gate"], calls["qk_rmsnorm"]) == (counts["residual_gate"], counts["qk_rmsnorm"])
     assert calls["residual_gate_layernorm_scale_shift"] == counts["residual_layernorm_modulate"]
     assert calls["qk_rmsnorm_rope"] == counts["qk_rmsnorm_rope"]
+    assert calls["qk_rmsnorm_cat_rope"] == counts["qk_rmsnorm_cat_rope"]
     assert calls["qk_layernorm"] == counts["qk_layernorm"]
     assert norms_left == sites.norms_left
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
@@ -93,8 +97,48 @@ def test_backend_fuses_the_same_sites_in_bf16_on_the_gpu(name, cuda):
         fused = torch.compile(model, backend=keep)(**low)[0]
     sites = expected_sites(name, model.config)
     totals = keep.backend.report.totals()
-    assert (totals["layernorm_modulate"], totals["residual_gate"], totals["qk_rmsnorm"], totals["qk_rmsnorm_rope"]) == (
-        sites.modulations, sites.gates, sites.qk, sites.qk_rope)
+    assert (totals["layernorm_modulate"], totals["residual_gate"], totals["qk_rmsnorm"], totals["qk_rmsnorm_rope"],
+            totals["qk_rmsnorm_cat_rope"]) == (sites.modulations, sites.gates, sites.qk, sites.qk_rope, sites.qk_cat_rope)
     eager_error = (eager.double() - exact).abs().max().item()
     fused_error = (fused.double() - exact).abs().max().item()
     assert fused_error <= 1.1 * eager_error + torch.finfo(torch.bfloat16).eps * exact.abs().max().item()
+
+
+class CountLaunches:
+    """Stands in for a Triton kernel: counts its `kernel[grid]` launches, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):
+        self.count += 1
+        return self.kernel[grid]
+
+
+def test_flux_double_blocks_run_norms_cat_and_rope_as_one_kernel(monkeypatch):
+    """Flux's double blocks (FluxAttnProcessor: norm_added_q/k and norm_q/k, `cat([text, image], dim=1)`,
+    `apply_rotary_emb` on the joint q and k): one qk_rmsnorm_cat_rope call per block (num_layers of
+    them), through optimize() and the backend, its kernel running (interpreter), no joint-cat
+    near-miss left, outputs equal the original's."""
+    module = __import__("fusion_pass.ops.qk_rmsnorm_rope", fromlist=["_"])  # the RoPE kernel serves both ops
+    launches = CountLaunches(module._qk_rmsnorm_rope_kernel)
+    monkeypatch.setattr(module, "_qk_rmsnorm_rope_kernel", launches)
+    tiny = MODELS["flux"]
+    original = tiny.build()
+    blocks, single_blocks = original.config.num_layers, original.config.num_single_layers
+    torch._dynamo.reset()
+    keep = KeepGraphs()
+    with torch.no_grad(), interpret_on_cpu():
+        reference = original(**tiny.inputs())[0]
+        optimized = fusion_pass.optimize(copy.deepcopy(original))
+        by_optimize = optimized(**tiny.inputs())[0]
+        by_backend = torch.compile(copy.deepcopy(original), backend=keep)(**tiny.inputs())[0]
+    # one launch a block (the single blocks' qk_rmsnorm_rope too), in each of the two runs: a joint
+    # call that ran its reference instead would launch nothing
+    assert launches.count == 2 * (blocks + single_blocks)
+    for report in (fusion_pass.report(optimized), keep.backend.report):
+        assert report.counts()["qk_rmsnorm_cat_rope"] == blocks
+        assert report.families["qk_rmsnorm_cat"].near_misses == []
+        assert report.families["qk_rmsnorm_cat_rope"].near_misses == []
+    for out in (by_optimize, by_backend):
+        torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())

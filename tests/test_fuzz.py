@@ -46,6 +46,7 @@ RARE_FAMILIES = {"qk_rmsnorm_cat": 1000, "residual_layernorm": 1000}  # ... but 
 NOT_IN_VOCABULARY = {  # families the generator does not build (yet), and where they are tested instead
     "qk_layernorm": "tests/test_spellings.py, test_diffusers_patterns.py (CogVideoX), test_shapevae.py",
     "qk_rmsnorm_rope": "tests/test_spellings.py, test_diffusers_patterns.py (Flux, HunyuanVideo, LTX)",
+    "qk_rmsnorm_cat_rope": "tests/test_spellings.py, test_diffusers_patterns.py (Flux's double blocks)",
 }
 _SLOW_IS_FINE = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile(

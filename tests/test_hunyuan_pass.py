@@ -53,7 +53,7 @@ def test_hunyuan3d_2_counts_are_97_96_64_32_16():
     fusion_pass.optimize(model)
     assert fusion_pass.report(model).totals() == {
         "layernorm_modulate": 97, "residual_gate": 96, "qk_rmsnorm": 64, "gelu_cat": 32, "qk_rmsnorm_cat": 16,
-        "qk_layernorm": 0, "qk_rmsnorm_rope": 0, "residual_layernorm": 0,
+        "qk_layernorm": 0, "qk_rmsnorm_rope": 0, "qk_rmsnorm_cat_rope": 0, "residual_layernorm": 0,
     }
 
 

@@ -221,6 +221,69 @@ def test_rope_that_differs_between_q_and_k_keeps_the_norm_call(rope_q, rope_k, r
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def rope_sequence_major(x, cos, sin):
+    """``apply_rotary_emb(x, (cos, sin), sequence_dim=1)`` (Flux) on ``[B, L, H, D]``, interleaved."""
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+
+def joint_attention(rope_q=interleaved, rope_k=interleaved, k_order=(0, 1), text_eps=1e-6, sequence_major=False,
+                    k_table=None):
+    """A double-stream joint attention: a text stream (the first 3 tokens of ``x``, doubled) and the
+    image stream ``x``, each with its own q/k RMSNorm weights, q, k and v concatenated on the tokens
+    (text first), q and k rotated by the joint sequence's tables (Flux's ``FluxAttnProcessor`` with
+    ``sequence_major``; ``[B, H, L, D]`` heads otherwise). ``k_order`` orders the k cat's streams;
+    ``k_table`` rotates k with ``(sin, cos)`` instead."""
+    def fn(s, x, emb):
+        streams = (2 * x[:, :3], x)
+        heads = (lambda t: t.unflatten(-1, (H, DH))) if sequence_major else s.heads
+        dim = 1 if sequence_major else 2
+        q, k, v = ([heads(p(t)) for t in streams] for p in (s.to_q, s.to_k, s.to_v))
+        weights = ((s.qh_weight[DH:], s.kh_weight[DH:], text_eps), (s.q_weight, s.k_weight, 1e-6))
+        q, k = zip(*((diffusers_rms_norm(qi, wq, eps), diffusers_rms_norm(ki, wk, eps))
+                     for qi, ki, (wq, wk, eps) in zip(q, k, weights)))
+        q, k, v = torch.cat(q, dim), torch.cat([k[i] for i in k_order], dim), torch.cat(v, dim)
+        cos, sin = torch.cat([s.cos[:3], s.cos]), torch.cat([s.sin[:3], s.sin])
+        if sequence_major:
+            q, k = rope_sequence_major(q, cos, sin), rope_sequence_major(k, cos, sin)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D] for attention
+        else:
+            q, k = rope_q(q, cos, sin), rope_k(k, *((sin, cos) if k_table else (cos, sin)))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)[:, 3:]
+
+    return fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rope", [interleaved, half_rotated, "sequence_major"],
+                         ids=lambda r: r if isinstance(r, str) else r.__name__)
+def test_joint_q_k_cats_then_rope_run_as_one_call_no_less_accurate(rope, dtype):
+    spelling = joint_attention(sequence_major=True) if rope == "sequence_major" else joint_attention(rope, rope)
+    report, got, expected, module, inputs = backend_run(spelling, dtype)
+    assert fused(report) == {"qk_rmsnorm": 2, "qk_rmsnorm_cat_rope": 1}
+    assert report.counts()["qk_rmsnorm"] == 0  # both folded into the joint call
+    assert reasons(report, "qk_rmsnorm_cat") == reasons(report, "qk_rmsnorm_cat_rope") == []
+    ulp = torch.finfo(dtype).eps * expected.abs().max().item()
+    assert _fp64_error(module, inputs, got) <= _fp64_error(module, inputs, expected) + ulp
+
+
+@pytest.mark.parametrize("spelling, reason", [
+    (joint_attention(rope_k=lambda x, cos, sin: x), "only q is rotated"),
+    (joint_attention(k_table=True), "q and k are rotated with different tables or layouts"),
+    (joint_attention(rope_k=half_rotated), "q and k are rotated with different tables or layouts"),
+    (joint_attention(k_order=(1, 0)), "the streams' normed k are not concatenated in the q cat's order"),
+    (joint_attention(text_eps=1e-5), "eps differs between the streams' q/k norms (1e-05 vs 1e-06)"),
+], ids=["only_q_rotated", "tables_differ", "layouts_differ", "k_cat_in_other_order", "eps_differs"])
+def test_joint_rope_that_differs_between_q_and_k_keeps_the_norm_calls(spelling, reason):
+    report, got, expected, *_ = backend_run(spelling)
+    assert fused(report) == {"qk_rmsnorm": 2}
+    assert reasons(report, "qk_rmsnorm_cat_rope") == [reason]
+    assert reasons(report, "qk_rmsnorm_cat") == []  # one near-miss a site, in the family that owns it
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_norm_reaching_both_query_and_key_is_not_paired():
     def fn(s, x, emb):
         q = s.heads(diffusers_rms_norm(s.to_q(x), s.qh_weight))

@@ -17,6 +17,7 @@ from .layernorm_modulate import (
 from .qk_layernorm import qk_layernorm, reference_qk_layernorm
 from .qk_rmsnorm import QKNormOut, qk_rmsnorm, qk_rmsnorm_, reference_qk_rmsnorm
 from .qk_rmsnorm_cat import QKVCatOut, qk_rmsnorm_cat, reference_qk_rmsnorm_cat
+from .qk_rmsnorm_cat_rope import qk_rmsnorm_cat_rope, reference_qk_rmsnorm_cat_rope
 from .qk_rmsnorm_rope import qk_rmsnorm_rope, reference_qk_rmsnorm_rope
 from .linear_gelu import linear_gelu, reference_linear_gelu
 from .linear_group import linear_group, reference_linear_group
@@ -40,6 +41,7 @@ __all__ = [
     "qk_rmsnorm",
     "qk_rmsnorm_",
     "qk_rmsnorm_cat",
+    "qk_rmsnorm_cat_rope",
     "qk_rmsnorm_rope",
     "reference_gelu_cat",
     "reference_layernorm_scale_shift",
@@ -49,6 +51,7 @@ __all__ = [
     "reference_linear_rows",
     "reference_qk_rmsnorm",
     "reference_qk_rmsnorm_cat",
+    "reference_qk_rmsnorm_cat_rope",
     "reference_qk_rmsnorm_rope",
     "reference_residual_add_layernorm",
     "reference_residual_gate",

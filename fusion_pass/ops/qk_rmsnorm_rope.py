@@ -37,15 +37,20 @@ per tensor after coalescing (`launch.grouped_row_layout`: `[B, H, L, D]` qkv vie
 unfused code in fp32, or fp64 for fp64 inputs). An odd D, q and k of different D, or cos/sin of a width other than D or
 D/2 raise ValueError.
 
+A cat of two streams between norm and RoPE (Flux's double blocks concatenate text and image q/k,
+then rotate the joint sequence) is `qk_rmsnorm_cat_rope`'s: the same kernel with its second stream
+switched on (`TWO_STREAMS`), four row sets (q0, k0, q1, k1) writing into the joint q and k at their
+stream's offset and reading the tables there. Each row set is a `RopeRows` (`rope_rows`), a launch
+a `RopeLaunch` (`rope_launch`, `launch_rope`), for either op.
+
 Not covered (the matcher refuses them): a norm over all heads followed by per-head RoPE (Wan's
 `rms_norm_across_heads` norms `[B, L, H * D]` rows, then rotates `[B, L, H, D]`); RoPE on part of
-the tokens or a cat between norm and RoPE (HunyuanVideo's single blocks, Flux's double blocks
-concatenate text and image q before RoPE: the rotation of each stream is the op with that
-stream's rows of cos/sin); partial rotary (RoPE on the first rot_dim < D columns).
+the tokens (HunyuanVideo's single blocks); partial rotary (RoPE on the first rot_dim < D columns).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import NamedTuple
@@ -57,7 +62,6 @@ from torch import Tensor
 
 from .direct import fused_op
 from .launch import (
-    GroupedRowLayout,
     Launch,
     TensorMeta,
     broadcast_strides,
@@ -166,62 +170,101 @@ def _rmsnorm_rope_tile(
 
 
 @triton.jit
+def grouped_rope_tile(
+    program,  # this program's index among the tensor's programs
+    group_programs,  # programs per row group: program p takes group p // group_programs
+    n_rows, n_inner, n_pairs,  # rows per group, rows per outer index, D / 2
+    X, x_sg, x_s0, x_s1, x_sc,  # input: (group, outer, inner, col) strides
+    W, w_sc,  # per-channel weight [D] (read when HAS_WEIGHT)
+    COS, c_sg, c_s0, c_s1, c_sc,  # cos over x's rows, 0 where broadcast
+    SIN, s_sg, s_s0, s_s1, s_sc,  # sin, likewise
+    OUT, o_sg, o_s0, o_s1, o_sc,  # output
+    eps,
+    HAS_WEIGHT: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    PAIR_FREQS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """`_rmsnorm_rope_tile` of one tensor laid out as a `launch.GroupedRowLayout`: the program's
+    group offsets the pointers, its index within the group picks the tile."""
+    g = program // group_programs
+    _rmsnorm_rope_tile((program % group_programs) * BLOCK_ROWS, n_rows, n_inner, n_pairs,
+                       X + g * x_sg, x_s0, x_s1, x_sc, W, w_sc,
+                       COS + g * c_sg, c_s0, c_s1, c_sc, SIN + g * s_sg, s_s0, s_s1, s_sc,
+                       OUT + g * o_sg, o_s0, o_s1, o_sc, eps,
+                       HAS_WEIGHT, INTERLEAVED, PAIR_FREQS, BLOCK_ROWS, BLOCK_P)
+
+
+@triton.jit
 def _qk_rmsnorm_rope_kernel(
-    Q,  # [q_groups, q_rows, D] queries
-    QW,  # q weight [D] (None without)
-    Q_OUT,  # [q_groups, q_rows, D] output
-    K,  # [k_groups, k_rows, D] keys
-    KW,  # k weight [D] (None without)
-    K_OUT,  # [k_groups, k_rows, D] output
-    COS,  # cos, broadcast to q's and to k's rows through the strides below
-    SIN,  # sin, likewise
-    q_group_programs,  # programs per row group of q: q program p takes group p // q_group_programs
-    q_programs,  # programs [0, q_programs) take q tiles, the rest k tiles
-    k_group_programs,
-    q_eps, k_eps,
-    q_rows, k_rows,  # rows per group
-    q_inner, k_inner,  # rows per outer index of q and of k
+    Q0, QW0, K0, KW0,  # stream 0: q and k (`[..., D]`, any strides) and their weights [D] (None without)
+    Q1, QW1, K1, KW1,  # stream 1 (`qk_rmsnorm_cat_rope`; stream 0's again for one stream, unread)
+    Q_OUT, K_OUT,  # outputs: of q and k, or the joint q and k of two streams
+    COS, SIN,  # tables, broadcast to each row set's rows through its strides below
+    q0_gp, k0_gp, q1_gp, k1_gp,  # programs per row group of each row set (`grouped_rope_tile`)
+    q0_end, k0_end, q1_end,  # programs [0, q0_end) take q0's tiles, then k0's up to k0_end, q1's up to q1_end, k1's
     n_pairs,  # D / 2
-    q_sg, q_s0, q_s1,  # (group, outer, inner) strides of Q; likewise below (0 where broadcast)
-    qo_sg, qo_s0, qo_s1,
-    qc_sg, qc_s0, qc_s1,  # COS over q's rows
-    qs_sg, qs_s0, qs_s1,  # SIN over q's rows
-    k_sg, k_s0, k_s1,
-    ko_sg, ko_s0, ko_s1,
-    kc_sg, kc_s0, kc_s1,  # COS over k's rows
-    ks_sg, ks_s0, ks_s1,  # SIN over k's rows
-    q_sc: tl.constexpr,  # column strides, constexpr: 1 but for odd views
-    qw_sc: tl.constexpr,
+    # per row set (q0, k0, q1, k1): eps, rows per group, rows per outer index, the (group, outer, inner)
+    # strides of its input, of its output part, of its cos and sin parts (0 where broadcast), and the
+    # element offsets of those parts from Q_OUT / K_OUT, COS and SIN (0 for one stream; all of stream
+    # 1's 0 and unread for one stream)
+    q0_eps, q0_rows, q0_inner, q0_sg, q0_s0, q0_s1, q0o_sg, q0o_s0, q0o_s1, q0c_sg, q0c_s0, q0c_s1,
+    q0s_sg, q0s_s0, q0s_s1, q0o_off, q0c_off, q0s_off,
+    k0_eps, k0_rows, k0_inner, k0_sg, k0_s0, k0_s1, k0o_sg, k0o_s0, k0o_s1, k0c_sg, k0c_s0, k0c_s1,
+    k0s_sg, k0s_s0, k0s_s1, k0o_off, k0c_off, k0s_off,
+    q1_eps, q1_rows, q1_inner, q1_sg, q1_s0, q1_s1, q1o_sg, q1o_s0, q1o_s1, q1c_sg, q1c_s0, q1c_s1,
+    q1s_sg, q1s_s0, q1s_s1, q1o_off, q1c_off, q1s_off,
+    k1_eps, k1_rows, k1_inner, k1_sg, k1_s0, k1_s1, k1o_sg, k1o_s0, k1o_s1, k1c_sg, k1c_s0, k1c_s1,
+    k1s_sg, k1s_s0, k1s_s1, k1o_off, k1c_off, k1s_off,
+    q0_sc: tl.constexpr,  # column strides, constexpr: 1 but for odd views
+    k0_sc: tl.constexpr,
+    q1_sc: tl.constexpr,
+    k1_sc: tl.constexpr,
+    qw0_sc: tl.constexpr,
+    kw0_sc: tl.constexpr,
+    qw1_sc: tl.constexpr,
+    kw1_sc: tl.constexpr,
     qo_sc: tl.constexpr,
-    k_sc: tl.constexpr,
-    kw_sc: tl.constexpr,
     ko_sc: tl.constexpr,
     c_sc: tl.constexpr,
     s_sc: tl.constexpr,
-    Q_HAS_WEIGHT: tl.constexpr,
-    K_HAS_WEIGHT: tl.constexpr,
+    Q0_HAS_WEIGHT: tl.constexpr,
+    K0_HAS_WEIGHT: tl.constexpr,
+    Q1_HAS_WEIGHT: tl.constexpr,
+    K1_HAS_WEIGHT: tl.constexpr,
+    TWO_STREAMS: tl.constexpr,  # False: the row sets q0 and k0 only (k0_end is the grid)
     INTERLEAVED: tl.constexpr,
     PAIR_FREQS: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,  # rows per program
     BLOCK_P: tl.constexpr,  # next_power_of_2(D / 2)
 ):
-    """BLOCK_ROWS rows of q or of k per program: RMSNorm, weight, rotation (`_rmsnorm_rope_tile`)."""
+    """BLOCK_ROWS rows of one row set per program: RMSNorm, weight, rotation (`_rmsnorm_rope_tile`)."""
     program = tl.program_id(0).to(tl.int64)
-    if program < q_programs:
-        g = program // q_group_programs
-        _rmsnorm_rope_tile((program % q_group_programs) * BLOCK_ROWS, q_rows, q_inner, n_pairs,
-                           Q + g * q_sg, q_s0, q_s1, q_sc, QW, qw_sc,
-                           COS + g * qc_sg, qc_s0, qc_s1, c_sc, SIN + g * qs_sg, qs_s0, qs_s1, s_sc,
-                           Q_OUT + g * qo_sg, qo_s0, qo_s1, qo_sc, q_eps,
-                           Q_HAS_WEIGHT, INTERLEAVED, PAIR_FREQS, BLOCK_ROWS, BLOCK_P)
-    else:
-        program = program - q_programs
-        g = program // k_group_programs
-        _rmsnorm_rope_tile((program % k_group_programs) * BLOCK_ROWS, k_rows, k_inner, n_pairs,
-                           K + g * k_sg, k_s0, k_s1, k_sc, KW, kw_sc,
-                           COS + g * kc_sg, kc_s0, kc_s1, c_sc, SIN + g * ks_sg, ks_s0, ks_s1, s_sc,
-                           K_OUT + g * ko_sg, ko_s0, ko_s1, ko_sc, k_eps,
-                           K_HAS_WEIGHT, INTERLEAVED, PAIR_FREQS, BLOCK_ROWS, BLOCK_P)
+    if program < q0_end:
+        grouped_rope_tile(program, q0_gp, q0_rows, q0_inner, n_pairs, Q0, q0_sg, q0_s0, q0_s1, q0_sc, QW0, qw0_sc,
+                          COS + q0c_off, q0c_sg, q0c_s0, q0c_s1, c_sc, SIN + q0s_off, q0s_sg, q0s_s0, q0s_s1, s_sc,
+                          Q_OUT + q0o_off, q0o_sg, q0o_s0, q0o_s1, qo_sc, q0_eps,
+                          Q0_HAS_WEIGHT, INTERLEAVED, PAIR_FREQS, BLOCK_ROWS, BLOCK_P)
+    elif program < k0_end:
+        grouped_rope_tile(program - q0_end, k0_gp, k0_rows, k0_inner, n_pairs, K0, k0_sg, k0_s0, k0_s1, k0_sc,
+                          KW0, kw0_sc,
+                          COS + k0c_off, k0c_sg, k0c_s0, k0c_s1, c_sc, SIN + k0s_off, k0s_sg, k0s_s0, k0s_s1, s_sc,
+                          K_OUT + k0o_off, k0o_sg, k0o_s0, k0o_s1, ko_sc, k0_eps,
+                          K0_HAS_WEIGHT, INTERLEAVED, PAIR_FREQS, BLOCK_ROWS, BLOCK_P)
+    elif TWO_STREAMS:  # constexpr: one stream compiles no code for stream 1
+        if program < q1_end:
+            grouped_rope_tile(program - k0_end, q1_gp, q1_rows, q1_inner, n_pairs, Q1, q1_sg, q1_s0, q1_s1, q1_sc,
+                              QW1, qw1_sc,
+                              COS + q1c_off, q1c_sg, q1c_s0, q1c_s1, c_sc, SIN + q1s_off, q1s_sg, q1s_s0, q1s_s1, s_sc,
+                              Q_OUT + q1o_off, q1o_sg, q1o_s0, q1o_s1, qo_sc, q1_eps,
+                              Q1_HAS_WEIGHT, INTERLEAVED, PAIR_FREQS, BLOCK_ROWS, BLOCK_P)
+        else:
+            grouped_rope_tile(program - q1_end, k1_gp, k1_rows, k1_inner, n_pairs, K1, k1_sg, k1_s0, k1_s1, k1_sc,
+                              KW1, kw1_sc,
+                              COS + k1c_off, k1c_sg, k1c_s0, k1c_s1, c_sc, SIN + k1s_off, k1s_sg, k1s_s0, k1s_s1, s_sc,
+                              K_OUT + k1o_off, k1o_sg, k1o_s0, k1o_s1, ko_sc, k1_eps,
+                              K1_HAS_WEIGHT, INTERLEAVED, PAIR_FREQS, BLOCK_ROWS, BLOCK_P)
 
 
 def check_rope_operands(x: Tensor | TensorMeta, other: Tensor | TensorMeta, cos, sin) -> None:
@@ -270,16 +313,23 @@ class _OutputDtypes(NamedTuple):
     k: torch.dtype
 
 
-class _LaunchPlan(NamedTuple):
-    """What a launch takes from the call signature alone."""
+class RopeRows(NamedTuple):
+    """The rows of one row set (a tensor's norm and rotation) as `_qk_rmsnorm_rope_kernel` arguments."""
 
-    q_groups: int  # row groups of q (`launch.grouped_row_layout`)
-    k_groups: int
-    q_rows: int  # rows per group
-    k_rows: int
+    n_groups: int
+    n_rows: int  # rows per group
+    n_inner: int  # rows per outer index
+    strides: tuple[int, ...]  # (group, outer, inner) strides of x, out, cos, sin, in that order
+    offsets: tuple[int, int, int] = (0, 0, 0)  # elements from Q_OUT / K_OUT, COS and SIN to its parts
+
+
+class RopeLaunch(NamedTuple):
+    """What a launch of `_qk_rmsnorm_rope_kernel` takes from the call signature alone."""
+
+    rows: tuple[RopeRows, ...]  # the row sets: q, k (one stream) or q0, k0, q1, k1 (two)
     n_cols: int  # D, for `row_settings`
-    elem_bytes: int  # the wider of q's and k's element sizes
-    args: tuple  # the kernel's arguments from q_eps to ks_s1
+    elem_bytes: int  # the widest input element, for `row_settings`
+    args: tuple  # the kernel's arguments from n_pairs on
     constexprs: Mapping[str, object]  # column strides and switches
 
 
@@ -297,13 +347,13 @@ def _output_dtypes(cpu_kernels, q, k, q_weight, k_weight, cos, sin) -> _OutputDt
     return _OutputDtypes(*(x.dtype if w is None else promoted_dtype(x.dtype, w) for x, w in zip((q, k), weights)))
 
 
-def _leading(t: TensorMeta) -> TensorMeta:
+def row_operand(t: TensorMeta) -> TensorMeta:
     """`t` with its last dim cut to one unit column: a `row_layout` operand of the rows alone,
     for cos/sin whose last dim (D/2 in the pair form) need not be x's."""
     return t._replace(shape=(*t.shape[:-1], 1), stride=(*t.stride[:-1], 1))
 
 
-def _channel_stride(weight: TensorMeta | None, x: TensorMeta) -> int | None:
+def channel_stride(weight: TensorMeta | None, x: TensorMeta) -> int | None:
     """The column stride of a per-channel weight broadcast into x (0 without a weight: unread),
     or None for a weight that varies along x's rows."""
     if weight is None:
@@ -312,45 +362,87 @@ def _channel_stride(weight: TensorMeta | None, x: TensorMeta) -> int | None:
     return None if strides is None or any(strides[:-1]) else strides[-1]
 
 
+def rope_rows(x: TensorMeta, out: TensorMeta, cos: TensorMeta, sin: TensorMeta,
+              offsets: tuple[int, int, int] = (0, 0, 0)) -> RopeRows | None:
+    """x's rows with its output and tables (of x's rows, broadcasting into them), or None where
+    a table adds dims or the rows do not coalesce into three row dims (`grouped_row_layout`)."""
+    layout = grouped_row_layout((*x.shape[:-1], 1), *map(row_operand, (x, out, cos, sin)))
+    if layout is None:
+        return None
+    strides = tuple(s for g, (s0, s1, _) in zip(layout.group_strides, layout.rows.strides) for s in (g, s0, s1))
+    return RopeRows(layout.n_groups, layout.rows.n_rows, layout.rows.n_inner, strides, offsets)
+
+
+def rope_launch(inputs: tuple[TensorMeta, ...], weights: tuple[TensorMeta | None, ...], rows: tuple[RopeRows, ...],
+                out_col_strides: tuple[int, int], cos: TensorMeta, sin: TensorMeta, eps: float | None,
+                interleaved: bool) -> RopeLaunch | None:
+    """The launch over the row sets `rows` of `inputs` (q, k or q0, k0, q1, k1) with their `weights`,
+    or None where a weight is not per-channel."""
+    weight_cols = [channel_stride(w, x) for w, x in zip(weights, inputs)]
+    if None in weight_cols:
+        return None
+    absent = 4 - len(rows)  # the row sets of a second stream, for one stream
+    d = inputs[0].shape[-1]
+    args = (
+        d // 2,
+        *(a for x, r in zip(inputs, rows) for a in (default_eps(x, eps), r.n_rows, r.n_inner, *r.strides, *r.offsets)),
+        *(0,) * (absent * len(_ROW_SET_ARGS)),
+    )
+    names = ("q0", "k0", "q1", "k1")
+    constexprs = {f"{name}_sc": x.stride[-1] for name, x in zip(names, inputs)}
+    constexprs |= {f"{name[0]}w{name[1]}_sc": col for name, col in zip(names, weight_cols)}
+    constexprs |= {f"{name.upper()}_HAS_WEIGHT": w is not None for name, w in zip(names, weights)}
+    for name in names[len(rows):]:  # absent: compiled out
+        constexprs |= {f"{name}_sc": 0, f"{name[0]}w{name[1]}_sc": 0, f"{name.upper()}_HAS_WEIGHT": False}
+    constexprs |= dict(
+        qo_sc=out_col_strides[0], ko_sc=out_col_strides[1], c_sc=cos.stride[-1], s_sc=sin.stride[-1],
+        TWO_STREAMS=not absent, INTERLEAVED=bool(interleaved), PAIR_FREQS=bool(2 * cos.shape[-1] == d),
+    )  # bools: concrete under SymInts
+    elem_bytes = max(x.dtype.itemsize for x in inputs)
+    return RopeLaunch(rows, d, elem_bytes, args, MappingProxyType(constexprs))
+
+
+_ROW_SET_ARGS = ("eps", "rows", "inner", *(f"{t}_{s}" for t in ("x", "o", "c", "s") for s in ("sg", "s0", "s1")),
+                 "o_off", "c_off", "s_off")
+"""The scalar arguments of one row set, in the kernel's order."""
+
+
+def launch_rope(plan: RopeLaunch, tensors: tuple, q_out: Tensor, k_out: Tensor, cos: Tensor, sin: Tensor,
+                launch: Launch) -> None:
+    """Launch `_qk_rmsnorm_rope_kernel` by `plan` on `tensors` (each row set's input and weight:
+    q, q_weight, k, k_weight, then stream 1's for two streams), one program grid over every row set.
+    One stream passes its own tensors and zeros for stream 1's arguments, which compile to nothing
+    (`TWO_STREAMS`): the same argument types as a real second stream, no None where a launch through
+    Inductor (`wrap_triton`) expects a tensor or an int."""
+    settings = row_settings(plan.n_cols, plan.elem_bytes)
+    per_group, programs = zip(*(settings.grouped_programs(r.n_groups, r.n_rows) for r in plan.rows))
+    ends = tuple(itertools.accumulate(programs))
+    one_stream = len(plan.rows) == 2
+    with on_device_of(tensors[0]):
+        launch_kernel(
+            _qk_rmsnorm_rope_kernel,
+            ends[-1],
+            (*tensors, *(tensors if one_stream else ()), q_out, k_out, cos, sin,
+             *per_group, *((0, 0) if one_stream else ()), *(*ends, 0)[:3], *plan.args),
+            {**plan.constexprs, "BLOCK_ROWS": settings.block_rows, "BLOCK_P": settings.block_size // 2},
+            settings.num_warps,
+            traced=launch is Launch.TRACED,
+        )
+
+
 @plan_cache
 def _launch_plan(
     key: tuple, q_out_stride: tuple[int, ...], k_out_stride: tuple[int, ...], eps: float | None, interleaved: bool
-) -> _LaunchPlan | None:
+) -> RopeLaunch | None:
     """The launch on operands with `_output_dtypes` key `key`, outputs of these strides, `eps`
-    and `interleaved`, or None where a weight is not per-channel, cos/sin add dims to q or k,
-    or rows do not coalesce into three row dims (`grouped_row_layout`)."""
+    and `interleaved`, or None where a weight is not per-channel or `rope_rows` refuses q or k."""
     _, *tensor_keys = key
     q, k, q_weight, k_weight, cos, sin = map(tensor_meta, tensor_keys)
-    layouts = []
-    for x, out_stride in ((q, q_out_stride), (k, k_out_stride)):
-        rows = (*x.shape[:-1], 1)
-        layouts.append(grouped_row_layout(rows, *map(_leading, (x, x._replace(stride=out_stride), cos, sin))))
-    weight_cols = (_channel_stride(q_weight, q), _channel_stride(k_weight, k))
-    if None in layouts or None in weight_cols:
+    rows = tuple(rope_rows(x, x._replace(stride=stride), cos, sin) for x, stride in ((q, q_out_stride), (k, k_out_stride)))
+    if None in rows:
         return None
-    q_layout, k_layout = layouts
-
-    def strides(layout: GroupedRowLayout) -> tuple[int, ...]:  # (group, outer, inner) of x, out, cos, sin
-        return tuple(s for g, (s0, s1, _) in zip(layout.group_strides, layout.rows.strides) for s in (g, s0, s1))
-
-    d = q.shape[-1]
-    args = (
-        default_eps(q, eps), default_eps(k, eps),
-        q_layout.rows.n_rows, k_layout.rows.n_rows,
-        q_layout.rows.n_inner, k_layout.rows.n_inner,
-        d // 2,
-        *strides(q_layout), *strides(k_layout),
-    )
-    constexprs = dict(
-        q_sc=q.stride[-1], qw_sc=weight_cols[0], qo_sc=q_out_stride[-1],
-        k_sc=k.stride[-1], kw_sc=weight_cols[1], ko_sc=k_out_stride[-1],
-        c_sc=cos.stride[-1], s_sc=sin.stride[-1],
-        Q_HAS_WEIGHT=q_weight is not None, K_HAS_WEIGHT=k_weight is not None,
-        INTERLEAVED=bool(interleaved), PAIR_FREQS=bool(2 * cos.shape[-1] == d),  # bool: concrete under SymInts
-    )
-    elem_bytes = max(q.dtype.itemsize, k.dtype.itemsize)
-    return _LaunchPlan(q_layout.n_groups, k_layout.n_groups, q_layout.rows.n_rows, k_layout.rows.n_rows, d,
-                       elem_bytes, args, MappingProxyType(constexprs))
+    return rope_launch((q, k), (q_weight, k_weight), rows, (q_out_stride[-1], k_out_stride[-1]), cos, sin, eps,
+                       interleaved)
 
 
 def _qk_rmsnorm_rope(q, k, q_weight, k_weight, eps, cos, sin, interleaved, launch: Launch) -> tuple[Tensor, Tensor]:
@@ -366,19 +458,7 @@ def _qk_rmsnorm_rope(q, k, q_weight, k_weight, eps, cos, sin, interleaved, launc
     if plan is None:
         return reference_qk_rmsnorm_rope(q, k, q_weight, k_weight, eps, cos, sin, interleaved)
     if launch is not Launch.NONE:
-        settings = row_settings(plan.n_cols, plan.elem_bytes)
-        q_group_programs, q_programs = settings.grouped_programs(plan.q_groups, plan.q_rows)
-        k_group_programs, k_programs = settings.grouped_programs(plan.k_groups, plan.k_rows)
-        with on_device_of(q):
-            launch_kernel(
-                _qk_rmsnorm_rope_kernel,
-                q_programs + k_programs,
-                (q, q_weight, q_out, k, k_weight, k_out, cos, sin, q_group_programs, q_programs, k_group_programs,
-                 *plan.args),
-                {**plan.constexprs, "BLOCK_ROWS": settings.block_rows, "BLOCK_P": settings.block_size // 2},
-                settings.num_warps,
-                traced=launch is Launch.TRACED,
-            )
+        launch_rope(plan, (q, q_weight, k, k_weight), q_out, k_out, cos, sin, launch)
     return q_out, k_out
 
 

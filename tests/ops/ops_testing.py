@@ -220,6 +220,27 @@ def _rope_args(q_shape, dtype, layout="unused", device="cpu", form="interleaved"
     return q, k, q_weight, k_weight, eps, cos, sin, form != "half"
 
 
+def sequence_major(batch: int, length: int, heads: int, d: int, dtype: torch.dtype, device="cpu") -> torch.Tensor:
+    """`to_q(x).unflatten(-1, (H, D))` as Flux/QwenImage/HunyuanVideo make q or k: a `[B, L, H, D]`
+    view of a `[B, L, H * D]` projection."""
+    return randn(batch, length, heads * d, dtype=dtype, scale=2.0, mean=0.5, device=device).unflatten(-1, (heads, d))
+
+
+JOINT_EXTRA_TOKENS = 3
+"""Stream 1 of the joint ops' generic arguments has this many more tokens than stream 0."""
+
+
+def _cat_rope_args(q0_shape, dtype, layout="unused", device="cpu", form="interleaved"):
+    """Flux's double-block q/k: two streams of `[B, L_i, H, D]` projection views, L_1 = L_0 +
+    JOINT_EXTRA_TOKENS, per-stream weights, joined on dim 1 and rotated by `[1, L_0 + L_1, 1, D]`
+    tables in `form` (fp32, as diffusers' position embedders make them; fp64 for fp64 inputs)."""
+    b, length, h, d = q0_shape
+    streams = [[sequence_major(b, n, h, d, dtype, device) for _ in "qk"] for n in (length, length + JOINT_EXTRA_TOKENS)]
+    weights = [randn(d, dtype=dtype, scale=0.5, mean=1.0, device=device) for _ in range(4)]
+    cos, sin = rope_tables(2 * length + JOINT_EXTRA_TOKENS, d, form, torch.promote_types(dtype, torch.float32), device)
+    return (*streams[0], *streams[1], *weights, 1e-6, 1, cos[None, :, None, :], sin[None, :, None, :], form != "half")
+
+
 def _qk_layernorm_args(q_shape, dtype, layout="unused", device="cpu", affine=True):
     """`[B, H, L, D]` qkv views and (affine) LayerNorm weight and bias for each."""
     q, k = qkv_views(q_shape, dtype, device)
@@ -283,6 +304,15 @@ OP_CASES = {
         x_shape=(2, 2, 4, 64),
         model_shape=lambda length: (1, 24, length, 128),  # Flux-dev: 24 heads of 128
         broadcast_operand=2,
+    ),
+    "qk_rmsnorm_cat_rope": OpCase(
+        op=ops.qk_rmsnorm_cat_rope,
+        reference=ops.reference_qk_rmsnorm_cat_rope,
+        make_args=_cat_rope_args,
+        truth=_on_float64(ops.reference_qk_rmsnorm_cat_rope),
+        x_shape=(2, 4, 2, 64),  # q0 [B, L_0, H, D]
+        model_shape=lambda length: (1, length, 24, 128),  # Flux-dev: 24 heads of 128
+        broadcast_operand=None,  # a weight that adds dims cannot be concatenated with the other stream
     ),
 }
 """Every functional fused op; the generic tests (fallbacks, opcheck, gradcheck, compile, GPU)

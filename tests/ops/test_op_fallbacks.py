@@ -57,7 +57,7 @@ def test_rows_wider_than_max_block_run_reference(interpreted, name):
 
 
 # These take a third row dim as groups of programs (`launch.grouped_row_layout`); their own tests refuse four.
-GROUPED_ROW_OPS = ("qk_rmsnorm_rope", "qk_layernorm")
+GROUPED_ROW_OPS = ("qk_rmsnorm_rope", "qk_rmsnorm_cat_rope", "qk_layernorm")
 
 
 @pytest.mark.parametrize("name", [name for name in OP_CASES if name not in GROUPED_ROW_OPS])

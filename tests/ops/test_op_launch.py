@@ -27,6 +27,7 @@ from ops_testing import FLOAT_DTYPES, OP_CASES, ROW_OPS, assert_op_accurate, out
 layernorm_modulate = import_module("fusion_pass.ops.layernorm_modulate")
 qk_rmsnorm = import_module("fusion_pass.ops.qk_rmsnorm")
 qk_rmsnorm_rope = import_module("fusion_pass.ops.qk_rmsnorm_rope")
+qk_rmsnorm_cat_rope = import_module("fusion_pass.ops.qk_rmsnorm_cat_rope")
 qk_layernorm = import_module("fusion_pass.ops.qk_layernorm")
 
 
@@ -138,6 +139,7 @@ PLANNERS = (
     qk_rmsnorm._launch_plan,
     qk_rmsnorm_rope._output_dtypes,
     qk_rmsnorm_rope._launch_plan,
+    qk_rmsnorm_cat_rope._launch_plan,
     qk_layernorm._fits_kernel,
     qk_layernorm._launch_plan,
 )

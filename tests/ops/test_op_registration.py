@@ -153,7 +153,7 @@ def test_torch_export_keeps_the_ops_whole():
         torch.testing.assert_close(actual, expected, rtol=0.0, atol=0.0)
 
 
-NEW_FAMILY_OPS = ["qk_rmsnorm_rope", "qk_layernorm", "residual_add_layernorm"]
+NEW_FAMILY_OPS = ["qk_rmsnorm_rope", "qk_rmsnorm_cat_rope", "qk_layernorm", "residual_add_layernorm"]
 
 
 @pytest.mark.parametrize("name", NEW_FAMILY_OPS)

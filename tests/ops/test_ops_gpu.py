@@ -18,6 +18,7 @@ LENGTHS = (1, 1370, 3072)  # one token, condition tokens, latent tokens
 KERNEL_NAMES = {
     "qk_rmsnorm": "_qk_rmsnorm_kernel",
     "qk_rmsnorm_rope": "_qk_rmsnorm_rope_kernel",
+    "qk_rmsnorm_cat_rope": "_qk_rmsnorm_rope_kernel",  # the RoPE kernel over two streams' row sets
     "qk_layernorm": "_qk_layernorm_kernel",
 }
 

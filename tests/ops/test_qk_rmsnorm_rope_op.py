@@ -15,6 +15,7 @@ from ops_testing import (
     qkv_views,
     randn,
     rope_tables,
+    sequence_major,
 )
 
 CASE = OP_CASES["qk_rmsnorm_rope"]
@@ -34,8 +35,7 @@ def test_every_rope_form_on_strided_head_views_matches_float64(interpreted, form
 
 def _sequence_major(batch, length, heads, d, dtype):
     """q, k `[B, L, H, D]` as Flux/QwenImage/HunyuanVideo unflatten their projections."""
-    return (randn(batch, length, heads * d, dtype=dtype, scale=2.0, mean=0.5).unflatten(-1, (heads, d))
-            for _ in "qk")
+    return (sequence_major(batch, length, heads, d, dtype) for _ in "qk")
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
