@@ -23,7 +23,7 @@ ROOT_SITES = {"ltx", "pixart", "dit", "wan"}
 #: Models whose q/k norms are diffusers ``RMSNorm`` modules inside a root FX traces: FX cannot follow
 #: ``RMSNorm.forward`` (``self.weight.dtype in [...]`` branches on a traced value), so the norms stay
 #: leaf modules and their q/k pairs are missed (SD3 with ``qk_norm="rms_norm"``: 5 pairs).
-LEAF_QK_NORMS = {"sd3"}
+LEAF_QK_NORMS: set[str] = set()
 
 
 def rel_err(out, ref):
