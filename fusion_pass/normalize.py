@@ -397,16 +397,17 @@ def _rms_of_unknown_dtype(graph: fx.Graph) -> int:
                 and len(weighted.args) == 2 and not weighted.kwargs):
             continue
         upcast = square.args[0]
-        with graph.inserting_before(upcast):
+        with graph.inserting_before(x.next):  # right after x: a pair's two inputs exist before either norm
             x_dtype = graph.call_function(getattr, (x, "dtype"))
             q = graph.call_method(CAST_METHOD, (x, graph.call_function(torch.promote_types, (x_dtype, dtype))))
-            operand = q if cast is None else graph.call_method(CAST_METHOD, (q, torch.float32))
-        square.args = (operand, 2)
-        product.args = tuple(operand if a is x else a for a in product.args)
+            if cast is not None:
+                operand, q_dtype = graph.call_method(CAST_METHOD, (q, torch.float32)), graph.call_function(getattr, (q, "dtype"))
+        square.args = (q if cast is None else operand, 2)
+        product.args = tuple((q if cast is None else operand) if a is x else a for a in product.args)
         if cast is not None:
-            with graph.inserting_before(cast):
-                cast.args = (product, graph.call_function(getattr, (q, "dtype")))
-            with graph.inserting_after(weighted):
+            cast.args = (product, q_dtype)
+            first_user = next((n for n in _following(weighted) if n in weighted.users), weighted.next)
+            with graph.inserting_before(first_user):  # not earlier: the partner norm's weight may be read after
                 out = graph.call_method(CAST_METHOD, (weighted, dtype))
             out.meta = dict(weighted.meta)
             weighted.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
@@ -414,6 +415,12 @@ def _rms_of_unknown_dtype(graph: fx.Graph) -> int:
             graph.erase_node(upcast)
         changed += 1
     return changed
+
+
+def _following(node: fx.Node):
+    while node.next.op != "root":
+        node = node.next
+        yield node
 
 
 def _rms_product(node: fx.Node):
