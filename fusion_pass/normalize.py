@@ -398,14 +398,14 @@ def _rms_of_unknown_dtype(graph: fx.Graph) -> int:
             continue
         upcast = square.args[0]
         with graph.inserting_before(x.next):  # right after x: a pair's two inputs exist before either norm
-            x_dtype = graph.call_function(getattr, (x, "dtype"))
-            q = graph.call_method(CAST_METHOD, (x, graph.call_function(torch.promote_types, (x_dtype, dtype))))
+            promoted = graph.call_function(torch.promote_types, (graph.call_function(getattr, (x, "dtype")), dtype))
+            q = graph.call_method(CAST_METHOD, (x, promoted))
+            normed = q if cast is None else graph.call_method(CAST_METHOD, (q, torch.float32))
             if cast is not None:
-                operand, q_dtype = graph.call_method(CAST_METHOD, (q, torch.float32)), graph.call_function(getattr, (q, "dtype"))
-        square.args = (q if cast is None else operand, 2)
-        product.args = tuple((q if cast is None else operand) if a is x else a for a in product.args)
+                cast.args = (product, graph.call_function(getattr, (q, "dtype")))
+        square.args = (normed, 2)
+        product.args = tuple(normed if a is x else a for a in product.args)
         if cast is not None:
-            cast.args = (product, q_dtype)
             first_user = next((n for n in _following(weighted) if n in weighted.users), weighted.next)
             with graph.inserting_before(first_user):  # not earlier: the partner norm's weight may be read after
                 out = graph.call_method(CAST_METHOD, (weighted, dtype))

@@ -184,6 +184,21 @@ def test_diffusers_rmsnorm_on_q_and_k_is_fused_by_optimize_and_no_less_accurate(
     assert _fp64_error(module, inputs, got) <= _fp64_error(module, inputs, expected) + ulp
 
 
+def test_diffusers_rmsnorm_in_float64_is_fused_by_optimize_and_normalised_in_float64():
+    # diffusers takes the variance of x.to(float32) even for fp64 x; the fused op's fp64 path does
+    # not round it, so it is at least as close to the norm computed wholly in fp64
+    def rms_norm_fp64(x, weight, eps=1e-6):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    report, got, expected, module, inputs = optimize_run(qk_attention(diffusers_rms_norm, diffusers_rms_norm),
+                                                         torch.float64)
+    assert fused(report) == {"qk_rmsnorm": 1}
+    module.fn = qk_attention(rms_norm_fp64, rms_norm_fp64)
+    with torch.no_grad():
+        exact = module(*inputs)
+    assert (got - exact).abs().max() <= (expected - exact).abs().max()
+
+
 @pytest.mark.parametrize("dtype, norm_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
 def test_diffusers_rmsnorm_with_a_weight_of_another_dtype_is_fused_by_optimize_and_no_less_accurate(dtype, norm_dtype):
     # the graph knows the weight's dtype (read and guarded) but not the input's: the norm is fused
