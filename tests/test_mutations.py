@@ -197,16 +197,20 @@ FLUX_INNER = "transformer_blocks.0.ff.net.2"  # an nn.Linear inside a double blo
 FLUX_NORM = "transformer_blocks.0.norm1.norm"  # AdaLayerNormZero's LayerNorm(eps=1e-6, no affine)
 
 
-@pytest.fixture
-def flux():
-    """(original, optimized after one call, inputs) for the tiny Flux of tests/diffusers_models.py."""
+def diffusers_pair(name):
+    """(original, optimized after one call, inputs) for the tiny ``name`` of tests/diffusers_models.py."""
     from diffusers_models import MODELS
 
-    tiny = MODELS["flux"]
+    tiny = MODELS[name]
     original = tiny.build()
     optimized = fusion_pass.optimize(copy.deepcopy(original))
     flux_call(optimized, tiny.inputs())
     return original, optimized, tiny.inputs()
+
+
+@pytest.fixture
+def flux():
+    return diffusers_pair("flux")
 
 
 def flux_call(model, kwargs):
@@ -346,15 +350,9 @@ SD3_QK_PAIRS = 5
 
 @pytest.fixture
 def sd3():
-    """(original, optimized after one call, inputs) for the tiny SD3 of tests/diffusers_models.py."""
-    from diffusers_models import MODELS
-
-    tiny = MODELS["sd3"]
-    original = tiny.build()
-    optimized = fusion_pass.optimize(copy.deepcopy(original))
-    flux_call(optimized, tiny.inputs())
+    original, optimized, inputs = diffusers_pair("sd3")
     assert fusion_pass.report(optimized).totals()["qk_rmsnorm"] == SD3_QK_PAIRS
-    return original, optimized, tiny.inputs()
+    return original, optimized, inputs
 
 
 def cast_floats(kwargs, dtype):
