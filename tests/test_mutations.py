@@ -431,3 +431,7 @@ def test_parameter_and_buffer_metadata_read_while_tracing_are_recorded_and_check
     assert guard.holds()
     module.weight.data = torch.randn(5)  # the same Parameter, another shape
     assert not guard.holds() and "weight.shape changed torch.Size([4]) -> torch.Size([5])" in guard.describe()
+    module.weight.data = torch.randn(4)
+    guard = SubtreeGuard(module, "", metadata=graph.metadata)
+    module.to("meta")  # another device, the same Parameter
+    assert not guard.holds() and "weight.device changed cpu -> meta" in guard.describe()
