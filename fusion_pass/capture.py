@@ -20,6 +20,11 @@ from it can run with the module itself as ``self`` (see ``install.py``).
 Beyond plain FX, the tracer
 - follows a branch on a metadata predicate (``if torch.is_floating_point(t):``) under a
   recorded assumption, checked at run time (``guards.py``);
+- reads the metadata of a parameter or buffer the module holds (``self.weight.dtype``,
+  ``.device``, ``.shape``, ``.size()``, ``.ndim``, ``.dim()``) as its concrete value (a
+  :class:`~fusion_pass.guards.HeldMetadata` specialization, checked on every call by
+  ``snapshot.SubtreeGuard``), so diffusers' ``if self.weight.dtype in (torch.float16, ...)``
+  traces; buffers are traced as graph reads (``get_attr``) like parameters, never as values;
 - keeps tensors a forward builds from Python values alone (``torch.arange(n)``) as
   :class:`~fusion_pass.constants.TensorConstant` nodes held by the graph.
 
@@ -53,7 +58,7 @@ import torch.fx as fx
 from torch import nn
 
 from fusion_pass import explain, guards
-from fusion_pass.guards import CallSignature
+from fusion_pass.guards import CallSignature, HeldMetadata
 from fusion_pass.snapshot import global_hooks
 from fusion_pass.constants import TensorConstant, constant_node
 from fusion_pass.normalize import mutates
@@ -73,6 +78,7 @@ class CapturedGraph:
     signature: CallSignature
     leaf_submodules: tuple[str, ...] = ()
     in_container: bool = False  # an element of a ModuleList/ModuleDict: a block, for Dynamo when FX fails
+    metadata: tuple[HeldMetadata, ...] = ()  # parameter/buffer metadata read as values while tracing
 
 
 @dataclass
@@ -126,11 +132,14 @@ def _leaf_function_modules() -> tuple[ModuleType, ...]:
 class _LeafOnFailureTracer(fx.Tracer):
     """An FX tracer that reports in which submodule a tracing failure happened."""
 
+    proxy_buffer_attributes = True  # buffers are read by the graph (``get_attr``), not baked as values
+
     def __init__(self, extra_leaves: set[str], signature: CallSignature):
         super().__init__(autowrap_modules=_leaf_function_modules())
         self.extra_leaves = extra_leaves
         self._counted_chunks: set[fx.Node] = set()  # chunks whose number of pieces is assumed
         self.signature = signature
+        self.metadata: dict[tuple[str, str], HeldMetadata] = {}  # (get_attr target, attr) -> value read
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         """Trace ``forward`` with placeholders for its required parameters only; the others
@@ -155,7 +164,19 @@ class _LeafOnFailureTracer(fx.Tracer):
         return expected
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
+        if node.op == "get_attr":
+            held = _holder(self.root, node.target)
+            if held is not None:
+                return _HeldTensorProxy(node, self, *held)
         return _PiecesProxy(node, self)
+
+    def read_metadata(self, proxy: _HeldTensorProxy, attr: str):
+        """The value of ``attr`` of the parameter/buffer behind ``proxy``, recorded as a
+        specialization of the graph (see :class:`~fusion_pass.guards.HeldMetadata`)."""
+        value = getattr(proxy.tensors[proxy.name], attr)
+        owner, _, name = proxy.node.target.rpartition(".")
+        self.metadata.setdefault((proxy.node.target, attr), HeldMetadata(owner, name, attr, value))
+        return value
 
     def pieces(self, obj: fx.Proxy) -> int | None:
         """How many pieces ``obj`` holds when it is a ``chunk(n)`` or a slice of one, under an
@@ -208,13 +229,49 @@ class _PiecesProxy(fx.Proxy):
         return super().__len__() if count is None else count
 
 
+class _HeldTensorProxy(_PiecesProxy):
+    """A parameter or buffer the traced module holds (``tensors[name]``: its owner's
+    ``_parameters`` or ``_buffers``). Its metadata reads return the tensor's own values,
+    recorded by the tracer (``read_metadata``): Python can then branch on them."""
+
+    def __init__(self, node: fx.Node, tracer: _LeafOnFailureTracer, tensors: dict, name: str):
+        super().__init__(node, tracer)
+        self.tensors, self.name = tensors, name
+
+    dtype = property(lambda self: self.tracer.read_metadata(self, "dtype"))
+    device = property(lambda self: self.tracer.read_metadata(self, "device"))
+    shape = property(lambda self: self.tracer.read_metadata(self, "shape"))
+    ndim = property(lambda self: self.tracer.read_metadata(self, "ndim"))
+
+    def size(self, dim: int | None = None):
+        shape = self.shape
+        return shape if dim is None else shape[dim]
+
+    def dim(self) -> int:
+        return self.ndim
+
+
+def _holder(root: nn.Module, target: str) -> tuple[dict, str] | None:
+    """``(owner._parameters or owner._buffers, name)`` for the ``get_attr`` target ``owner.name``."""
+    owner_path, _, name = target.rpartition(".")
+    try:
+        owner = root.get_submodule(owner_path)
+    except AttributeError:
+        return None
+    for tensors in (owner._parameters, owner._buffers):
+        if isinstance(tensors.get(name), torch.Tensor):
+            return tensors, name
+    return None
+
+
 def _has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
-def _trace(module: nn.Module, signature: CallSignature) -> tuple[fx.Graph, tuple[str, ...]]:
-    """Trace ``module``, making failing submodules leaves. Raises when the module's own
-    forward is untraceable or assigns module attributes (a side effect the graph would lose)."""
+def _trace(module: nn.Module, signature: CallSignature) -> tuple[fx.Graph, tuple[str, ...], tuple[HeldMetadata, ...]]:
+    """Trace ``module``, making failing submodules leaves; returns the graph, the leaves and the
+    parameter/buffer metadata the trace read. Raises when the module's own forward is
+    untraceable or assigns module attributes (a side effect the graph would lose)."""
     leaves: set[str] = set()
     while True:
         tracer = _LeafOnFailureTracer(leaves, signature)
@@ -242,7 +299,7 @@ def _trace(module: nn.Module, signature: CallSignature) -> tuple[fx.Graph, tuple
                 continue
             raise explain.Refused(f"has control flow on {guard.args[2]} after {explain.source_expression(effect)}, "
                                   "which may modify state (the original forward could not rerun exactly)")
-        return graph, tuple(sorted(leaves))
+        return graph, tuple(sorted(leaves)), tuple(tracer.metadata.values())
 
 
 def _same_class(module: nn.Module, path: str) -> list[str]:
@@ -338,7 +395,7 @@ def _capture_into(module: nn.Module, path: str, result: CaptureResult, skip, in_
         return
     try:
         signature = CallSignature(type(module).forward, call)
-        graph, leaves = _trace(module, signature)
+        graph, leaves, metadata = _trace(module, signature)
     except Exception as exc:  # noqa: BLE001 - any failure: a block goes to Dynamo, anything else descends
         if in_container:
             result.regional.append(Region(path, module, explain.capture_failure(module, exc), True))
@@ -347,7 +404,7 @@ def _capture_into(module: nn.Module, path: str, result: CaptureResult, skip, in_
         for name, child in module.named_children():
             _capture_into(child, _join(path, name), result, skip)
         return
-    result.graphs.append(CapturedGraph(path, module, graph, signature, leaves, in_container))
+    result.graphs.append(CapturedGraph(path, module, graph, signature, leaves, in_container, metadata))
     called = sorted({node.target for node in graph.nodes if node.op == "call_module"})  # failed or hooked
     for leaf in called:
         _capture_into(module.get_submodule(leaf), _join(path, leaf), result, skip)

@@ -11,6 +11,13 @@ in the graph modifies state (see ``capture.py``).
 
 Data-dependent branches (``if x.sum() > 0``) are not guardable: the module stays uncaptured.
 
+The metadata of a parameter or buffer the traced module holds (``self.weight.dtype``,
+``.device``, ``.shape``, ``.size()``, ``.ndim``, ``.dim()``: diffusers' ``RMSNorm`` branches on
+``self.weight.dtype in (torch.float16, torch.bfloat16)``) is read at capture as the concrete
+value, a specialization recorded as a :class:`HeldMetadata` and compared on every call, with
+the rest of the module's state, by ``snapshot.SubtreeGuard`` (``.to()``/``.half()`` rebind
+``param.data`` in place, so the parameter keeps its identity and only this check sees it).
+
 Iterating the pieces of ``x.chunk(n)`` (or a slice of them: Hunyuan3D's ``Modulation`` does
 ``ModulationOut(*out[:3])``) follows the assumption that chunk made ``n`` pieces (it makes fewer
 when the dim is too short), checked by an ``assume`` on ``len(pieces) == n``: the number follows
@@ -21,6 +28,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import operator
+from dataclasses import dataclass
 
 import torch
 from torch import fx
@@ -80,6 +88,23 @@ def describe_guard(guard: fx.Node) -> str:
     the forward's own terms (see ``explain.source_expression``)."""
     _, expected, what = guard.args
     return f"{what} is {expected}"
+
+
+@dataclass(frozen=True)
+class HeldMetadata:
+    """``<owner>.<name>.<attr>`` was ``value`` at capture: ``attr`` (dtype, device, shape, ndim)
+    of the parameter or buffer ``name`` of the submodule at ``owner`` (relative to the graph's
+    module), read as a Python value while tracing."""
+
+    owner: str
+    name: str
+    attr: str
+    value: object
+
+    def describe(self) -> str:
+        """``"attn.norm_q: weight.dtype is torch.float32"`` (the report groups by the module path)."""
+        what = f"{self.name}.{self.attr} is {self.value}"
+        return f"{self.owner}: {what}" if self.owner else what
 
 
 class ArgumentsDiffer(GuardFailed):

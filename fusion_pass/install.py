@@ -24,7 +24,7 @@ from fusion_pass.capture import CapturedGraph
 from fusion_pass.ops.direct import call_directly
 from fusion_pass.cuda_graphs import GraphReplay
 from fusion_pass.precompile import dry_run_is_safe, precompile
-from fusion_pass.guards import ArgumentsDiffer, CallSignature, GuardFailed
+from fusion_pass.guards import ArgumentsDiffer, CallSignature, GuardFailed, HeldMetadata
 from fusion_pass.snapshot import SubtreeGuard
 
 
@@ -47,7 +47,7 @@ class FusedForward(InstalledForward):
     for this call, exact, counted by the session)."""
 
     def __init__(self, module: nn.Module, path: str, code, signature: CallSignature, leaves, source: str,
-                 graphs: GraphReplay | None = None, session=None):
+                 graphs: GraphReplay | None = None, session=None, metadata: tuple[HeldMetadata, ...] = ()):
         self.module = module
         self.path = path
         self.code = code
@@ -56,12 +56,13 @@ class FusedForward(InstalledForward):
         self.source = source  # generated Python, for debugging (FUSION_PASS_DUMP)
         self.graphs = graphs
         self.session = session
+        self.metadata = metadata  # parameter/buffer metadata the graph was traced with (checked by ``guard``)
         self.guard: SubtreeGuard | None = None
         self.precompile = False  # dry-run the first call to compile its kernels in parallel (precompile.py)
 
     def arm(self) -> SubtreeGuard:
         """Snapshot the subtree as it is now: from here on, any change is seen by the next call."""
-        self.guard = SubtreeGuard(self.module, self.path, self.leaves)
+        self.guard = SubtreeGuard(self.module, self.path, self.leaves, self.metadata)
         return self.guard
 
     def describe_signature(self) -> str:
@@ -122,7 +123,8 @@ def install(captured: CapturedGraph, graph_pool=None, session=None) -> FusedForw
     forward = namespace["forward"]
     graphs = GraphReplay(captured.module, forward, graph_pool) if graph_pool is not None else None
     called = sorted({n.target for n in captured.graph.nodes if n.op == "call_module"})
-    fused = FusedForward(captured.module, captured.path, forward, captured.signature, called, code.src, graphs, session)
+    fused = FusedForward(captured.module, captured.path, forward, captured.signature, called, code.src, graphs, session,
+                         captured.metadata)
     fused.in_container = captured.in_container
     fused.precompile = dry_run_is_safe(captured.graph, captured.module)
     captured.module.forward = fused

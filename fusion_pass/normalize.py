@@ -36,6 +36,12 @@ unsqueeze/reshape, ``c`` a number):                    move to the tensor operan
 ``x * rsqrt(mean(x.to(f32) ** 2, -1, True) + eps)``    ``x.to(f32) * rsqrt(...)`` (diffusers'
 (x fp16/bf16/fp32: the product is computed in fp32      ``RMSNorm``: the product names the upcast
 by promotion anyway)                                    it computes with)
+the same where x's dtype is not known (FX graphs):     ``q = x.to(promote_types(x.dtype, T))``
+``x * rsqrt(...)`` then ``* w`` (weight not fp16/bf16)  normalized: ``q * rsqrt(mean(q ** 2))
+or ``.to(W) * w`` (W the weight's fp16/bf16 dtype,       * w`` (T = f32), or ``(q.to(f32) *
+a constant: capture read and guards ``weight.dtype``)   rsqrt(...)).to(q.dtype) * w`` then
+                                                       ``.to(W)`` (T = W); see
+                                                       ``_rms_of_unknown_dtype``
 ``x.to(d)`` where x's dtype is known to be ``d``,      ``x`` (``.to`` returns x itself: a no-op
 ``x.to(device)`` where x is known to be on it           cast of FP32LayerNorm, of ``.float()``
                                                        twice, of ``.type_as(x)`` in fp32 graphs)
@@ -104,6 +110,7 @@ def normalize(graph: fx.Graph, root: nn.Module | None = None) -> int:
         changed += 1
     changed += _numbers_first(graph)
     changed += _sink_views(graph)
+    changed += _rms_of_unknown_dtype(graph)
     changed += _explicit_rms_upcast(graph)
     changed += _drop_noop_moves(graph)
     changed += _merge_duplicates(graph, root)
@@ -354,6 +361,87 @@ def _explicit_rms_upcast(graph: fx.Graph) -> int:
             changed += 1
             break
     return changed
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _rms_of_unknown_dtype(graph: fx.Graph) -> int:
+    """diffusers' ``RMSNorm`` in a graph without shapes (our FX capture), x's dtype unknown:
+    ``p = x * rsqrt(eps + mean(x.to(f32) ** 2, -1, True))`` computes in ``promote(x.dtype, f32)``,
+    then either ``p * w`` (a weight that is not fp16/bf16) or ``p.to(W) * w`` (W the weight's
+    fp16/bf16 dtype, a constant: ``capture.py`` read ``weight.dtype`` and the installed forward
+    checks it). Both are respelled over ``q = x.to(promote_types(x.dtype, T))`` (T = f32, or W):
+
+    - ``p * w`` -> ``q * rsqrt(eps + mean(q ** 2, -1, True)) * w``: the same values for
+      fp16/bf16/fp32 x (q is ``x.to(f32)``); for fp64 x the variance is then fp64, not fp32;
+    - ``p.to(W) * w`` -> ``((u * rsqrt(eps + mean(u ** 2, ...))).to(q.dtype) * w).to(W)``
+      with ``u = q.to(f32)``: the same values when x is W (q is x, both casts return their
+      input); for another x dtype n is rounded to the wider ``promote(x.dtype, W)`` instead of W.
+
+    Never less precise than the original, and each is a spelling ``patterns/qk_rmsnorm.py``
+    matches with q as the norm's input (no cast back, or a cast back to ``q.dtype``). Left alone
+    unless p and its cast each have that one user."""
+    changed = 0
+    for product in list(graph.nodes):
+        found = _rms_product(product)
+        if found is None:
+            continue
+        x, square = found
+        cast = _only_user(product)
+        if _is_cast_to(cast, _HALF):
+            weighted, dtype = _only_user(cast), cast.args[1]
+        else:
+            weighted, dtype, cast = cast, torch.float32, None
+        if not (isinstance(weighted, fx.Node) and weighted.op == "call_function" and weighted.target is MUL
+                and len(weighted.args) == 2 and not weighted.kwargs):
+            continue
+        upcast = square.args[0]
+        with graph.inserting_before(x.next):  # right after x: a pair's two inputs exist before either norm
+            promoted = graph.call_function(torch.promote_types, (graph.call_function(getattr, (x, "dtype")), dtype))
+            q = graph.call_method(CAST_METHOD, (x, promoted))
+            normed = q if cast is None else graph.call_method(CAST_METHOD, (q, torch.float32))
+            if cast is not None:
+                cast.args = (product, graph.call_function(getattr, (q, "dtype")))
+        square.args = (normed, 2)
+        product.args = tuple(normed if a is x else a for a in product.args)
+        if cast is not None:
+            first_user = next((n for n in _following(weighted) if n in weighted.users), weighted.next)
+            with graph.inserting_before(first_user):  # not earlier: the partner norm's weight may be read after
+                out = graph.call_method(CAST_METHOD, (weighted, dtype))
+            out.meta = dict(weighted.meta)
+            weighted.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+        if not upcast.users:
+            graph.erase_node(upcast)
+        changed += 1
+    return changed
+
+
+def _following(node: fx.Node):
+    while node.next.op != "root":
+        node = node.next
+        yield node
+
+
+def _rms_product(node: fx.Node):
+    """``(x, square)`` when ``node`` is ``x * rsqrt(c + mean(square, ...))`` with ``square =
+    x.to(f32) ** 2`` and x's dtype unknown; else None."""
+    if node.op != "call_function" or node.target is not MUL or len(node.args) != 2 or node.kwargs:
+        return None
+    for x, rsqrt in (node.args, node.args[::-1]):
+        upcast = _upcast_under_rsqrt(rsqrt)
+        if upcast is not None and upcast.args[0] is x and known_dtype(x) is None:
+            return x, rsqrt.args[0].args[1].args[0]
+    return None
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _is_cast_to(node, dtypes) -> bool:
+    return (isinstance(node, fx.Node) and node.op == "call_method" and node.target == CAST_METHOD
+            and len(node.args) == 2 and not node.kwargs and node.args[1] in dtypes)
 
 
 def _upcast_under_rsqrt(rsqrt):

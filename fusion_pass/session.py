@@ -92,6 +92,7 @@ class Session:
                 continue
             fragment.graphs.append(graph.path or "<root>")
             fragment.assumptions.extend((graph.path, describe_guard(g)) for g in guards_in(graph.graph))
+            fragment.assumptions.extend((graph.path, held.describe()) for held in graph.metadata)
             installed.append((install(graph, self.pool, self), fragment))
             for match in result.matches:
                 for owner, attr in match.weight_owners:

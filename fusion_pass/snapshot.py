@@ -17,7 +17,10 @@ submodule, parameter or buffer replaced, added or removed, any plain attribute r
 Measured on the official Hunyuan3D-2 (meta device, 2-core CPU, torch 2.13): see README, "What
 is checked on every call". Not seen (and not needed): in-place tensor updates (the graph reads
 parameters live), ``requires_grad`` flags and ``.to()`` (parameters keep their identity; the
-fused ops handle dtype and autograd at call time).
+fused ops handle dtype and autograd at call time), except where the trace read a parameter's
+or buffer's metadata as a value (``guards.HeldMetadata``: diffusers' ``RMSNorm`` branches on
+``self.weight.dtype``): ``metadata`` compares each such read again (``.to()`` and ``.half()``
+rebind ``param.data`` in place, so only this sees them), one ``getattr`` per read.
 
 Modules the graph still calls as modules (``call_module`` leaves) are not inlined: their own
 ``__call__`` runs their hooks and reads their state at run time, so only their identity (the
@@ -34,6 +37,8 @@ from typing import Iterable
 
 import torch
 from torch import nn
+
+from fusion_pass.guards import HeldMetadata
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _STATE_DICTS = ("_parameters", "_buffers", "_modules")
@@ -54,8 +59,11 @@ def global_hooks() -> list[str]:
 class SubtreeGuard:
     """Holds while the inlined modules under ``module`` (all but ``leaves``) are as captured."""
 
-    def __init__(self, module: nn.Module, path: str, leaves: Iterable[str] = ()):
+    def __init__(self, module: nn.Module, path: str, leaves: Iterable[str] = (),
+                 metadata: Iterable[HeldMetadata] = ()):
         self.module, self.path, self.leaves = module, path, frozenset(leaves)
+        self.metadata = tuple(metadata)  # parameter/buffer metadata the graph was traced with
+        self.expected = [held.value for held in self.metadata]
         self._build()
         self.snap = [_shallow_copy(d) for d in self.live]
 
@@ -66,12 +74,14 @@ class SubtreeGuard:
         self._collect(self.module, "", root=True)
         for name, hooks in _GLOBAL_HOOKS:
             self._add(hooks, ("", name.strip("_").replace("_", " "), ""))
+        self.reads = [(_tensors_of(self.module, held), held.name, held.attr) for held in self.metadata]
 
     def holds(self) -> bool:
         if self.live is None:  # a deep copy: the copied module is complete by its first call
             self._build()
         try:
-            return self.live == self.snap
+            return self.live == self.snap and (
+                not self.reads or [getattr(d.get(n), a, None) for d, n, a in self.reads] == self.expected)
         except Exception:  # noqa: BLE001 - a value replaced by one whose == raises (tensors of other devices)
             return False
 
@@ -81,6 +91,7 @@ class SubtreeGuard:
         clone = SubtreeGuard.__new__(SubtreeGuard)
         clone.module, clone.path, clone.leaves = copy.deepcopy(self.module, memo), self.path, self.leaves
         clone.snap = copy.deepcopy(self.snap, memo)
+        clone.metadata, clone.expected = self.metadata, self.expected
         clone.live = None
         return clone
 
@@ -89,12 +100,16 @@ class SubtreeGuard:
         changes = [_describe(label, old, new) for label, new, old in zip(self.labels, self.live, self.snap)
                    if not _same(new, old)]
         parts = [part for change in changes for part in change.split("; ")]
+        parts += [f"{_join(self.path, held.owner, held.name)}.{held.attr} changed {held.value} -> {now}"
+                  for held, (tensors, name, attr) in zip(self.metadata, self.reads)
+                  if (now := getattr(tensors.get(name), attr, None)) != held.value]
         more = f" (+{len(parts) - 3} more)" if len(parts) > 3 else ""
         return "; ".join(parts[:3]) + more if parts else "no change"
 
     def summary(self) -> str:
+        reads = f"; {len(self.reads)} parameter/buffer metadata read at capture" if self.metadata else ""
         return (f"subtree unchanged: {self.modules} inlined modules ({len(self.live)} dicts: attributes, parameters, "
-                f"buffers, submodules, hooks, containers) and no global module hooks")
+                f"buffers, submodules, hooks, containers) and no global module hooks{reads}")
 
     def _collect(self, module: nn.Module, rel: str, root: bool = False) -> None:
         self.modules += 1
@@ -128,6 +143,20 @@ class SubtreeGuard:
 
     def _full(self, rel: str) -> str:
         return ".".join(p for p in (self.path, rel) if p) or "<root>"
+
+
+def _tensors_of(module: nn.Module, held: HeldMetadata) -> dict:
+    """The ``_parameters`` or ``_buffers`` dict that held ``held.name`` at capture (empty when
+    its owner is gone: the check then fails)."""
+    try:
+        owner = module.get_submodule(held.owner)
+    except AttributeError:
+        return {}
+    return owner._buffers if held.name in owner._buffers else owner._parameters
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
 
 
 def _same(live, snap) -> bool:

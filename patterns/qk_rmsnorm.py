@@ -7,7 +7,9 @@ Accepts    the upcast spelling ``(x.float() * rsqrt(mean(x**2, -1, keepdim=True)
            (also ``x.pow(2)``, ``x * x``, ``x.square()``, ``.to(torch.float32)``, a cast back
            to ``x.dtype`` read from the graph or known from shapes), the same without any cast
            (``x * rsqrt(...) * w``: the fused op then computes in fp32, never less accurately),
-           ``F.rms_norm`` / ``nn.RMSNorm`` with a weight.
+           ``F.rms_norm`` / ``nn.RMSNorm`` with a weight; diffusers' ``RMSNorm`` as ``normalize``
+           respells it (the upcast spelling in Dynamo graphs; in FX graphs, without dtypes,
+           a norm of ``x.to(promote_types(x.dtype, T))``, see ``_rms_of_unknown_dtype``).
 Refuses    (near-miss) eps that differs between q and k, a norm with no partner, a norm that
            feeds no attention, a reduction over a dim other than the last, ``keepdim=False``,
            a cast back to a dtype that is not the input's, an fp32 result never cast back.

@@ -20,10 +20,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 #: Models whose root forward holds a fusable site itself (the final ``norm_out(x) * (1 + scale)
 #: + shift``): FX cannot trace these roots and Dynamo takes only blocks, so that site is missed.
 ROOT_SITES = {"ltx", "pixart", "dit", "wan"}
-#: Models whose q/k norms are diffusers ``RMSNorm`` modules inside a root FX traces: FX cannot follow
-#: ``RMSNorm.forward`` (``self.weight.dtype in [...]`` branches on a traced value), so the norms stay
-#: leaf modules and their q/k pairs are missed (SD3 with ``qk_norm="rms_norm"``: 5 pairs).
-LEAF_QK_NORMS = {"sd3"}
 
 
 def rel_err(out, ref):
@@ -70,9 +66,6 @@ def test_optimize_fuses_what_the_backend_fuses(name, request):
     if name in ROOT_SITES:
         request.applymarker(pytest.mark.xfail(strict=True, reason="a site in the root's own forward (final "
                                               "norm_out modulation) is not captured: see ROOT_SITES"))
-    if name in LEAF_QK_NORMS:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="q/k RMSNorm modules the root's FX trace "
-                                              "cannot follow are left unfused: see LEAF_QK_NORMS"))
     tiny = MODELS[name]
     original = tiny.build()
     optimized = fusion_pass.optimize(copy.deepcopy(original))

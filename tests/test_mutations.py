@@ -197,16 +197,20 @@ FLUX_INNER = "transformer_blocks.0.ff.net.2"  # an nn.Linear inside a double blo
 FLUX_NORM = "transformer_blocks.0.norm1.norm"  # AdaLayerNormZero's LayerNorm(eps=1e-6, no affine)
 
 
-@pytest.fixture
-def flux():
-    """(original, optimized after one call, inputs) for the tiny Flux of tests/diffusers_models.py."""
+def diffusers_pair(name):
+    """(original, optimized after one call, inputs) for the tiny ``name`` of tests/diffusers_models.py."""
     from diffusers_models import MODELS
 
-    tiny = MODELS["flux"]
+    tiny = MODELS[name]
     original = tiny.build()
     optimized = fusion_pass.optimize(copy.deepcopy(original))
     flux_call(optimized, tiny.inputs())
     return original, optimized, tiny.inputs()
+
+
+@pytest.fixture
+def flux():
+    return diffusers_pair("flux")
 
 
 def flux_call(model, kwargs):
@@ -334,3 +338,100 @@ def test_a_deep_copy_of_an_optimized_flux_runs_its_own_blocks(flux):
     clone = copy.deepcopy(flux[1])
     assert clone.transformer_blocks[0].forward.module is clone.transformer_blocks[0]
     assert rel_err(flux_call(clone, flux[2]), flux_call(flux[0], flux[2])) <= 1e-5
+
+
+# --- SD3 (diffusers): the root traced by our FX tracer, which reads each q/k RMSNorm's weight.dtype ---
+
+SD3_NORM = "transformer_blocks.0.attn.norm_q"  # diffusers RMSNorm(head dim, eps=1e-6), fp32 weight
+#: SD3's q/k norm pairs (qk_norm="rms_norm"): block 0 has SD3.5's dual attention, so attn (image and
+#: context q/k: 2 pairs) and attn2 (image: 1 pair); block 1 (context_pre_only) attn: 2 pairs
+SD3_QK_PAIRS = 5
+
+
+@pytest.fixture
+def sd3():
+    original, optimized, inputs = diffusers_pair("sd3")
+    assert fusion_pass.report(optimized).totals()["qk_rmsnorm"] == SD3_QK_PAIRS
+    return original, optimized, inputs
+
+
+def cast_floats(kwargs, dtype):
+    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
+
+
+def test_sd3_cast_to_bfloat16_after_optimize_is_captured_again_and_no_less_accurate(sd3):
+    original, optimized, kwargs = sd3
+    weight = optimized.get_submodule(SD3_NORM).weight
+    with torch.no_grad():
+        exact = copy.deepcopy(original).double()(**cast_floats(kwargs, torch.float64))[0]
+    both(sd3, lambda m: m.to(torch.bfloat16))
+    assert optimized.get_submodule(SD3_NORM).weight is weight  # .to() rebinds weight.data: the same Parameter
+    low = cast_floats(kwargs, torch.bfloat16)
+    eager, fused = flux_call(original, low), flux_call(optimized, low)
+    assert fused.dtype == eager.dtype == torch.bfloat16
+    assert f"{SD3_NORM}.weight.dtype changed torch.float32 -> torch.bfloat16" in reasons(optimized)
+    report = fusion_pass.report(optimized)
+    assert report.totals()["qk_rmsnorm"] == SD3_QK_PAIRS  # captured again for bf16 weights, fused again
+    assert ("", f"{SD3_NORM}: weight.dtype is torch.bfloat16") in report.assumptions
+    # the fused op rounds as the bf16 spelling does (and the product once): one bf16 ulp of slack
+    ulp = torch.finfo(torch.bfloat16).eps * exact.abs().max().item()
+    assert (fused.double() - exact).abs().max() <= (eager.double() - exact).abs().max() + ulp
+
+
+def test_sd3_norm_weight_replaced_by_a_new_parameter_is_used(sd3):
+    both(sd3, lambda m: setattr(m.get_submodule(SD3_NORM), "weight",
+                                nn.Parameter(torch.randn_like(m.get_submodule(SD3_NORM).weight))))
+    assert_same_flux(sd3)
+    assert f"parameter {SD3_NORM}.weight replaced" in reasons(sd3[1])
+    assert fusion_pass.report(sd3[1]).totals()["qk_rmsnorm"] == SD3_QK_PAIRS
+
+
+def test_sd3_norm_weight_set_to_none_is_used(sd3):
+    # RMSNorm(elementwise_affine=False) holds weight None and casts back to the input dtype instead:
+    # that norm has no weight for the fused op, so its pair is left unfused, the others stay fused
+    both(sd3, lambda m: setattr(m.get_submodule(SD3_NORM), "weight", None))
+    assert_same_flux(sd3)
+    assert f"parameter {SD3_NORM}.weight replaced" in reasons(sd3[1])
+    assert fusion_pass.report(sd3[1]).totals()["qk_rmsnorm"] == SD3_QK_PAIRS - 1
+
+
+# --- metadata of parameters and buffers read as values while tracing --------------------------------
+
+class ReadsMetadata(nn.Module):
+    """Branches on its parameter's and buffer's metadata, as diffusers' norms do."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4))
+        self.register_buffer("table", torch.randn(4))
+
+    def forward(self, x):
+        if self.weight.dtype in (torch.float16, torch.bfloat16) or self.table.ndim != 1:
+            x = x.to(self.weight.dtype)
+        if self.weight.size(0) == self.weight.shape[-1] == self.table.size()[0] and self.weight.dim() == 1:
+            x = x * self.weight
+        return x + self.table.to(self.weight.device)
+
+
+def test_parameter_and_buffer_metadata_read_while_tracing_are_recorded_and_checked():
+    from fusion_pass.capture import capture
+    from fusion_pass.snapshot import SubtreeGuard
+
+    module = ReadsMetadata()
+    (graph,) = capture(module).graphs
+    read = {(held.name, held.attr): held.value for held in graph.metadata}
+    assert read == {("weight", "dtype"): torch.float32, ("table", "ndim"): 1, ("weight", "shape"): torch.Size([4]),
+                    ("table", "shape"): torch.Size([4]), ("weight", "ndim"): 1, ("weight", "device"): torch.device("cpu")}
+    guard = SubtreeGuard(module, "", metadata=graph.metadata)
+    assert guard.holds()
+    module.half()  # the same Parameter, its data rebound to fp16 (buffers are replaced)
+    assert not guard.holds() and "weight.dtype changed torch.float32 -> torch.float16" in guard.describe()
+    module.float()
+    guard = SubtreeGuard(module, "", metadata=graph.metadata)
+    assert guard.holds()
+    module.weight.data = torch.randn(5)  # the same Parameter, another shape
+    assert not guard.holds() and "weight.shape changed torch.Size([4]) -> torch.Size([5])" in guard.describe()
+    module.weight.data = torch.randn(4)
+    guard = SubtreeGuard(module, "", metadata=graph.metadata)
+    module.to("meta")  # another device, the same Parameter
+    assert not guard.holds() and "weight.device changed cpu -> meta" in guard.describe()

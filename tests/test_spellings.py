@@ -3,6 +3,7 @@ canonical forms ``normalize`` gives them (issue 13), through the compile backend
 which carry dtypes and shapes) and, where no dtype is needed, through ``optimize()``."""
 from __future__ import annotations
 
+import copy
 import operator
 
 import pytest
@@ -156,6 +157,59 @@ def test_diffusers_rmsnorm_with_fp32_weight_on_half_input_is_not_fused():
     report, *_ = backend_run(attention, torch.bfloat16, torch.float32)
     assert fused(report) == {}
     assert reasons(report, "qk_rmsnorm") == ["normalized value is computed in fp32 and never cast back to the input dtype"] * 2
+
+
+def optimize_run(fn, dtype=torch.float32, norm_dtype=None, seed=0):
+    """(report, optimized output, original output, module, inputs) through ``optimize()``: our FX
+    capture, whose graphs carry no dtypes (the trace reads ``weight.dtype`` as a value, guarded)."""
+    torch.manual_seed(seed)
+    module = Block(fn, dtype, norm_dtype)
+    x, emb = torch.randn(2, 5, D, dtype=dtype), torch.randn(2, 6 * D, dtype=dtype)
+    with torch.no_grad():
+        expected = module(x, emb)
+        optimized = fusion_pass.optimize(copy.deepcopy(module))
+        got = optimized(x, emb)
+    return fusion_pass.report(optimized), got, expected, module, (x, emb)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_diffusers_rmsnorm_on_q_and_k_is_fused_by_optimize_and_no_less_accurate(dtype):
+    report, got, expected, module, inputs = optimize_run(qk_attention(diffusers_rms_norm, diffusers_rms_norm), dtype)
+    assert fused(report) == {"qk_rmsnorm": 1}
+    assert ("", f"q_weight.dtype is {dtype}") in report.assumptions  # the branch the trace took, checked per call
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    ulp = torch.finfo(dtype).eps * expected.abs().max().item()
+    assert got.dtype == expected.dtype
+    assert _fp64_error(module, inputs, got) <= _fp64_error(module, inputs, expected) + ulp
+
+
+def test_diffusers_rmsnorm_in_float64_is_fused_by_optimize_and_normalised_in_float64():
+    # diffusers takes the variance of x.to(float32) even for fp64 x; the fused op's fp64 path does
+    # not round it, so it is at least as close to the norm computed wholly in fp64
+    def rms_norm_fp64(x, weight, eps=1e-6):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    report, got, expected, module, inputs = optimize_run(qk_attention(diffusers_rms_norm, diffusers_rms_norm),
+                                                         torch.float64)
+    assert fused(report) == {"qk_rmsnorm": 1}
+    module.fn = qk_attention(rms_norm_fp64, rms_norm_fp64)
+    with torch.no_grad():
+        exact = module(*inputs)
+    assert (got - exact).abs().max() <= (expected - exact).abs().max()
+
+
+@pytest.mark.parametrize("dtype, norm_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_diffusers_rmsnorm_with_a_weight_of_another_dtype_is_fused_by_optimize_and_no_less_accurate(dtype, norm_dtype):
+    # the graph knows the weight's dtype (read and guarded) but not the input's: the norm is fused
+    # over x.to(promote_types(x.dtype, T)), T = fp32 (fp32 weight) or the half weight's dtype: an fp32
+    # input is not rounded before a bf16 weight, a bf16 input is upcast as diffusers' product does
+    attention = qk_attention(diffusers_rms_norm, diffusers_rms_norm, cast_to_v=True)
+    report, got, expected, module, inputs = optimize_run(attention, dtype, norm_dtype)
+    assert fused(report) == {"qk_rmsnorm": 1}
+    ulp = torch.finfo(torch.bfloat16).eps * expected.abs().max().item()
+    assert got.dtype == expected.dtype
+    assert _fp64_error(module, inputs, got) <= _fp64_error(module, inputs, expected) + ulp
 
 
 def test_rmsnorm_across_heads_before_the_head_split_is_fused():
