@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import fusion_pass
-from fusion_pass.cuda_graphs import GraphReplay, _signature, replay_paused
+from fusion_pass.cuda_graphs import GraphReplay, call_key, changed_by_call, replay_allowed, replay_paused, \
+    state_allows_replay
+from torch.utils._pytree import tree_flatten
 from reference_models import build_model, example_inputs
 
 
@@ -23,10 +25,64 @@ def test_cpu_calls_run_the_fused_code_without_graphs():
         torch.testing.assert_close(inputs.call(model), expected)
 
 
-def test_signature_refuses_cpu_tensors_and_unhashable_arguments():
+def key(*args, **kwargs):
+    return call_key(*tree_flatten((args, kwargs)))
+
+
+def test_the_key_is_the_same_for_fresh_tensors_of_the_same_kind():
+    assert key(torch.randn(2, 3), flag=True) == key(torch.randn(2, 3), flag=True)
+
+
+def test_the_key_differs_when_an_optional_input_is_left_out_or_none():
+    x, mask = torch.randn(2, 3), torch.ones(2)
+    assert len({key(x), key(x, mask=mask), key(x, mask=None)}) == 3
+
+
+def test_the_key_differs_for_a_changed_non_tensor_argument():
     x = torch.randn(2, 3)
-    assert _signature([x], None) is None
-    assert _signature([[1, 2]], None) is None
+    # 1 == 1.0 == True in Python, yet a forward may branch on the type (isinstance, `is True`)
+    assert len({key(x, scale=1), key(x, scale=1.0), key(x, scale=True), key(x, scale=2)}) == 4
+    assert key(x, kwargs=None) != key(x, kwargs={})  # `kwargs or {}` takes the same branch; a forward may not
+    assert key(x, kwargs={"scale": 1.0}) != key(x, kwargs={"scale": 0.5})
+    assert key(x, kwargs={"scale": 1.0}) != key(x, kwargs={"gate": 1.0})
+
+
+def test_the_key_sees_layout_dtype_requires_grad_and_one_tensor_passed_twice():
+    x = torch.randn(3, 3)
+    assert key(x) != key(x.t())  # same shape, other strides
+    assert key(x) != key(x.double())
+    assert key(x) != key(x.clone().requires_grad_())
+    assert key(x, x) != key(x, x.clone())  # Dynamo guards aliasing; a static copy per tensor keeps it
+
+
+def test_the_key_refuses_subclasses_unhashable_values_and_nan():
+    x = torch.randn(2, 3)
+    assert key(torch.nn.Parameter(x)) is None
+    assert key(x, {1, 2}) is None
+    assert key(x, float("nan")) is None  # never equal to itself: it would capture on every call
+
+
+def test_no_replay_on_cpu_with_autograd_on_or_under_a_torch_function_mode():
+    with torch.no_grad():
+        assert state_allows_replay()
+        assert not replay_allowed(tree_flatten(((torch.randn(2),), {}))[0])
+        with torch.overrides.TorchFunctionMode():
+            assert not state_allows_replay()
+    with torch.enable_grad():
+        assert not state_allows_replay()
+
+
+def test_a_call_changing_an_input_in_place_or_a_list_argument_cannot_be_replayed():
+    def check(forward, *args):
+        flat, spec = tree_flatten((args, {}))
+        versions = [v._version for v in flat if isinstance(v, torch.Tensor)]
+        forward(*args)
+        return changed_by_call(flat, spec, versions, args, {})
+
+    assert check(lambda x: x * 2, torch.randn(2)) is None
+    assert "in place" in check(lambda x: x.add_(1), torch.randn(2))
+    assert "list or dict" in check(lambda x, extra: extra.append(x), torch.randn(2), [])
+    assert "list or dict" in check(lambda x, extra: extra.update(y=x), torch.randn(2), {})
 
 
 def test_deepcopy_of_a_replayed_module_starts_without_graphs():
