@@ -21,7 +21,8 @@ Semantics and invariants:
   buffers. An input that is a static output of another graph of the same model (a block fed
   by the previous block's output) is *borrowed* at capture: the graph reads that output buffer
   directly, and in the steady state nothing is copied. A later call passing another tensor there
-  captures again (a borrowed buffer is never written: it belongs to the graph that produced it).
+  captures again, with copies this time (a borrowed buffer is never written: it belongs to the
+  graph that produced it); only a key's first capture borrows, so this happens once per key.
 - Outputs are the graph's static buffers, overwritten by the next replay of the same module:
   like ``torch.compile(mode="reduce-overhead")``, a caller must consume (or clone) an output
   before calling the same module again (a denoising loop does; a model that calls one
@@ -161,7 +162,7 @@ class GraphReplay:
                 break
             if entry.accepts(flat, args, kwargs):
                 return self._replay(entry, flat)
-        return self._first_call(key, kept or [], flat, spec, args, kwargs)
+        return self._first_call(key, kept or [], flat, spec, args, kwargs)  # (borrows only when kept is empty)
 
     def _replay(self, entry: _Captured, flat: list):
         for static, value in zip(entry.static_inputs, flat):
@@ -179,7 +180,7 @@ class GraphReplay:
         reason = changed_by_call(flat, spec, versions, args, kwargs)
         if reason is None:
             try:
-                entry = self._capture(flat, spec, args, kwargs)
+                entry = self._capture(flat, spec, args, kwargs, borrow=not kept)
             except Exception as exc:  # noqa: BLE001 - not capturable (a host sync, ...): runs as is from now on
                 entry = f"its capture failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}"
             if isinstance(entry, _Captured):
@@ -190,20 +191,27 @@ class GraphReplay:
         self._note(self.captured[key].reason)
         return out
 
-    def _capture(self, flat: list, spec, args: tuple, kwargs: dict) -> _Captured | str:
+    def _capture(self, flat: list, spec, args: tuple, kwargs: dict, borrow: bool) -> _Captured | str:
+        """Capture the forward on static inputs (``borrow``: reading other graphs' outputs in place)."""
         pool = self.pool
-        borrowed = [isinstance(v, torch.Tensor) and pool is not None and v in pool.outputs for v in flat]
+        borrowed = [borrow and isinstance(v, torch.Tensor) and pool is not None and v in pool.outputs for v in flat]
         statics: dict[int, Any] = {}  # id -> static copy: one tensor passed twice stays one buffer
-        static_inputs = [v if b else statics.setdefault(id(v), _static_copy(v)) for v, b in zip(flat, borrowed)]
+        for value, borrowed_here in zip(flat, borrowed):
+            if id(value) not in statics:
+                statics[id(value)] = value if borrowed_here else _static_copy(value)
+        static_inputs = [statics[id(value)] for value in flat]
         static_args, static_kwargs = tree_unflatten(static_inputs, spec)
         side = _capture_stream(torch.cuda.current_device())
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self.forward(*static_args, **static_kwargs)  # cuBLAS keeps a workspace per stream: made here
         torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool.handle if pool is not None else None, stream=side):
-            static_outputs = self.forward(*static_args, **static_kwargs)
+        graph, caller = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
+        try:
+            with torch.cuda.graph(graph, pool=pool.handle if pool is not None else None, stream=side):
+                static_outputs = self.forward(*static_args, **static_kwargs)
+        finally:
+            torch.cuda.set_stream(caller)  # a failed capture_end leaves torch.cuda.graph's stream entered
         check = None
         if self.capture_guard is not None:
             check = self.capture_guard(args, kwargs, static_args, static_kwargs)

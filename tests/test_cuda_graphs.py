@@ -125,3 +125,184 @@ def test_autograd_calls_do_not_replay(cuda):
     inputs.call(model).sum().backward()
     assert model.forward.graphs.captured == {}
     assert model.double_blocks[0].img_attn.qkv.weight.grad is not None
+
+
+# --- Dynamo-regional blocks (diffusers Flux: the root is not FX-captured, its blocks are Dynamo's) --
+
+FLUX_NORM = "transformer_blocks.0.norm1.norm"  # AdaLayerNormZero's LayerNorm(eps=1e-6, no affine)
+
+
+def flux_pair(device=None, cuda_graphs=False):
+    """(tiny diffusers Flux, the same optimized) on ``device``, fp32."""
+    from diffusers_models import MODELS
+
+    original = MODELS["flux"].build().to(device)
+    return original, fusion_pass.optimize(copy.deepcopy(original), cuda_graphs=cuda_graphs)
+
+
+def flux_inputs(seed=0, device=None, optional=False):
+    from diffusers_models import MODELS
+
+    kwargs = {**MODELS["flux"].inputs(seed), **(MODELS["flux"].optional(seed) if optional else {})}
+    return {k: [t.to(device) for t in v] if isinstance(v, list) else v.to(device) if isinstance(v, torch.Tensor)
+            else v for k, v in kwargs.items()}
+
+
+def block_call(model, path, kwargs):
+    """The (args, kwargs) ``model(**kwargs)`` passes to its block at ``path``."""
+    seen = []
+    handle = model.get_submodule(path).register_forward_pre_hook(
+        lambda _m, args, kw: seen.append((args, kw)), with_kwargs=True)  # the block's own hook: not in its guard
+    with torch.no_grad():
+        model(**kwargs)
+    handle.remove()
+    return seen[0]
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def fallbacks(model):
+    return [reason for _, reason, _ in fusion_pass.report(model).fallbacks]
+
+
+def replays_of(model, path):
+    return model.get_submodule(path).__dict__["forward"].graphs
+
+
+def test_a_flux_blocks_captured_graph_keeps_the_dynamo_guards_of_its_own_call():
+    _, model = flux_pair()
+    args, kwargs = block_call(model, "transformer_blocks.0", flux_inputs())
+    forward = model.transformer_blocks[0].__dict__["forward"]
+    with torch.no_grad():
+        check = forward._replay_guard(args, kwargs, args, kwargs)  # what GraphReplay asks after a capture
+        assert check(args, kwargs)
+        assert not check(args, {**kwargs, "joint_attention_kwargs": {}})  # the processor's kwargs branch
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not check(args, kwargs)  # GLOBAL_STATE: the graph was traced without autocast
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert not check(args, kwargs)  # DETERMINISTIC_ALGORITHMS
+        finally:
+            torch.use_deterministic_algorithms(False)
+    with torch.enable_grad():
+        assert not check(args, kwargs)  # GRAD_MODE (GraphReplay never replays with autograd on anyway)
+    model.get_submodule(FLUX_NORM).eps = 0.5
+    with torch.no_grad():
+        assert not check(args, kwargs)  # CONSTANT_MATCH on the eps the graph baked
+        assert "own state" in forward._replay_guard(args, kwargs, args, kwargs)  # changed since the guard was armed
+
+
+def test_a_changed_flux_block_drops_its_captures_and_runs_through_dynamo_again():
+    original, model = flux_pair()
+    with torch.no_grad():
+        model(**flux_inputs())  # the root captures on its first call, giving its blocks to Dynamo
+    forward = model.transformer_blocks[0].__dict__["forward"]
+    forward.graphs = GraphReplay(forward.module, forward.compiled.compiled, None, forward._replay_guard,
+                                 forward.graph_note)  # on the CPU every call runs as is, through Dynamo
+    forward.graphs.captured[("captured before the change",)] = []
+    for m in (original, model):
+        m.get_submodule(FLUX_NORM).eps = 0.5
+    kwargs = flux_inputs(seed=1)
+    with torch.no_grad():
+        assert rel_err(model(**kwargs)[0], original(**kwargs)[0]) <= 1e-5
+    assert forward.graphs.captured == {}
+    assert any(r.startswith("left to Dynamo's guards after") and "eps" in r for r in fallbacks(model))
+
+
+@pytest.mark.gpu
+def test_flux_blocks_replay_as_cuda_graphs_equal_to_plain_optimize(cuda):
+    _, model = flux_pair(cuda, cuda_graphs=True)
+    calls = 3
+    with torch.no_grad():
+        for seed in range(calls):
+            kwargs = flux_inputs(seed, cuda)
+            replayed = model(**kwargs)[0].clone()
+            with replay_paused(model):
+                plain = model(**kwargs)[0]
+            torch.testing.assert_close(replayed, plain, rtol=1e-5, atol=1e-6)
+    for path in ("transformer_blocks.0", "single_transformer_blocks.0"):  # num_layers=1, num_single_layers=1
+        graphs = replays_of(model, path)
+        assert len(graphs.captured) == 1 and graphs.replays == calls  # one key; every graph-mode call replayed
+    (single,) = next(iter(replays_of(model, "single_transformer_blocks.0").captured.values()))
+    # Flux's forward feeds the double block's two outputs (encoder_hidden_states, hidden_states) to the
+    # single block: both read in place from the double block's graph; temb and the RoPE tables are copied
+    assert sum(single.borrowed) == 2
+    checks = " ".join(c for p, c in fusion_pass.report(model).guards if p == "transformer_blocks.0")
+    assert "CUDA graph replay" in checks and "Dynamo's guards of the graph captured" in checks
+
+
+@pytest.mark.gpu
+def test_flux_optional_inputs_passed_on_one_call_and_not_the_next_replay_their_own_graphs(cuda):
+    original, model = flux_pair(cuda, cuda_graphs=True)
+    with torch.no_grad():
+        for optional in (False, True, False, True):
+            kwargs = flux_inputs(1, cuda, optional=optional)
+            assert rel_err(model(**kwargs)[0], original(**kwargs)[0]) <= 1e-4
+    # the blocks get joint_attention_kwargs=None, then {} (tests/diffusers_models.py): two keys, each replayed
+    graphs = replays_of(model, "transformer_blocks.0")
+    assert len(graphs.captured) == 2 and graphs.replays == 4
+
+
+@pytest.mark.gpu
+def test_flux_attribute_change_after_replays_recaptures_through_dynamo(cuda):
+    original, model = flux_pair(cuda, cuda_graphs=True)
+    kwargs = flux_inputs(2, cuda)
+    with torch.no_grad():
+        model(**kwargs)
+        for m in (original, model):
+            m.get_submodule(FLUX_NORM).eps = 0.5
+        assert rel_err(model(**kwargs)[0], original(**kwargs)[0]) <= 1e-4
+        assert rel_err(model(**kwargs)[0], original(**kwargs)[0]) <= 1e-4
+    graphs = replays_of(model, "transformer_blocks.0")
+    assert len(graphs.captured) == 1 and graphs.replays == 3  # the stale capture was dropped, a new one replays
+    assert any(r.startswith("left to Dynamo's guards after") for r in fallbacks(model))
+
+
+@pytest.mark.gpu
+def test_flux_block_under_autocast_is_captured_again_not_replayed(cuda):
+    _, model = flux_pair(cuda, cuda_graphs=True)
+    args, kwargs = block_call(model, "transformer_blocks.0", flux_inputs(3, cuda))
+    block, graphs = model.transformer_blocks[0], replays_of(model, "transformer_blocks.0")
+    with torch.no_grad():
+        plain = [t.clone() for t in block(*args, **kwargs)]
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # same inputs, so the same key: Dynamo's guards decide
+            autocast = [t.clone() for t in block(*args, **kwargs)]
+            with replay_paused(model):
+                expected = block(*args, **kwargs)
+        for out, ref, fp32 in zip(autocast, expected, plain):
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+            assert not torch.equal(out, fp32)
+        (key,) = graphs.captured
+        assert len(graphs.captured[key]) == 2  # one capture per global state
+        before = graphs.replays
+        for out, ref in zip(block(*args, **kwargs), plain):  # back without autocast: the first capture replays
+            torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        assert graphs.replays == before + 1 and len(graphs.captured[key]) == 2
+
+
+@pytest.mark.gpu
+def test_flux_hook_on_an_inner_module_runs_the_original_forward(cuda):
+    original, model = flux_pair(cuda, cuda_graphs=True)
+    kwargs = flux_inputs(4, cuda)
+    calls = []
+    with torch.no_grad():
+        model(**kwargs)
+        model.get_submodule("transformer_blocks.0.ff").register_forward_hook(lambda *_: calls.append(1))
+        assert rel_err(model(**kwargs)[0], original(**kwargs)[0]) <= 1e-4
+    assert calls == [1]
+
+
+@pytest.mark.gpu
+def test_flux_parameters_moved_are_captured_again(cuda):
+    _, model = flux_pair(cuda, cuda_graphs=True)
+    kwargs = flux_inputs(5, cuda)
+    with torch.no_grad():
+        model(**kwargs)
+        model.double().float()  # same key, parameters at new addresses
+        replayed = model(**kwargs)[0].clone()
+        with replay_paused(model):
+            torch.testing.assert_close(replayed, model(**kwargs)[0], rtol=1e-5, atol=1e-6)
+    graphs = replays_of(model, "transformer_blocks.0")
+    assert len(graphs.captured) == 1 and graphs.replays == 2
