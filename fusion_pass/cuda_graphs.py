@@ -33,9 +33,12 @@ Semantics and invariants:
   check costs one ``data_ptr()`` per parameter; walking the module tree again (milliseconds
   on a 1B model) happens only after some module anywhere registered a parameter, buffer or
   submodule (counted by torch's global registration hooks, installed once).
-- Per key, up to ``MAX_CAPTURES`` captures are kept, each with its own extra check (a Dynamo
-  block's guards, which also see global state: grad mode, autocast, deterministic flags); the
-  first whose check passes replays, and when none does the call captures again as a new key would.
+- Global state is part of each capture: Dynamo's ``GlobalStateGuard`` (grad mode, autocast,
+  deterministic algorithms, default dtype, TF32 and reduced-precision flags; 0.2 us), taken at
+  capture and checked before a replay, so a forward run under autocast never replays the graph
+  captured without it. Per key, up to ``MAX_CAPTURES`` captures are kept, each with its global
+  state and its extra check (a Dynamo block's guards); the first that holds replays, and when none
+  does the call captures again as a new key would.
 - Anything else (CPU tensors, autograd on, mixed devices, a tensor subclass, a capture already
   in progress, an active ``TorchFunctionMode``/``TorchDispatchMode``) runs the forward as is.
 All graphs of one model share one memory pool (:class:`ReplayPool`); that is safe because graphs
@@ -52,6 +55,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch._C._dynamo.guards import GlobalStateGuard
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -78,6 +82,8 @@ class _Captured:
     borrowed: list[bool]  # per input: the static buffer is another graph's output (never copied into)
     static_outputs: Any
     check: Callable[[tuple, dict], bool] | None  # what the capture_guard asked to be checked per call
+    global_state: GlobalStateGuard  # grad mode, autocast, deterministic flags, default dtype, TF32... at capture
+    inference: bool  # captured under torch.inference_mode (its static inputs are inference tensors)
     state: list[torch.Tensor]  # the module's parameters and buffers at capture
     state_ptrs: list[int]
     registrations: int  # _REGISTRATIONS[0] when ``state`` was last taken from the module
@@ -88,7 +94,10 @@ class _Captured:
         return [t.data_ptr() for t in self.state] != self.state_ptrs
 
     def accepts(self, flat: list, args: tuple, kwargs: dict) -> bool:
-        """Borrowed buffers are this call's very tensors, and the extra check holds."""
+        """Global state is as at capture, borrowed buffers are this call's very tensors, and the
+        extra check holds."""
+        if not self.global_state.check() or torch.is_inference_mode_enabled() != self.inference:
+            return False
         for static, value, borrowed in zip(self.static_inputs, flat, self.borrowed):
             if borrowed and value.data_ptr() != static.data_ptr():
                 return False
@@ -148,6 +157,8 @@ class GraphReplay:
         return self.code(self.module, *args, **kwargs)
 
     def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling():  # traced by an outer torch.compile: its graph, not ours
+            return self.forward(*args, **kwargs)
         flat, spec = tree_flatten((args, kwargs))
         key = call_key(flat, spec)
         if key is None or not replay_allowed(flat):
@@ -222,7 +233,8 @@ class GraphReplay:
                 if isinstance(value, torch.Tensor):
                     pool.outputs[value] = True
         state = _state_of(self.module)
-        return _Captured(graph, static_inputs, borrowed, static_outputs, check, state,
+        return _Captured(graph, static_inputs, borrowed, static_outputs, check, GlobalStateGuard(),
+                         torch.is_inference_mode_enabled(), state,
                          [t.data_ptr() for t in state], _REGISTRATIONS[0])
 
     def _note(self, reason: str) -> None:

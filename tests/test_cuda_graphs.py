@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import fusion_pass
-from fusion_pass.cuda_graphs import GraphReplay, call_key, changed_by_call, replay_allowed, replay_paused, \
+from torch._C._dynamo.guards import GlobalStateGuard
+
+from fusion_pass.cuda_graphs import GraphReplay, _Captured, call_key, changed_by_call, replay_allowed, replay_paused, \
     state_allows_replay
 from torch.utils._pytree import tree_flatten
 from reference_models import build_model, example_inputs
@@ -85,6 +87,36 @@ def test_a_call_changing_an_input_in_place_or_a_list_argument_cannot_be_replayed
     assert "list or dict" in check(lambda x, extra: extra.update(y=x), torch.randn(2), {})
 
 
+def captured(static_inputs=(), borrowed=()):
+    """A capture's record without a graph: what decides whether a call may replay it."""
+    return _Captured(graph=None, static_inputs=list(static_inputs), borrowed=list(borrowed), static_outputs=None,
+                     check=None, global_state=GlobalStateGuard(), inference=False, state=[], state_ptrs=[],
+                     registrations=0)
+
+
+def test_a_capture_is_not_replayed_under_other_global_state():
+    with torch.no_grad():
+        entry = captured()
+        assert entry.accepts([], (), {})
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not entry.accepts([], (), {})
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert not entry.accepts([], (), {})
+        finally:
+            torch.use_deterministic_algorithms(False)
+    with torch.inference_mode():
+        assert not entry.accepts([], (), {})  # its static inputs would be inference tensors
+
+
+def test_a_borrowed_input_is_replayed_only_for_that_very_tensor():
+    produced = torch.randn(4)  # stands for another graph's static output, read in place
+    with torch.no_grad():
+        entry = captured([produced], [True])
+        assert entry.accepts([produced], (produced,), {})
+        assert not entry.accepts([produced.clone()], (produced.clone(),), {})  # never copied into
+
+
 def test_deepcopy_of_a_replayed_module_starts_without_graphs():
     replay = GraphReplay(torch.nn.Linear(2, 2), lambda m, x: m(x), pool=None)
     replay.captured[("key",)] = object()
@@ -115,6 +147,24 @@ def test_replay_matches_the_fused_model_and_recaptures_after_to(cuda, dtype):
         with replay_paused(model):
             torch.testing.assert_close(replayed, inputs.call(model), rtol=0, atol=0)
         assert len(block.captured) == 2
+
+
+@pytest.mark.gpu
+def test_autocast_calls_do_not_replay_the_graph_captured_without_it(cuda):
+    model = tiny().to(cuda)
+    fusion_pass.optimize(model, cuda_graphs=True)
+    graphs = model.forward.graphs  # the whole model is one graph
+    inputs = example_inputs("tiny", seed=7, device=cuda)
+    with torch.no_grad():
+        plain = inputs.call(model).clone()
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # same inputs, same key: the global state decides
+            autocast = inputs.call(model).clone()
+            with replay_paused(model):
+                expected = inputs.call(model)
+    torch.testing.assert_close(autocast, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(autocast.float(), plain.float())
+    (key,) = graphs.captured
+    assert len(graphs.captured[key]) == 2 and graphs.replays == 2  # one capture per global state, each replayed
 
 
 @pytest.mark.gpu
