@@ -295,16 +295,23 @@ def test_flux_optional_inputs_passed_on_one_call_and_not_the_next_replay_their_o
     assert len(graphs.captured) == 2 and graphs.replays == 4
 
 
-@pytest.mark.gpu
-def test_flux_attribute_change_after_replays_recaptures_through_dynamo(cuda):
-    original, model = flux_pair(cuda, cuda_graphs=True)
-    kwargs = flux_inputs(2, cuda)
+def flux_changed_after_a_replay(device, seed, change):
+    """Optimize a tiny Flux with CUDA graphs, call it (capture and replay), apply ``change(model)``
+    to it and to the original, and check two calls more agree with the original's."""
+    original, model = flux_pair(device, cuda_graphs=True)
+    kwargs = flux_inputs(seed, device)
     with torch.no_grad():
         model(**kwargs)
-        for m in (original, model):
-            m.get_submodule(FLUX_NORM).eps = 0.5
-        assert rel_err(model(**kwargs)[0], original(**kwargs)[0]) <= 1e-4
-        assert rel_err(model(**kwargs)[0], original(**kwargs)[0]) <= 1e-4
+        change(original)
+        change(model)
+        for _ in range(2):  # the call after the change, and the one after that (a replay where it is allowed)
+            assert rel_err(model(**kwargs)[0], original(**kwargs)[0]) <= 1e-4
+    return model
+
+
+@pytest.mark.gpu
+def test_flux_attribute_change_after_replays_recaptures_through_dynamo(cuda):
+    model = flux_changed_after_a_replay(cuda, 2, lambda m: setattr(m.get_submodule(FLUX_NORM), "eps", 0.5))
     graphs = replays_of(model, "transformer_blocks.0")
     assert len(graphs.captured) == 1 and graphs.replays == 3  # the stale capture was dropped, a new one replays
     assert any(r.startswith("left to Dynamo's guards after") for r in fallbacks(model))
@@ -334,14 +341,12 @@ def test_flux_block_under_autocast_is_captured_again_not_replayed(cuda):
 
 @pytest.mark.gpu
 def test_flux_hook_on_an_inner_module_runs_the_original_forward(cuda):
-    original, model = flux_pair(cuda, cuda_graphs=True)
-    kwargs = flux_inputs(4, cuda)
     calls = []
-    with torch.no_grad():
-        model(**kwargs)
-        model.get_submodule("transformer_blocks.0.ff").register_forward_hook(lambda *_: calls.append(1))
-        assert rel_err(model(**kwargs)[0], original(**kwargs)[0]) <= 1e-4
-    assert calls == [1]
+    model = flux_changed_after_a_replay(cuda, 4, lambda m: m.get_submodule("transformer_blocks.0.ff").register_forward_hook(
+        lambda *_: calls.append(1)))
+    assert len(calls) == 2 * 2  # both models' hooks ran on both calls after the change
+    assert replays_of(model, "transformer_blocks.0").replays == 1  # the call before the hook only
+    assert any(r.startswith("original forward while hooks exist") for r in fallbacks(model))
 
 
 @pytest.mark.gpu
