@@ -132,10 +132,12 @@ class RegionalForward(InstalledForward):
       ``ID_MATCH``: ``eps``, the processor, globals such as diffusers' attention backend), tensor
       metadata and aliasing (``TENSOR_MATCH``, ``DUPLICATE_INPUT``): all checked on every replay by
       Dynamo's own guard manager of the graph that was captured (``ClassCompile.guards_for``),
-      on this call's ``(self, args, kwargs)``. Cost: about 17 us per call for Flux's double block
+      on this call's ``(self, args, kwargs)``. Cost: 17-19 us per call for Flux's double block
       (550 guards; 2-core CPU, torch 2.13), against ~2 ms of GPU time per block at Flux-dev size.
       When they fail, the call runs through Dynamo (which may recompile) and is captured for that
-      state too (up to ``cuda_graphs.MAX_CAPTURES`` per key).
+      state too (up to ``cuda_graphs.MAX_CAPTURES`` per key). Global state is also checked by
+      ``GraphReplay`` itself (Dynamo's ``GlobalStateGuard``, as on the FX path). Objects Dynamo
+      matched by identity are kept alive with the capture, so their ids cannot be reused.
     - Torch function and dispatch modes (Dynamo guards the mode stack): never replayed while one
       is active (``cuda_graphs.replay_allowed``).
 
@@ -145,6 +147,12 @@ class RegionalForward(InstalledForward):
     a list or dict argument, or the block's own state (Python side effects Dynamo's code would
     replay after its graph, a CUDA graph not), or when the graph captured does not pass its own
     guards on the caller's arguments.
+
+    Not seen: a tensor the graph reads that is neither an argument nor a parameter or buffer of
+    the block (a plain tensor attribute, a global tensor) whose storage is swapped in place
+    (``t.data = ...``; rebinding the attribute is seen by the subtree guard), and Python side
+    effects on objects outside the block and its arguments (a global counter). Diffusers' blocks
+    have neither.
     """
 
     def __init__(self, module: nn.Module, path: str, compiled: ClassCompile, session):
