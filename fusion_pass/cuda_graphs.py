@@ -3,8 +3,8 @@
 ``optimize(model, cuda_graphs=True)`` wraps every installed forward in a :class:`GraphReplay`:
 the FX-captured forwards (``install.py``) and the blocks compiled regionally by Dynamo
 (``regional.py``, which adds Dynamo's own guards to each capture). On a call whose tensors are
-all on one CUDA device, with autograd off and no torch function or dispatch mode active, it
-captures the forward once per call key (:func:`call_key`) and afterwards replays it: one launch
+all on the current CUDA device, with autograd off and no torch function or dispatch mode
+active, it captures the forward once per call key (:func:`call_key`) and afterwards replays it: one launch
 per module instead of dozens, which removes the host overhead that dominates small models
 (Hunyuan3D-2mini at 512 latents) and the launch gaps of Dynamo blocks run eagerly (Flux).
 
@@ -39,8 +39,9 @@ Semantics and invariants:
   captured without it. Per key, up to ``MAX_CAPTURES`` captures are kept, each with its global
   state and its extra check (a Dynamo block's guards); the first that holds replays, and when none
   does the call captures again as a new key would.
-- Anything else (CPU tensors, autograd on, mixed devices, a tensor subclass, a capture already
-  in progress, an active ``TorchFunctionMode``/``TorchDispatchMode``) runs the forward as is.
+- Anything else (CPU tensors, autograd on, mixed devices or a device other than the current one,
+  a tensor subclass, a capture already in progress, an active ``TorchFunctionMode`` or
+  ``TorchDispatchMode``) runs the forward as is.
 All graphs of one model share one memory pool (:class:`ReplayPool`); that is safe because graphs
 never run concurrently and every static output is a live tensor the pool cannot hand out again.
 """
@@ -282,10 +283,14 @@ def call_key(flat: list, spec) -> tuple | None:
 
 
 def replay_allowed(flat: list) -> bool:
-    """Whether a call with these leaves may replay: its tensors are all on one CUDA device,
-    :func:`state_allows_replay`, and no stream is capturing (this call is part of a larger capture)."""
+    """Whether a call with these leaves may replay: its tensors are all on the current CUDA device
+    (graphs are captured and replayed on its streams), :func:`state_allows_replay`, and no stream
+    is capturing (this call is part of a larger capture)."""
     devices = {v.device for v in flat if isinstance(v, torch.Tensor)}
-    return (len(devices) == 1 and next(iter(devices)).type == "cuda" and state_allows_replay()
+    if len(devices) != 1:
+        return False
+    device = next(iter(devices))
+    return (device.type == "cuda" and device.index == torch.cuda.current_device() and state_allows_replay()
             and not torch.cuda.is_current_stream_capturing())
 
 
