@@ -144,6 +144,12 @@ def main(argv=None) -> int:
             rep = report()
             record["fused"] = rep.totals()
             record["near_misses"] = {name: len(f.near_misses) for name, f in rep.families.items()}
+            record["fallbacks"] = [f"{where or '<root>'}: {reason} ({calls} calls)" for where, reason, calls in rep.fallbacks]
+            graphed = [f.graphs for f in (m.__dict__.get("forward") for m in model.modules())
+                       if getattr(f, "graphs", None) is not None]
+            if graphed:  # cuda_graphs=True: which installed forwards replayed (FX-captured and Dynamo blocks)
+                record["cuda_graphs"] = {"forwards": len(graphed), "replaying": sum(g.replays > 0 for g in graphed),
+                                         "replays": sum(g.replays for g in graphed)}
         if args.profile:
             profiles.append(_profile_text("flux", mode, _profile(lambda _: target(**inputs), None,
                                                                  SimpleNamespace(cuda=cuda), top=40)))
@@ -176,6 +182,12 @@ def _markdown(results: dict) -> str:
     for mode, r in modes.items():
         if "fused" in r:
             lines.append(f"\n{mode} fused (per family): {r['fused']}; near-misses: {r['near_misses']}")
+        if "cuda_graphs" in r:
+            g = r["cuda_graphs"]
+            lines.append(f"\n{mode}: {g['replaying']} of {g['forwards']} installed forwards replayed as CUDA graphs "
+                         f"({g['replays']} replays)")
+        if r.get("fallbacks"):
+            lines.append(f"\n{mode} run-time fallbacks: " + "; ".join(r["fallbacks"][:8]))
     return "\n".join(lines) + "\n"
 
 

@@ -34,6 +34,20 @@ class InstalledForward:
 
     in_container = False  # the module is an element of a ModuleList/ModuleDict (a block)
 
+    graphs: GraphReplay | None = None
+
+    def describe_replay(self) -> str | None:
+        """What a CUDA-graph replay of this forward is keyed on (None: no replay)."""
+        if self.graphs is None:
+            return None
+        return ("CUDA graph replay on one CUDA device with autograd off, per call key (tensor shapes, strides, "
+                "dtypes, aliasing; non-tensor values), captured again when a parameter moved")
+
+    def graph_note(self, reason: str) -> None:
+        """A call that could have replayed a CUDA graph ran as is (``GraphReplay``'s ``note``)."""
+        if self.session is not None:
+            self.session.fell_back(self.path, reason)
+
 
 class FusedForward(InstalledForward):
     """The installed forward: runs the rewritten graph code with ``module`` as ``self``,
@@ -113,7 +127,7 @@ def is_installed(module: nn.Module) -> bool:
 
 def install(captured: CapturedGraph, graph_pool=None, session=None) -> FusedForward:
     """Set ``captured.module.forward`` to the code of ``captured.graph``; with a
-    ``graph_pool`` (``cuda_graphs.new_pool()``), replayed as CUDA graphs where possible.
+    ``graph_pool`` (``cuda_graphs.new_pool()``, a ``ReplayPool``), replayed as CUDA graphs where possible.
     The caller arms it (:meth:`FusedForward.arm`) once every module is installed."""
     call_directly(captured.graph)
     code = captured.graph.python_code(root_module="self")
@@ -121,10 +135,11 @@ def install(captured: CapturedGraph, graph_pool=None, session=None) -> FusedForw
     label = captured.path or type(captured.module).__name__
     exec(compile(code.src, f"<fusion_pass {label}>", "exec"), namespace)  # noqa: S102 - FX codegen
     forward = namespace["forward"]
-    graphs = GraphReplay(captured.module, forward, graph_pool) if graph_pool is not None else None
     called = sorted({n.target for n in captured.graph.nodes if n.op == "call_module"})
-    fused = FusedForward(captured.module, captured.path, forward, captured.signature, called, code.src, graphs, session,
+    fused = FusedForward(captured.module, captured.path, forward, captured.signature, called, code.src, None, session,
                          captured.metadata)
+    if graph_pool is not None:
+        fused.graphs = GraphReplay(captured.module, forward, graph_pool, note=fused.graph_note)
     fused.in_container = captured.in_container
     fused.precompile = dry_run_is_safe(captured.graph, captured.module)
     captured.module.forward = fused

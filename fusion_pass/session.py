@@ -109,6 +109,9 @@ class Session:
         for forward, fragment in installed:  # armed last: installing changes the modules' __dict__
             guard = forward.arm()
             fragment.guards.extend([(forward.path, forward.describe_signature()), (forward.path, guard.summary())])
+            replay = forward.describe_replay()
+            if replay is not None:
+                fragment.guards.append((forward.path, replay))
             self.graphs[forward.path] = fragment
         self.seconds += time.perf_counter() - start
 
