@@ -35,6 +35,8 @@ Dynamo's guard evaluation, so :class:`RegionalForward` says guard by guard how e
 """
 from __future__ import annotations
 
+import builtins
+import types
 from collections import Counter
 
 import torch
@@ -254,14 +256,19 @@ def install_regional(region: Region, session) -> RegionalForward:
     return forward
 
 
+def _entry_template(self, *args, **kwargs):
+    return _fp_forward(self, *args, **kwargs)  # noqa: F821 - bound in each entry point's own globals
+
+
 def _entry_point(cls: type):
     """A new function calling ``cls.forward``: Dynamo keeps its cache (and counts recompiles)
     per code object, so each compile gets its own, never ``cls.forward.__code__`` itself
-    (shared by every model of the class in the process, and by other compiles of it)."""
-    namespace = {"_fp_forward": cls.forward}
-    exec(compile("def forward(self, *args, **kwargs):\n    return _fp_forward(self, *args, **kwargs)\n",
-                 f"<fusion_pass regional {cls.__qualname__}>", "exec"), namespace)  # noqa: S102 - fixed template
-    return namespace["forward"]
+    (shared by every model of the class in the process, and by other compiles of it). A copy of
+    ``_entry_template``'s code, so that its source file is this one: torch 2.11 wraps a function
+    without a source file (an ``exec``'d one) in ``external_utils.inner``, whose one code object
+    every such compile in the process then shares (cache, guards, recompile limit; pytorch#124269)."""
+    code = _entry_template.__code__.replace(co_name=f"forward_{cls.__name__}")
+    return types.FunctionType(code, {"_fp_forward": cls.forward, "__builtins__": builtins}, code.co_name)
 
 
 def _hooked(module: nn.Module) -> bool:
