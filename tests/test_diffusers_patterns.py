@@ -78,22 +78,29 @@ def test_backend_fuses_every_site_the_model_code_has(name):
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
 
 
+def in_bf16(name: str, device) -> tuple:
+    """``(model, inputs, exact, eager)``: the tiny model on ``device`` cast to bf16 after an fp32 run,
+    its inputs in bf16, that fp32 run's output in fp64 and the bf16 model's own output."""
+    model, inputs = MODELS[name].build().to(device), MODELS[name].inputs()
+    on_device = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    with torch.no_grad():
+        exact = model(**on_device)[0].double()
+        model = model.to(torch.bfloat16)
+        low = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+               for k, v in on_device.items()}
+        eager = model(**low)[0]
+    return model, low, exact, eager
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["flux", "wan", "ltx", "sd3"])
 def test_backend_fuses_the_same_sites_in_bf16_on_the_gpu(name, cuda):
     """On CUDA in bf16 (the dtype these models run in) the backend fuses what the fp32 CPU test
     fuses, its compiled kernels launch, and the output stays as close to an fp32 run as eager's."""
     torch._dynamo.reset()
-    model, inputs = MODELS[name].build(), MODELS[name].inputs()
-    model = model.to(cuda)
-    to_device = {k: v.to(cuda) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    model, low, exact, eager = in_bf16(name, cuda)
+    keep = KeepGraphs()
     with torch.no_grad():
-        exact = model(**to_device)[0].double()
-        model = model.to(torch.bfloat16)
-        low = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
-               for k, v in to_device.items()}
-        eager = model(**low)[0]
-        keep = KeepGraphs()
         fused = torch.compile(model, backend=keep)(**low)[0]
     sites = expected_sites(name, model.config)
     totals = keep.backend.report.totals()
@@ -151,14 +158,8 @@ def test_optimize_fuses_sd3_q_k_pairs_in_bf16_on_the_gpu(cuda):
     an fp32 run as eager's."""
     import copy
 
-    model, inputs = MODELS["sd3"].build().to(cuda), MODELS["sd3"].inputs()
-    to_device = {k: v.to(cuda) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    model, low, exact, eager = in_bf16("sd3", cuda)
     with torch.no_grad():
-        exact = model(**to_device)[0].double()
-        model = model.to(torch.bfloat16)
-        low = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
-               for k, v in to_device.items()}
-        eager = model(**low)[0]
         optimized = fusion_pass.optimize(copy.deepcopy(model))
         fused = optimized(**low)[0]
     assert fusion_pass.report(optimized).totals()["qk_rmsnorm"] == expected_sites("sd3", model.config).qk
