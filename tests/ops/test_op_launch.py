@@ -208,7 +208,8 @@ def test_reused_compiled_kernels_match_triton_launches_bitwise(cuda, monkeypatch
 
 # The widths the models run at (the report counts a site as fused, so the op must take its kernel
 # there, not silently its reference: gelu_cat did at Flux's 12288-wide MLP half until its rows were
-# cut into column chunks). Two tokens: only the row width decides; the interpreter stays cheap.
+# cut into column chunks; tests/ops/test_gelu_cat.py covers its widths). Two tokens: only the row
+# width decides; the interpreter stays cheap.
 MODEL_WIDTH_SHAPES = {name: [case.model_shape(2)] for name, case in OP_CASES.items()}
 for _name in ("layernorm_scale_shift", "rmsnorm_scale_shift", "residual_gate",
               "residual_gate_layernorm_scale_shift", "residual_add_layernorm"):
