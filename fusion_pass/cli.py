@@ -52,6 +52,8 @@ CHECK_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 
 #: The factory-file function ``--check`` calls for inputs (optional; built-ins need none).
 FACTORY_INPUTS_FUNCTION = "example_inputs"
+#: ``diffusers:NAME`` names a tiny diffusers model of ``reference_models.diffusers_tiny``.
+DIFFUSERS_PREFIX = "diffusers:"
 
 
 class CLIError(Exception):
@@ -64,12 +66,16 @@ class CLIError(Exception):
 
 # --- the parser ---------------------------------------------------------------------------
 
-def _model_forms(configs: Sequence[str]) -> str:
+def _model_forms(configs: Sequence[str], diffusers: Sequence[str]) -> str:
     return f"""\
 MODEL is one of
   a built-in config   {', '.join(configs)}
                       (the Hunyuan3D-2 DiT variants from reference_models; "tiny" has every
                       code path of the full model at a size that runs on a CPU in seconds)
+  a diffusers model   diffusers:NAME, NAME one of {', '.join(diffusers) or "(install diffusers to list them)"}
+                      (a tiny random config of that diffusers transformer, from
+                      reference_models/diffusers_tiny.py, with its example inputs; built on the
+                      CPU; use --check: their blocks are captured on the first call)
   a factory           path/to/file.py:make_model
                       (the file is loaded by path, make_model() is called with no arguments
                       and must return a torch.nn.Module; for --check the file may also define
@@ -135,7 +141,8 @@ def build_parser(details: bool = True) -> argparse.ArgumentParser:
         from patterns import FAMILY_NAMES
         from reference_models import CONFIGS, INSTALL_HINT
 
-        model_forms, families, needs = _model_forms(tuple(CONFIGS)), f": {', '.join(FAMILY_NAMES)}", f"; needs `{INSTALL_HINT}`"
+        model_forms, families, needs = (_model_forms(tuple(CONFIGS), _diffusers_names()), f": {', '.join(FAMILY_NAMES)}",
+                                        f"; needs `{INSTALL_HINT}`")
     else:
         model_forms = families = needs = ""
     inspect = commands.add_parser(
@@ -307,12 +314,16 @@ def _load_model(spec: str, *, official: bool, device: str | None, dtype: str) ->
     dtype = getattr(torch, dtype)
     if spec in CONFIGS:
         return _load_builtin(spec, official=official, device=_device(device or "meta"), dtype=dtype)
+    if spec.startswith(DIFFUSERS_PREFIX):
+        if official:
+            raise CLIError(f"--official applies to the built-in configs ({', '.join(CONFIGS)}), not to {spec}")
+        return _load_diffusers(spec[len(DIFFUSERS_PREFIX):], device=_device(device or "cpu"), dtype=dtype)
     if ":" in spec or spec.endswith(".py"):
         if official:
             raise CLIError(f"--official applies to the built-in configs ({', '.join(CONFIGS)}), not to {spec}")
         return _load_factory(spec, device=_device(device or "cpu"), dtype=dtype)
-    raise CLIError(f"unknown model {spec!r}: use a built-in config ({', '.join(CONFIGS)}) "
-                   "or a factory path/to/file.py:FUNCTION")
+    raise CLIError(f"unknown model {spec!r}: use a built-in config ({', '.join(CONFIGS)}), "
+                   f"{DIFFUSERS_PREFIX}NAME or a factory path/to/file.py:FUNCTION")
 
 
 def _device(text: str) -> torch.device:
@@ -348,6 +359,45 @@ def _load_builtin(name: str, *, official: bool, device: torch.device, dtype: tor
         return made.args, made.kwargs
 
     return LoadedModel(model, label, device, config=config, inputs=inputs)
+
+
+def _diffusers_names() -> tuple[str, ...]:
+    """The tiny diffusers models ``diffusers:NAME`` builds; none where diffusers is not installed."""
+    try:
+        from reference_models.diffusers_tiny import MODELS
+    except ImportError:
+        return ()
+    return tuple(sorted(MODELS))
+
+
+def _load_diffusers(name: str, *, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """``diffusers:NAME``: the tiny random config of ``reference_models.diffusers_tiny`` (seeded)
+    on ``device`` in ``dtype``, with its keyword inputs (floating ones in ``dtype``, position ids
+    kept in float32)."""
+    import torch
+
+    try:
+        from reference_models.diffusers_tiny import MODELS
+    except ImportError as exc:
+        raise CLIError(f"{DIFFUSERS_PREFIX}{name} needs diffusers (pip install 'diffusers==0.42.1'): "
+                       f"{_one_line(exc)}") from None
+    if name not in MODELS:
+        raise CLIError(f"unknown diffusers model {name!r}: {', '.join(sorted(MODELS))}")
+    if device.type == "meta":
+        raise CLIError(f"{DIFFUSERS_PREFIX}{name} is built on a real device (its blocks are captured on the first "
+                       "call): use --device cpu or cuda")
+    tiny = MODELS[name]
+    model = tiny.build().to(device=device, dtype=dtype)
+
+    def inputs():
+        kwargs = {key: value.to(device=device, dtype=dtype)
+                  if torch.is_tensor(value) and value.is_floating_point() and not key.endswith("_ids")
+                  else value.to(device) if torch.is_tensor(value) else value
+                  for key, value in tiny.inputs().items()}
+        return (), kwargs
+
+    return LoadedModel(model, f"{type(model).__name__} (diffusers, tiny random config {name!r})", device,
+                       inputs=inputs)
 
 
 def _load_factory(spec: str, *, device: torch.device, dtype: torch.dtype) -> LoadedModel:

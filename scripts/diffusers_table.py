@@ -3,7 +3,7 @@
     PYTHONPATH=. python scripts/diffusers_table.py            # print the markdown table
     PYTHONPATH=. python scripts/diffusers_table.py --readme   # and write it into README.md
 
-Per model: the sites its code has (``tests/diffusers_models.expected_sites``, derived from the config
+Per model: the sites its code has (``reference_models.diffusers_tiny.expected_sites``, derived from the config
 and diffusers' source), what ``optimize()`` fused, what the compile backend fused (Dynamo's
 whole-model graph, eager inner compiler), and the near-misses each reported, grouped by reason.
 Columns: modulations (LayerNorm or RMSNorm ``* (1 + scale) + shift``) / gates / q/k norm pairs.
@@ -22,7 +22,7 @@ import diffusers
 import torch
 
 import fusion_pass
-from tests.diffusers_models import MODELS, expected_sites
+from reference_models.diffusers_tiny import MODELS, expected_sites
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN, END = "<!-- diffusers-table: begin -->", "<!-- diffusers-table: end -->"

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from diffusers_models import MODELS  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from reference_models.diffusers_tiny import MODELS  # noqa: E402
 
 
 def compiled_error(paths: list[str]) -> float:

@@ -456,3 +456,34 @@ def test_bench_writes_to_its_own_folder_quietly_and_names_only_the_files_it_wrot
     wrote = next(line for line in done.stdout.splitlines() if "wrote" in line)
     assert "bench.json" in wrote and "bench.png" not in wrote
     assert "USDT" not in done.stdout + done.stderr  # the torch profiler's own log lines
+
+
+# --- diffusers:NAME (reference_models/diffusers_tiny.py) ------------------------------------
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_inspect_a_tiny_diffusers_model_with_check_fuses_its_sites(capsys, name):
+    """``diffusers:NAME`` builds the tiny config on the CPU; --check's first call captures its blocks,
+    so the report counts the sites of the model's code (``expected_sites``, from its config)."""
+    pytest.importorskip("diffusers")
+    from reference_models.diffusers_tiny import MODELS, expected_sites
+
+    status, out, err = run(capsys, "inspect", f"diffusers:{name}", "--check", "--json")
+    assert status == cli.EXIT_OK, err
+    report = json.loads(out)
+    sites = expected_sites(name, MODELS[name].build().config)
+    totals = report["totals"]
+    assert (totals["layernorm_modulate"], totals["residual_gate"], totals["qk_rmsnorm"]) == \
+        (sites.modulations, sites.gates, sites.qk)
+    assert report["check"]["ok"] and report["pending"] == []
+
+
+def test_unknown_diffusers_model_and_the_meta_device_exit_2(capsys):
+    pytest.importorskip("diffusers")
+    from reference_models.diffusers_tiny import MODELS
+
+    status, out, err = run(capsys, "inspect", "diffusers:nope")
+    assert status == cli.EXIT_USAGE and out == ""
+    assert_one_line_error(err, "nope", *MODELS)
+    status, out, err = run(capsys, "inspect", "diffusers:flux", "--device", "meta")
+    assert status == cli.EXIT_USAGE
+    assert_one_line_error(err, "--device cpu")

@@ -184,14 +184,14 @@ FLUX_NORM = "transformer_blocks.0.norm1.norm"  # AdaLayerNormZero's LayerNorm(ep
 
 def flux_pair(device=None, cuda_graphs=False):
     """(tiny diffusers Flux, the same optimized) on ``device``, fp32."""
-    from diffusers_models import MODELS
+    from reference_models.diffusers_tiny import MODELS
 
     original = MODELS["flux"].build().to(device)
     return original, fusion_pass.optimize(copy.deepcopy(original), cuda_graphs=cuda_graphs)
 
 
 def flux_inputs(seed=0, device=None, optional=False):
-    from diffusers_models import MODELS
+    from reference_models.diffusers_tiny import MODELS
 
     kwargs = {**MODELS["flux"].inputs(seed), **(MODELS["flux"].optional(seed) if optional else {})}
     return {k: [t.to(device) for t in v] if isinstance(v, list) else v.to(device) if isinstance(v, torch.Tensor)
@@ -290,7 +290,7 @@ def test_flux_optional_inputs_passed_on_one_call_and_not_the_next_replay_their_o
         for optional in (False, True, False, True):
             kwargs = flux_inputs(1, cuda, optional=optional)
             assert rel_err(model(**kwargs)[0], original(**kwargs)[0]) <= 1e-4
-    # the blocks get joint_attention_kwargs=None, then {} (tests/diffusers_models.py): two keys, each replayed
+    # the blocks get joint_attention_kwargs=None, then {} (reference_models/diffusers_tiny.py): two keys, each replayed
     graphs = replays_of(model, "transformer_blocks.0")
     assert len(graphs.captured) == 2 and graphs.replays == 4
 

@@ -14,7 +14,7 @@ import fusion_pass
 
 pytest.importorskip("diffusers")
 
-from diffusers_models import MODELS, expected_sites  # noqa: E402
+from reference_models.diffusers_tiny import MODELS, expected_sites  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 #: Models whose root forward holds a fusable site itself (the final ``norm_out(x) * (1 + scale)

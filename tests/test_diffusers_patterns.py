@@ -3,7 +3,7 @@ whole-model graphs): per-family counts derived from each model's code and config
 in the graph, the unfused norms gone, outputs equal (fp32).
 
 Site counts come from diffusers 0.42.1 (``diffusers/models/transformers/*``), derived from each
-model's config in ``diffusers_models.expected_sites``, which says where each comes from.
+model's config in ``reference_models.diffusers_tiny.expected_sites``, which says where each comes from.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import fusion_pass  # noqa: E402
 from fusion_pass.ops import interpret_on_cpu  # noqa: E402
 from fusion_pass.ops.direct import direct_call  # noqa: E402
 from fusion_pass.registry import FUSED_OPS  # noqa: E402
-from diffusers_models import MODELS, expected_sites  # noqa: E402
+from reference_models.diffusers_tiny import MODELS, expected_sites  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

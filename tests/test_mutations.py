@@ -198,8 +198,8 @@ FLUX_NORM = "transformer_blocks.0.norm1.norm"  # AdaLayerNormZero's LayerNorm(ep
 
 
 def diffusers_pair(name):
-    """(original, optimized after one call, inputs) for the tiny ``name`` of tests/diffusers_models.py."""
-    from diffusers_models import MODELS
+    """(original, optimized after one call, inputs) for the tiny ``name`` of reference_models/diffusers_tiny.py."""
+    from reference_models.diffusers_tiny import MODELS
 
     tiny = MODELS[name]
     original = tiny.build()

@@ -1,5 +1,7 @@
 """Tiny random configs of the ten diffusers transformers of issues 12 and 13 (diffusers 0.42.1),
-shared by the capture, mutation and pattern tests and ``scripts/diffusers_table.py``.
+shared by the capture, mutation and pattern tests, ``scripts/diffusers_table.py`` and the CLI
+(``fusion-pass inspect diffusers:flux``). Needs diffusers (the test extra): imported on demand,
+never by ``reference_models`` itself.
 
 ``MODELS[name]`` is a :class:`TinyModel`: ``build(seed)`` makes the model (seeded, fp32, eval mode,
 well under a second), ``inputs(seed)`` the keyword inputs of one call (``return_dict=False``),
