@@ -30,6 +30,7 @@ import torch
 from fusion_pass.bench.environment import environment, environment_line
 from fusion_pass.bench.profiling import _init_cupti, _profile, _profile_text
 from fusion_pass.bench.timing import percentile, rel_err, time_calls
+from reference_models.diffusers_tiny import cast_inputs
 
 CONFIGS = {
     # FLUX.1-dev's transformer config (black-forest-labs/FLUX.1-dev, transformer/config.json)
@@ -58,11 +59,6 @@ def make_inputs(cfg: dict, img_tokens: int, txt_tokens: int, device, dtype, seed
         guidance=torch.tensor([3.5], device=device, dtype=dtype),
         return_dict=False,
     )
-
-
-def cast_inputs(inputs: dict, dtype) -> dict:
-    return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and not k.endswith("_ids")
-            else v for k, v in inputs.items()}
 
 
 def main(argv=None) -> int:

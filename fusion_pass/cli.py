@@ -372,12 +372,9 @@ def _diffusers_names() -> tuple[str, ...]:
 
 def _load_diffusers(name: str, *, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     """``diffusers:NAME``: the tiny random config of ``reference_models.diffusers_tiny`` (seeded)
-    on ``device`` in ``dtype``, with its keyword inputs (floating ones in ``dtype``, position ids
-    kept in float32)."""
-    import torch
-
+    on ``device`` in ``dtype``, with its keyword inputs (``diffusers_tiny.cast_inputs``)."""
     try:
-        from reference_models.diffusers_tiny import MODELS
+        from reference_models.diffusers_tiny import MODELS, cast_inputs
     except ImportError as exc:
         raise CLIError(f"{DIFFUSERS_PREFIX}{name} needs diffusers (pip install 'diffusers==0.42.1'): "
                        f"{_one_line(exc)}") from None
@@ -390,11 +387,7 @@ def _load_diffusers(name: str, *, device: torch.device, dtype: torch.dtype) -> L
     model = tiny.build().to(device=device, dtype=dtype)
 
     def inputs():
-        kwargs = {key: value.to(device=device, dtype=dtype)
-                  if torch.is_tensor(value) and value.is_floating_point() and not key.endswith("_ids")
-                  else value.to(device) if torch.is_tensor(value) else value
-                  for key, value in tiny.inputs().items()}
-        return (), kwargs
+        return (), cast_inputs(tiny.inputs(), dtype, device)
 
     return LoadedModel(model, f"{type(model).__name__} (diffusers, tiny random config {name!r})", device,
                        inputs=inputs)

@@ -61,14 +61,13 @@ class FusedForward(InstalledForward):
     for this call, exact, counted by the session)."""
 
     def __init__(self, module: nn.Module, path: str, code, signature: CallSignature, leaves, source: str,
-                 graphs: GraphReplay | None = None, session=None, metadata: tuple[HeldMetadata, ...] = ()):
+                 session=None, metadata: tuple[HeldMetadata, ...] = ()):
         self.module = module
         self.path = path
         self.code = code
         self.signature = signature
         self.leaves = tuple(leaves)  # modules the graph calls as modules (not inlined, not guarded inside)
         self.source = source  # generated Python, for debugging (FUSION_PASS_DUMP)
-        self.graphs = graphs
         self.session = session
         self.metadata = metadata  # parameter/buffer metadata the graph was traced with (checked by ``guard``)
         self.guard: SubtreeGuard | None = None
@@ -136,7 +135,7 @@ def install(captured: CapturedGraph, graph_pool=None, session=None) -> FusedForw
     exec(compile(code.src, f"<fusion_pass {label}>", "exec"), namespace)  # noqa: S102 - FX codegen
     forward = namespace["forward"]
     called = sorted({n.target for n in captured.graph.nodes if n.op == "call_module"})
-    fused = FusedForward(captured.module, captured.path, forward, captured.signature, called, code.src, None, session,
+    fused = FusedForward(captured.module, captured.path, forward, captured.signature, called, code.src, session,
                          captured.metadata)
     if graph_pool is not None:
         fused.graphs = GraphReplay(captured.module, forward, graph_pool, note=fused.graph_note)

@@ -49,6 +49,15 @@ class TinyModel:
         return sum(len(model.get_submodule(path)) for path in self.blocks)
 
 
+def cast_inputs(inputs: dict, dtype: torch.dtype, device: torch.device | str | None = None) -> dict:
+    """Keyword inputs with their floating tensors in ``dtype`` (position ids, ``*_ids``, stay as they
+    are: diffusers computes RoPE tables from them) and every tensor on ``device`` (None: where it is)."""
+    return {key: value.to(device=device, dtype=dtype)
+            if torch.is_tensor(value) and value.is_floating_point() and not key.endswith("_ids")
+            else value.to(device) if torch.is_tensor(value) and device is not None else value
+            for key, value in inputs.items()}
+
+
 def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=gen)
 

@@ -123,8 +123,8 @@ def test_rows_cut_into_column_chunks(interpreted, monkeypatch, dtype):
     assert interpreted.count == 1
 
 
-def test_b_wider_than_one_block_takes_the_kernel(interpreted):
-    a, b = block_operands((2,), launch.COLUMN_CHUNK + 3, MAX_BLOCK + 5, torch.float32)
+def test_a_and_b_wider_than_one_block_take_the_kernel(interpreted):
+    a, b = block_operands((2,), MAX_BLOCK + 3, MAX_BLOCK + 5, torch.float32)
     assert_gelu_cat_accurate(a, b, "none", torch.float32, interpreted=True)
     assert interpreted.count == 1
 
