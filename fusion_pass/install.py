@@ -17,6 +17,8 @@ a read-only ``weight`` property aliasing it, through a cached subclass of their 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -26,6 +28,20 @@ from fusion_pass.cuda_graphs import GraphReplay
 from fusion_pass.precompile import dry_run_is_safe, precompile
 from fusion_pass.guards import ArgumentsDiffer, CallSignature, GuardFailed, HeldMetadata
 from fusion_pass.snapshot import SubtreeGuard
+
+
+_ORIGINAL = [False]  # inside ``original_forwards()``: installed forwards run the module's own forward
+
+
+@contextlib.contextmanager
+def original_forwards():
+    """Within the block, every installed forward runs its module's original forward (used to
+    run modules on fake tensors while capturing at a call's shapes, ``shapes.py``)."""
+    before, _ORIGINAL[0] = _ORIGINAL[0], True
+    try:
+        yield
+    finally:
+        _ORIGINAL[0] = before
 
 
 class InstalledForward:
@@ -83,6 +99,8 @@ class FusedForward(InstalledForward):
 
     def __call__(self, *args, **kwargs):
         module = self.module
+        if _ORIGINAL[0]:
+            return type(module).forward(module, *args, **kwargs)
         if (self.guard is None or not self.guard.holds()) and not torch.compiler.is_compiling():
             if self.session is None or self.guard is None:
                 return type(module).forward(module, *args, **kwargs)
@@ -115,7 +133,7 @@ class DeferredForward(InstalledForward):
         self.module, self.path, self.in_container, self.session = module, path, in_container, session
 
     def __call__(self, *args, **kwargs):
-        if torch.compiler.is_compiling():  # inside an outer torch.compile: Dynamo traces the original
+        if torch.compiler.is_compiling() or _ORIGINAL[0]:  # inside an outer torch.compile: Dynamo traces the original
             return type(self.module).forward(self.module, *args, **kwargs)
         return self.session.capture_on_call(self, args, kwargs)
 
