@@ -148,9 +148,13 @@ class _LeafOnFailureTracer(fx.Tracer):
         return super().create_args_for_root(self.signature.traced_forward(root_fn), is_module, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        """Also a leaf: a module with hooks (its ``__call__`` must run them) and the modules
-        inside which tracing failed."""
-        if module_qualified_name in self.extra_leaves or _has_hooks(m):
+        """Also a leaf: a module with hooks (its ``__call__`` must run them), one that runs an
+        installed fusion_pass forward (a block kept while its root is captured again at new
+        shapes, ``session.reshape``) and the modules inside which tracing failed."""
+        from fusion_pass.install import InstalledForward
+
+        if module_qualified_name in self.extra_leaves or _has_hooks(m) or isinstance(
+                vars(m).get("forward"), InstalledForward):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

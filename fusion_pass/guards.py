@@ -193,6 +193,14 @@ class CallSignature:
                     raise ArgumentsDiffer(f"argument {name} is {got} (captured at {list(shape)} {dtype} on {device})")
         return values
 
+    def same_pattern(self, args: tuple, kwargs: dict) -> bool:
+        """Whether the call passes its arguments as captured, shapes aside."""
+        try:
+            self._values(args, kwargs)
+        except ArgumentsDiffer:
+            return False
+        return True
+
     def _values(self, args: tuple, kwargs: dict) -> tuple:
         if self._fast and not kwargs and len(args) == len(self.traced) and not any(map(_bakeable, args)):
             return args  # the common call: exactly the required arguments, positionally, none a baked kind
@@ -240,6 +248,9 @@ class CallSignature:
             text += f", {', '.join(baked)}"
         if rest:
             text += f"; nothing passed for {', '.join(rest)}"
+        if self.shaped is not None:
+            text += "; at shapes " + ", ".join(f"{name} {list(shape)} {str(dtype).removeprefix('torch.')} on {device}"
+                                               for name, (shape, dtype, device) in zip(self.traced, self.shaped))
         return text
 
 
