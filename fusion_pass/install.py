@@ -144,7 +144,9 @@ def is_installed(module: nn.Module) -> bool:
 
 def install(captured: CapturedGraph, graph_pool=None, session=None) -> FusedForward:
     """Set ``captured.module.forward`` to the code of ``captured.graph``; with a
-    ``graph_pool`` (``cuda_graphs.new_pool()``, a ``ReplayPool``), replayed as CUDA graphs where possible.
+    ``graph_pool`` (``cuda_graphs.new_pool()``, a ``ReplayPool``), replayed as CUDA graphs where possible:
+    only a graph that calls no module (a replay would run a called module's kernels as captured,
+    past its own forward, hooks and guards; a diffusers root calls its blocks, which replay themselves).
     The caller arms it (:meth:`FusedForward.arm`) once every module is installed."""
     call_directly(captured.graph)
     code = captured.graph.python_code(root_module="self")
@@ -155,7 +157,7 @@ def install(captured: CapturedGraph, graph_pool=None, session=None) -> FusedForw
     called = sorted({n.target for n in captured.graph.nodes if n.op == "call_module"})
     fused = FusedForward(captured.module, captured.path, forward, captured.signature, called, code.src, session,
                          captured.metadata)
-    if graph_pool is not None:
+    if graph_pool is not None and not called:  # a replay would skip the called modules' own checks
         fused.graphs = GraphReplay(captured.module, forward, graph_pool, note=fused.graph_note)
     fused.in_container = captured.in_container
     fused.precompile = dry_run_is_safe(captured.graph, captured.module)

@@ -189,6 +189,7 @@ class RegionalForward(InstalledForward):
                 return type(module).forward(module, *args, **kwargs)
             self.session.fell_back(self.path, f"left to Dynamo's guards after: {reason}")
             self.arm()
+            self.graph_index = None  # the graph Dynamo runs from now on (it may recompile) is reported anew
             if self.graphs is not None:
                 self.graphs.captured.clear()  # each call key goes through Dynamo again before a capture
         if self.compiled.failure is not None:
