@@ -1,0 +1,181 @@
+"""Host time per call of each fused op's own Python, on this machine's CPU, Triton's launcher stubbed out.
+
+    PYTHONPATH=. python benchmarks/host_path_cpu.py [--out docs/bench/run22-host-path] [--label after]
+
+Times what `optimize()`'s graphs run per fused call (`fusion_pass.ops.direct`: the op's body) up
+to the call of Triton's launcher, on the small (L = 1) fp16 inputs of `ops_bench.py`'s host
+table built on the CPU. No GPU is needed, and none is used:
+
+- the kernels are real `JITFunction`s (TRITON_INTERPRET unset when `fusion_pass.ops` is
+  imported), and the planners take the kernel path for CPU tensors (`interpret_on_cpu`, with
+  TRITON_INTERPRET set afterwards, which is all `launch.cpu_kernels_enabled` reads);
+- `JITFunction.run` (Triton's per-call binding, which would compile for a GPU on a signature's
+  first launch) returns a stand-in compiled kernel whose launcher does nothing but count its
+  arguments; `torch.cuda.current_device` returns 0.
+
+So the steady state is `launch_kernel`'s reuse of a compiled kernel, as on a GPU, without
+Triton's C launcher (which parses every argument it is given) and the driver call.
+
+Columns: the least-disturbed estimate on a shared machine, the minimum over REPEATS runs of CALLS
+calls each (the median in brackets):
+- body: the op's body, launcher stubbed;
+- plan + alloc: the body with the ops' `launch_kernel` itself replaced by a no-op (operand checks,
+  keys, memoised plans, output allocation);
+- launch step: their difference (launch key, compiled-kernel lookup, argument assembly);
+- torch.ops: the call through the dispatcher (Dynamo/Inductor graphs), launcher stubbed;
+- launcher args: how many arguments Triton's launcher receives per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from importlib import import_module
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("run without TRITON_INTERPRET: the kernels must be JITFunctions (see the docstring)")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ops_bench import model_workloads, workloads  # noqa: E402
+
+import fusion_pass.ops  # noqa: E402, F401  (registers the ops)
+from fusion_pass.ops import interpret_on_cpu  # noqa: E402
+from fusion_pass.ops.direct import direct_call  # noqa: E402
+
+CALLS = 1000
+REPEATS = 15
+OP_MODULES = ("layernorm_modulate", "qk_rmsnorm", "qk_rmsnorm_cat", "qk_rmsnorm_rope", "qk_layernorm", "gelu_cat")
+
+
+class StubCompiled:
+    """Stands in for a `CompiledKernel`: `[grid]` gives a launcher that records its argument count."""
+
+    last_args = 0
+
+    def __getitem__(self, grid):
+        def runner(*args, stream=None):
+            StubCompiled.last_args = len(args)
+
+        return runner
+
+
+def stub_triton() -> None:
+    """Triton's per-call binding returns the stand-in compiled kernel; no CUDA device is queried."""
+    triton.runtime.jit.JITFunction.run = lambda self, *args, grid, warmup, **kwargs: StubCompiled()
+    torch.cuda.current_device = lambda: 0
+
+
+def per_call_us(fn) -> tuple[float, float]:
+    """(min, median) over REPEATS of the mean host time of CALLS calls of `fn`, in us."""
+    for _ in range(50):
+        fn()
+    samples = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        for _ in range(CALLS):
+            fn()
+        samples.append((time.perf_counter() - start) / CALLS * 1e6)
+    return min(samples), statistics.median(samples)
+
+
+def without_launch(fn):
+    """`fn` with every op module's `launch_kernel` a no-op, for as long as it runs."""
+    modules = [import_module(f"fusion_pass.ops.{name}") for name in OP_MODULES]
+
+    def call():
+        real = [m.launch_kernel for m in modules]
+        for m in modules:
+            m.launch_kernel = lambda *args, **kwargs: None
+        try:
+            return fn()
+        finally:
+            for m, launch in zip(modules, real):
+                m.launch_kernel = launch
+
+    return call
+
+
+def measure() -> list[dict]:
+    small = [*workloads(2, 1, torch.float16, device="cpu"),
+             *(w for w, _, _ in model_workloads(torch.float16, 1, 1, 1, device="cpu"))]
+    rows = []
+    for w in small:
+        overload = getattr(torch.ops.fusion_pass, w.op).default
+        direct = direct_call(overload)
+        StubCompiled.last_args = 0
+        direct(*w.args)
+        direct(*w.args)  # the second call reuses the (stand-in) compiled kernel
+        if StubCompiled.last_args == 0:
+            raise RuntimeError(f"{w.op} did not reach the compiled-kernel launcher (reference path?)")
+        args = StubCompiled.last_args
+        body = per_call_us(lambda: direct(*w.args))
+        plan = without_launch(lambda: per_call_us(lambda: direct(*w.args)))()
+        dispatched = per_call_us(lambda: overload(*w.args))
+        shapes = " ".join("x".join(map(str, a.shape)) for a in w.args[:2] if isinstance(a, torch.Tensor))
+        rows.append(dict(op=w.op, shapes=shapes, body_us=body[0], body_median_us=body[1], plan_us=plan[0],
+                         plan_median_us=plan[1], launch_us=body[0] - plan[0], torch_ops_us=dispatched[0],
+                         launcher_args=args))
+    return rows
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [
+        f"# Host time per fused call, our Python only ({meta['label']})",
+        "",
+        f"{meta['machine']}; python {meta['python']}, torch {meta['torch']}, triton {meta['triton']}; "
+        f"{meta['threads']} torch thread. Min of {REPEATS} x {CALLS} calls (median in brackets), "
+        "Triton's launcher stubbed (`benchmarks/host_path_cpu.py`).",
+        "",
+        "| op | q/x, k/y shapes | body us | plan + alloc us | launch step us | torch.ops us | launcher args |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['op']} | {r['shapes']} | {r['body_us']:.1f} ({r['body_median_us']:.1f}) | {r['plan_us']:.1f} "
+        f"({r['plan_median_us']:.1f}) | {r['launch_us']:.1f} | {r['torch_ops_us']:.1f} | {r['launcher_args']} |"
+        for r in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def cpu_name() -> str:
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="directory for host_path_<label>.json / .md (else print only)")
+    parser.add_argument("--label", default="current", help="names the result files (e.g. before, after)")
+    options = parser.parse_args()
+    stub_triton()
+    os.environ["TRITON_INTERPRET"] = "1"  # read per call by cpu_kernels_enabled; the kernels stay JITFunctions
+    torch.set_num_threads(1)
+    meta = dict(label=options.label, machine=f"{cpu_name()}, {os.cpu_count()} cores", python=platform.python_version(),
+                torch=torch.__version__, triton=triton.__version__, threads=torch.get_num_threads())
+    with interpret_on_cpu(), torch.no_grad():
+        rows = measure()
+    text = markdown(meta, rows)
+    print(text)
+    if options.out:
+        options.out.mkdir(parents=True, exist_ok=True)
+        (options.out / f"host_path_{options.label}.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+        (options.out / f"host_path_{options.label}.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
