@@ -1,6 +1,7 @@
 """Host time per call of each fused op's own Python, on this machine's CPU, Triton's launcher stubbed out.
 
     PYTHONPATH=. python benchmarks/host_path_cpu.py [--out docs/bench/run22-host-path] [--label after]
+    python benchmarks/host_path_cpu.py --compare before1.json after1.json [--compare before2.json after2.json]
 
 Times what `optimize()`'s graphs run per fused call (`fusion_pass.ops.direct`: the op's body) up
 to the call of Triton's launcher, on the small (L = 1) fp16 inputs of `ops_bench.py`'s host
@@ -148,6 +149,40 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def best_of(paths: list[Path]) -> tuple[dict, list[dict]]:
+    """(meta, rows) of several runs of one version: per op, each time the smallest of the runs
+    (the launch step: their difference)."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    rows = []
+    for group in zip(*(run["rows"] for run in runs)):
+        body, plan = min(r["body_us"] for r in group), min(r["plan_us"] for r in group)
+        rows.append({**group[0], "body_us": body, "plan_us": plan, "launch_us": body - plan})
+    return runs[0], rows
+
+
+def comparison(before: list[Path], after: list[Path]) -> str:
+    """Markdown: body time per op of two versions (each the best of its runs), and the change."""
+    (meta, old), (_, new) = best_of(before), best_of(after)
+    lines = [
+        f"# Host time per fused call, our Python only: {meta['label'].rstrip('0123456789')} vs "
+        f"{json.loads(after[0].read_text())['label'].rstrip('0123456789')}",
+        "",
+        f"{meta['machine']}; python {meta['python']}, torch {meta['torch']}, triton {meta['triton']}. Per op, the "
+        f"smallest of {len(before)} and {len(after)} interleaved runs of `benchmarks/host_path_cpu.py` (each the min of "
+        f"{REPEATS} x {CALLS} calls), Triton's launcher stubbed.",
+        "",
+        "| op | q/x, k/y shapes | launcher args | body us before | after | plan + alloc before | after | "
+        "launch step before | after |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {o['op']} | {o['shapes']} | {n['launcher_args']} | {o['body_us']:.1f} | {n['body_us']:.1f} | "
+        f"{o['plan_us']:.1f} | {n['plan_us']:.1f} | {o['launch_us']:.1f} | {n['launch_us']:.1f} |"
+        for o, n in zip(old, new, strict=True)
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def cpu_name() -> str:
     try:
         names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -161,7 +196,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="directory for host_path_<label>.json / .md (else print only)")
     parser.add_argument("--label", default="current", help="names the result files (e.g. before, after)")
+    parser.add_argument("--compare", type=Path, nargs=2, action="append", metavar=("BEFORE", "AFTER"),
+                        help="print a comparison of two result files (repeat for several runs) and exit")
     options = parser.parse_args()
+    if options.compare:
+        print(comparison([b for b, _ in options.compare], [a for _, a in options.compare]), end="")
+        return
     stub_triton()
     os.environ["TRITON_INTERPRET"] = "1"  # read per call by cpu_kernels_enabled; the kernels stay JITFunctions
     torch.set_num_threads(1)
