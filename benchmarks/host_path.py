@@ -1,29 +1,31 @@
-"""Host time per call of each fused op's own Python, on this machine's CPU, Triton's launcher stubbed out.
+"""Host time per call of each fused op's own Python, Triton's launcher stubbed out (CPU or CUDA).
 
-    PYTHONPATH=. python benchmarks/host_path_cpu.py [--out docs/bench/run22-host-path] [--label after]
-    python benchmarks/host_path_cpu.py --compare before1.json after1.json [--compare before2.json after2.json]
+    PYTHONPATH=. python benchmarks/host_path.py [--out docs/bench/run22-host-path] [--label after]
+    PYTHONPATH=. python benchmarks/host_path.py --device cuda [--out DIR] [--label h200]
+    python benchmarks/host_path.py --compare before1.json after1.json [--compare before2.json after2.json]
 
 Times what `optimize()`'s graphs run per fused call (`fusion_pass.ops.direct`: the op's body) up
 to the call of Triton's launcher, on the small (L = 1) fp16 inputs of `ops_bench.py`'s host
-table built on the CPU. No GPU is needed, and none is used:
+table: the steady state, in which `launch_kernel` reuses a compiled kernel.
 
-- the kernels are real `JITFunction`s (TRITON_INTERPRET unset when `fusion_pass.ops` is
-  imported), and the planners take the kernel path for CPU tensors (`interpret_on_cpu`, with
-  TRITON_INTERPRET set afterwards, which is all `launch.cpu_kernels_enabled` reads);
-- `JITFunction.run` (Triton's per-call binding, which would compile for a GPU on a signature's
-  first launch) returns a stand-in compiled kernel whose launcher does nothing but count its
-  arguments; `torch.cuda.current_device` returns 0.
-
-So the steady state is `launch_kernel`'s reuse of a compiled kernel, as on a GPU, without
-Triton's C launcher (which parses every argument it is given) and the driver call.
+On the CPU (the default; no GPU is used): the kernels are real `JITFunction`s (TRITON_INTERPRET
+unset when `fusion_pass.ops` is imported), and the planners take the kernel path for CPU tensors
+(`interpret_on_cpu`, with TRITON_INTERPRET set afterwards, which is all
+`launch.cpu_kernels_enabled` reads); `JITFunction.run` (Triton's per-call binding, which would
+compile for a GPU on a signature's first launch) returns a stand-in compiled kernel whose launcher
+does nothing but count its arguments; `torch.cuda.current_device` returns 0.
+With `--device cuda`: real launches, and the same body again with the kept compiled kernels'
+launchers replaced by that counting no-op; their difference is Triton's launcher and the driver.
 
 Columns: the least-disturbed estimate on a shared machine, the minimum over REPEATS runs of CALLS
 calls each (the median in brackets):
-- body: the op's body, launcher stubbed;
+- body: the op's body, launcher stubbed (our Python);
 - plan + alloc: the body with the ops' `launch_kernel` itself replaced by a no-op (operand checks,
   keys, memoised plans, output allocation);
 - launch step: their difference (launch key, compiled-kernel lookup, argument assembly);
-- torch.ops: the call through the dispatcher (Dynamo/Inductor graphs), launcher stubbed;
+- Triton launcher (CUDA only): the body with real launches minus the body;
+- torch.ops: the call through the dispatcher (Dynamo/Inductor graphs), launcher stubbed on the
+  CPU, real on CUDA;
 - launcher args: how many arguments Triton's launcher receives per call.
 """
 
@@ -42,6 +44,8 @@ from pathlib import Path
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("run without TRITON_INTERPRET: the kernels must be JITFunctions (see the docstring)")
 
+from contextlib import contextmanager  # noqa: E402
+
 import torch  # noqa: E402
 import triton  # noqa: E402
 
@@ -50,8 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ops_bench import model_workloads, workloads  # noqa: E402
 
-import fusion_pass.ops  # noqa: E402, F401  (registers the ops)
-from fusion_pass.ops import interpret_on_cpu  # noqa: E402
+from fusion_pass.ops import interpret_on_cpu, launch  # noqa: E402
 from fusion_pass.ops.direct import direct_call  # noqa: E402
 
 CALLS = 1000
@@ -59,16 +62,19 @@ REPEATS = 15
 OP_MODULES = ("layernorm_modulate", "qk_rmsnorm", "qk_rmsnorm_cat", "qk_rmsnorm_rope", "qk_layernorm", "gelu_cat")
 
 
-class StubCompiled:
-    """Stands in for a `CompiledKernel`: `[grid]` gives a launcher that records its argument count."""
+LAUNCHER_ARGS = [0]  # arguments the last stubbed launcher call received
 
-    last_args = 0
+
+def stub_launcher(*args, stream=None) -> None:
+    """Stands in for a compiled kernel's launcher (`CompiledKernel[grid]`): counts its arguments."""
+    LAUNCHER_ARGS[0] = len(args)
+
+
+class StubCompiled:
+    """Stands in for a `CompiledKernel`: `[grid]` gives `stub_launcher`."""
 
     def __getitem__(self, grid):
-        def runner(*args, stream=None):
-            StubCompiled.last_args = len(args)
-
-        return runner
+        return stub_launcher
 
 
 def stub_triton() -> None:
@@ -77,17 +83,36 @@ def stub_triton() -> None:
     torch.cuda.current_device = lambda: 0
 
 
+@contextmanager
+def launchers_stubbed():
+    """The compiled kernels `launch_kernel` keeps launch through `stub_launcher` (CUDA mode)."""
+    kept = dict(launch._COMPILED)
+    launch._COMPILED.update({key: (kernel, stub_launcher, tail) for key, (kernel, _, tail) in kept.items()})
+    try:
+        yield
+    finally:
+        launch._COMPILED.update(kept)
+
+
 def per_call_us(fn) -> tuple[float, float]:
-    """(min, median) over REPEATS of the mean host time of CALLS calls of `fn`, in us."""
+    """(min, median) over REPEATS of the mean host time of CALLS calls of `fn`, in us (on CUDA,
+    synchronised between repeats, outside the timing)."""
     for _ in range(50):
         fn()
     samples = []
     for _ in range(REPEATS):
+        synchronize()
         start = time.perf_counter()
         for _ in range(CALLS):
             fn()
         samples.append((time.perf_counter() - start) / CALLS * 1e6)
+    synchronize()
     return min(samples), statistics.median(samples)
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def without_launch(fn):
@@ -107,43 +132,54 @@ def without_launch(fn):
     return call
 
 
-def measure() -> list[dict]:
-    small = [*workloads(2, 1, torch.float16, device="cpu"),
-             *(w for w, _, _ in model_workloads(torch.float16, 1, 1, 1, device="cpu"))]
+def measure(device: str) -> list[dict]:
+    small = [*workloads(2, 1, torch.float16, device=device),
+             *(w for w, _, _ in model_workloads(torch.float16, 1, 1, 1, device=device))]
     rows = []
     for w in small:
         overload = getattr(torch.ops.fusion_pass, w.op).default
         direct = direct_call(overload)
-        StubCompiled.last_args = 0
-        direct(*w.args)
-        direct(*w.args)  # the second call reuses the (stand-in) compiled kernel
-        if StubCompiled.last_args == 0:
-            raise RuntimeError(f"{w.op} did not reach the compiled-kernel launcher (reference path?)")
-        args = StubCompiled.last_args
-        body = per_call_us(lambda: direct(*w.args))
-        plan = without_launch(lambda: per_call_us(lambda: direct(*w.args)))()
-        dispatched = per_call_us(lambda: overload(*w.args))
+        direct(*w.args)  # a signature's first call: Triton binds (and compiles); the compiled kernel is kept
+        real = per_call_us(lambda: direct(*w.args)) if device == "cuda" else None
+        LAUNCHER_ARGS[0] = 0
+        with launchers_stubbed():
+            direct(*w.args)
+            if LAUNCHER_ARGS[0] == 0:
+                raise RuntimeError(f"{w.op} did not reach a compiled kernel's launcher (reference path?)")
+            body = per_call_us(lambda: direct(*w.args))
+            plan = without_launch(lambda: per_call_us(lambda: direct(*w.args)))()
+            dispatched = per_call_us(lambda: overload(*w.args)) if device == "cpu" else None
+        if device == "cuda":
+            dispatched = per_call_us(lambda: overload(*w.args))
         shapes = " ".join("x".join(map(str, a.shape)) for a in w.args[:2] if isinstance(a, torch.Tensor))
         rows.append(dict(op=w.op, shapes=shapes, body_us=body[0], body_median_us=body[1], plan_us=plan[0],
-                         plan_median_us=plan[1], launch_us=body[0] - plan[0], torch_ops_us=dispatched[0],
-                         launcher_args=args))
+                         plan_median_us=plan[1], launch_us=body[0] - plan[0],
+                         triton_launcher_us=None if real is None else real[0] - body[0],
+                         torch_ops_us=dispatched[0], launcher_args=LAUNCHER_ARGS[0]))
     return rows
+
+
+def triton_launcher(row: dict) -> str:
+    us = row.get("triton_launcher_us")
+    return "-" if us is None else f"{us:.1f}"
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
-        f"# Host time per fused call, our Python only ({meta['label']})",
+        f"# Host time per fused call, our Python only ({meta['label']}, {meta['device']})",
         "",
         f"{meta['machine']}; python {meta['python']}, torch {meta['torch']}, triton {meta['triton']}; "
-        f"{meta['threads']} torch thread. Min of {REPEATS} x {CALLS} calls (median in brackets), "
-        "Triton's launcher stubbed (`benchmarks/host_path_cpu.py`).",
+        f"{meta['threads']} torch thread{'s' if meta['threads'] > 1 else ''}; {meta['device']}. Min of {REPEATS} x {CALLS} calls (median in brackets), "
+        "Triton's launcher stubbed (`benchmarks/host_path.py`).",
         "",
-        "| op | q/x, k/y shapes | body us | plan + alloc us | launch step us | torch.ops us | launcher args |",
-        "|---|---|---|---|---|---|---|",
+        "| op | q/x, k/y shapes | body us | plan + alloc us | launch step us | Triton launcher us | torch.ops us "
+        "| launcher args |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['op']} | {r['shapes']} | {r['body_us']:.1f} ({r['body_median_us']:.1f}) | {r['plan_us']:.1f} "
-        f"({r['plan_median_us']:.1f}) | {r['launch_us']:.1f} | {r['torch_ops_us']:.1f} | {r['launcher_args']} |"
+        f"({r['plan_median_us']:.1f}) | {r['launch_us']:.1f} | {triton_launcher(r)} | {r['torch_ops_us']:.1f} | "
+        f"{r['launcher_args']} |"
         for r in rows
     ]
     return "\n".join(lines) + "\n"
@@ -168,8 +204,8 @@ def comparison(before: list[Path], after: list[Path]) -> str:
         f"{json.loads(after[0].read_text())['label'].rstrip('0123456789')}",
         "",
         f"{meta['machine']}; python {meta['python']}, torch {meta['torch']}, triton {meta['triton']}. Per op, the "
-        f"smallest of {len(before)} and {len(after)} interleaved runs of `benchmarks/host_path_cpu.py` (each the min of "
-        f"{REPEATS} x {CALLS} calls), Triton's launcher stubbed.",
+        f"smallest of {len(before)} and {len(after)} interleaved runs of `benchmarks/host_path.py` (each the min of "
+        f"{REPEATS} x {CALLS} calls), Triton's launcher stubbed (`benchmarks/host_path.py`).",
         "",
         "| op | q/x, k/y shapes | launcher args | body us before | after | plan + alloc before | after | "
         "launch step before | after |",
@@ -196,19 +232,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="directory for host_path_<label>.json / .md (else print only)")
     parser.add_argument("--label", default="current", help="names the result files (e.g. before, after)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--compare", type=Path, nargs=2, action="append", metavar=("BEFORE", "AFTER"),
                         help="print a comparison of two result files (repeat for several runs) and exit")
     options = parser.parse_args()
     if options.compare:
         print(comparison([b for b, _ in options.compare], [a for _, a in options.compare]), end="")
         return
-    stub_triton()
-    os.environ["TRITON_INTERPRET"] = "1"  # read per call by cpu_kernels_enabled; the kernels stay JITFunctions
-    torch.set_num_threads(1)
+    device = options.device
+    if device == "cpu":
+        stub_triton()
+        os.environ["TRITON_INTERPRET"] = "1"  # read per call by cpu_kernels_enabled; the kernels stay JITFunctions
+        torch.set_num_threads(1)
+    elif not torch.cuda.is_available():
+        sys.exit("--device cuda needs a CUDA device")
     meta = dict(label=options.label, machine=f"{cpu_name()}, {os.cpu_count()} cores", python=platform.python_version(),
-                torch=torch.__version__, triton=triton.__version__, threads=torch.get_num_threads())
+                torch=torch.__version__, triton=triton.__version__, threads=torch.get_num_threads(),
+                device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
     with interpret_on_cpu(), torch.no_grad():
-        rows = measure()
+        rows = measure(device)
     text = markdown(meta, rows)
     print(text)
     if options.out:
