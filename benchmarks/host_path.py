@@ -38,13 +38,12 @@ import platform
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from importlib import import_module
 from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("run without TRITON_INTERPRET: the kernels must be JITFunctions (see the docstring)")
-
-from contextlib import contextmanager  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402

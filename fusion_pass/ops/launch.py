@@ -26,7 +26,8 @@ is computed by a pure function of `tensor_key`s, memoised with a bounded `functo
 (`x.shape`, `x.stride()`, ... ~0.3 us a tensor) and looks it up. The helpers below therefore take
 `TensorMeta`s (shape, stride, dtype, device), not tensors. Fake tensors of a dynamic-shape trace
 carry SymInts, which do not hash: fake impls and traces call the planners uncached
-(`Launch.planner`).
+(`Launch.planner`). A plan ends in a `KernelCall`: the launch's grid, every scalar argument and
+constexpr, built once per signature, so a call hands `launch_kernel` only its tensors.
 """
 
 from __future__ import annotations
