@@ -168,7 +168,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"# Host time per fused call, our Python only ({meta['label']}, {meta['device']})",
         "",
         f"{meta['machine']}; python {meta['python']}, torch {meta['torch']}, triton {meta['triton']}; "
-        f"{meta['threads']} torch thread{'s' if meta['threads'] > 1 else ''}; {meta['device']}. Min of {REPEATS} x {CALLS} calls (median in brackets), "
+        f"{meta['threads']} torch thread{'s' if meta['threads'] > 1 else ''}; {meta['device']}. "
+        f"Min of {REPEATS} x {CALLS} calls (median in brackets), "
         "Triton's launcher stubbed (`benchmarks/host_path.py`).",
         "",
         "| op | q/x, k/y shapes | body us | plan + alloc us | launch step us | Triton launcher us | torch.ops us "

@@ -421,7 +421,8 @@ def launch_kernel(kernel, call: KernelCall, args: tuple, *, traced: bool = False
     if not (_compiled_launch_ok[0] and isinstance(kernel, triton.runtime.jit.JITFunction)):
         kernel[grid](*args, *call.tail, **call.constexprs, num_warps=call.num_warps)  # interpreter, or a test double
         return
-    key = (call, torch.cuda.current_device(), *[a.data_ptr() % 16 == 0 if isinstance(a, torch.Tensor) else a for a in args])
+    key = (call, torch.cuda.current_device(),
+           *[a.data_ptr() % 16 == 0 if isinstance(a, torch.Tensor) else a for a in args])
     entry = _COMPILED.get(key)
     if entry is not None and entry[0] is kernel:
         _, launcher, tail = entry

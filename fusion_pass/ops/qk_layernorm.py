@@ -148,7 +148,9 @@ def _fits_kernel(cpu_kernels, q, k, q_weight, q_bias, k_weight, k_bias) -> bool:
 
 
 @plan_cache
-def _launch_plan(key: tuple, q_out_stride: tuple[int, ...], k_out_stride: tuple[int, ...], eps: float) -> KernelCall | None:
+def _launch_plan(
+    key: tuple, q_out_stride: tuple[int, ...], k_out_stride: tuple[int, ...], eps: float
+) -> KernelCall | None:
     """The launch on operands with `_fits_kernel` key `key`, outputs of these strides and `eps`,
     or None where rows do not coalesce into three row dims (`grouped_row_layout`: a `[B, H, L, D]`
     view of `[B, L, H, D]` into a contiguous output has rows (B, L, H) in one, (B, H, L) in the other).
