@@ -25,7 +25,8 @@ spellings accepted                                     canonical node
 ``x.type(dtype)``, ``x.to(dtype=d)``                   positional)
 ``x[:, None, :]`` (full slices and one ``None``),      ``torch.unsqueeze(x, dim)``
 ``x.unsqueeze(d)``
-``x.view(...)``, ``x.reshape(...)``                    ``torch.reshape(x, shape)``
+``x.view(...)``, ``x.reshape(...)`` (sizes: ints, or   ``torch.reshape(x, shape)``
+a dynamic-shape Dynamo graph's symbolic sizes)
 ``x.type_as(y)``                                       ``x.to(dtype)`` (y's dtype: a constant
                                                        where the graph knows it, else ``y.dtype``)
 ``scaled_dot_product_attention(query=q, key=k,         ``F.scaled_dot_product_attention(q, k, v,
@@ -238,11 +239,16 @@ def _reshape(args, kwargs, already_canonical: bool):
     if kwargs:
         return None
     shape = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else tuple(args[1:])
-    if not all(isinstance(size, int) for size in shape):
+    if not all(isinstance(size, int) or _is_symbolic_size(size) for size in shape):
         return None  # view(dtype) reinterprets; a traced size may be a whole torch.Size: leave both
     if already_canonical and isinstance(args[1], tuple):
         return None
     return ("call_function", RESHAPE, (args[0], tuple(shape)))
+
+
+def _is_symbolic_size(size) -> bool:
+    """A node whose recorded value is one size (a dynamic-shape Dynamo graph's ``x.size(1)``)."""
+    return isinstance(size, fx.Node) and isinstance(size.meta.get("example_value"), torch.SymInt)
 
 
 def _index_as_unsqueeze(args):

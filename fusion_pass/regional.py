@@ -195,6 +195,7 @@ class RegionalForward(InstalledForward):
         if self.compiled.failure is not None:
             self.session.fell_back(self.path, self.compiled.failure)
             return type(module).forward(module, *args, **kwargs)
+        compiled_before = len(self.compiled.graph_reports)
         try:
             if self.graphs is not None:
                 out = self.graphs(*args, **kwargs)
@@ -205,8 +206,9 @@ class RegionalForward(InstalledForward):
                                     f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
             self.session.fell_back(self.path, self.compiled.failure)
             return type(module).forward(module, *args, **kwargs)
-        if self.graph_index is None and self.compiled.graph_reports:
-            # the graph this call compiled, or the latest one of its class, which it reused
+        if self.compiled.graph_reports and (self.graph_index is None
+                                            or len(self.compiled.graph_reports) > compiled_before):
+            # the graph this call compiled (a new shape, a change), or the latest one of its class, which it reused
             self.graph_index = len(self.compiled.graph_reports) - 1
             self.session.regional_ran(self)
         return out
