@@ -286,13 +286,16 @@ def test_flux_blocks_replay_as_cuda_graphs_equal_to_plain_optimize(cuda):
 @pytest.mark.gpu
 def test_flux_optional_inputs_passed_on_one_call_and_not_the_next_replay_their_own_graphs(cuda):
     original, model = flux_pair(cuda, cuda_graphs=True)
+    seen = {}  # the root keeps one set of installed block forwards per argument pattern and switches between them
     with torch.no_grad():
         for optional in (False, True, False, True):
             kwargs = flux_inputs(1, cuda, optional=optional)
             assert rel_err(model(**kwargs)[0], original(**kwargs)[0]) <= 1e-4
-    # the blocks get joint_attention_kwargs=None, then {} (reference_models/diffusers_tiny.py): two keys, each replayed
-    graphs = replays_of(model, "transformer_blocks.0")
-    assert len(graphs.captured) == 2 and graphs.replays == 4
+            graphs = replays_of(model, "transformer_blocks.0")
+            seen[id(graphs)] = graphs
+    # the blocks get joint_attention_kwargs=None, then {} (reference_models/diffusers_tiny.py): every call replayed
+    assert sum(g.replays for g in seen.values()) == 4
+    assert sum(len(g.captured) for g in seen.values()) == 2  # one key per pattern
 
 
 def flux_changed_after_a_replay(device, seed, change):
