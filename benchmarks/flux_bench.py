@@ -70,6 +70,8 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default="eager,optimize,optimize+cudagraph,compile")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--new-shape", action="store_true",
+                        help="optimize modes: also time the first call (and the step) at a smaller image grid")
     parser.add_argument("--profile", action="store_true",
                         help="also write flux_profile.txt: each mode's kernels by total time (one step)")
     args = parser.parse_args(argv)
@@ -152,6 +154,17 @@ def main(argv=None) -> int:
             if graphed:  # cuda_graphs=True: which installed forwards replayed (FX-captured and Dynamo blocks)
                 record["cuda_graphs"] = {"forwards": len(graphed), "replaying": sum(g.replays > 0 for g in graphed),
                                          "replays": sum(g.replays for g in graphed)}
+        if report is not None and args.new_shape:  # a second resolution: the root captured again at it
+            tokens = int(TOKENS[args.config][0] ** 0.5 * 3 / 4) ** 2  # a square grid 3/4 as wide (dev: 48 x 48)
+            other = make_inputs(cfg, tokens, TOKENS[args.config][1], device, dtype, seed=1)
+            start = time.perf_counter()
+            target(**other)
+            sync()
+            record["new_shape"] = {"img_tokens": tokens,
+                                   "first_call_s": round(time.perf_counter() - start, 2),
+                                   "step_ms": round(statistics.median(time_calls(lambda: target(**other), 3, cuda, warmup=1)), 3),
+                                   "fallbacks": [f"{where or '<root>'}: {reason} ({calls} calls)"
+                                                 for where, reason, calls in report().fallbacks]}
         if args.profile:
             profiles.append(_profile_text("flux", mode, _profile(lambda _: target(**inputs), None,
                                                                  SimpleNamespace(cuda=cuda), top=40)))

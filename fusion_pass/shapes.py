@@ -18,10 +18,11 @@ What the graph assumes, and how each assumption is checked on every call (else t
 runs as captured for its own pattern, see ``session.py``):
 
 - every intermediate shape, dtype and device follows from the shapes, dtypes and devices of
-  the traced arguments, the baked argument values, the module's Python state and the
-  metadata of its parameters and buffers. The first is checked by the call signature (exact
-  shape, dtype and device of each traced argument: ``CallSignature.shaped``), the second by the
-  signature as before, the third by ``snapshot.SubtreeGuard``, the last by one
+  the traced arguments, the baked argument values, the global state (autocast, grad mode,
+  default dtype), the module's Python state and the metadata of its parameters and buffers. The
+  first three are checked by the call signature (exact shape, dtype and device of each traced
+  argument, Dynamo's ``GlobalStateGuard``: ``CallSignature.at_shapes``), the fourth by
+  ``snapshot.SubtreeGuard``, the last by one
   :class:`~fusion_pass.guards.HeldMetadata` per parameter and buffer of the module (dtype,
   device, shape: a ``.to()`` changes them in place);
 - the elements of a ``ModuleList``/``ModuleDict`` (a model's blocks) are called as modules, not
@@ -30,7 +31,9 @@ runs as captured for its own pattern, see ``session.py``):
   installed fusion_pass forwards are bypassed while doing so, see ``install.original_forwards``).
   A called module with hooks refuses the trace (its hooks would run on fakes).
 
-Cost: the fake run of every called module once per capture (tiny models: milliseconds).
+Fakes are computed with autocast's weight cache off (it would keep its casts of real weights,
+made on fakes, as fakes, and hand them to the real ops after). Cost: the fake run of every
+called module once per capture (tiny Flux's root: 0.1 s; Flux-dev's: see the README).
 """
 from __future__ import annotations
 
@@ -90,6 +93,8 @@ class ShapedMixin:
         from fusion_pass.guards import assume
         if node.target is assume:
             return None
+        cache = torch.is_autocast_cache_enabled()
+        torch.set_autocast_cache_enabled(False)  # autocast would cache its casts of real weights as fakes
         try:
             with self.fake_mode:
                 if node.op == "call_function":
@@ -102,6 +107,8 @@ class ShapedMixin:
             raise
         except Exception:  # noqa: BLE001 - data-dependent output, an op without a fake kernel: stays unknown
             return _UNKNOWN
+        finally:
+            torch.set_autocast_cache_enabled(cache)
         return _UNKNOWN
 
     def _fake_arg(self, a):

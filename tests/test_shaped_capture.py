@@ -128,3 +128,20 @@ def test_shapes_dtypes_and_devices_of_traced_arguments_are_checked():
                        (torch.ones(2, 3, dtype=torch.float64), torch.ones(4, dtype=torch.int64), "x is .*float64")):
         with pytest.raises(ArgumentsDiffer, match=what):
             signature.required_values((x, y), {})
+
+
+def test_a_call_under_autocast_after_one_without_is_captured_for_it():
+    """The shaped root read intermediate dtypes, which autocast changes: the global state is part
+    of its check (Dynamo's GlobalStateGuard), so the call under autocast is captured for it and the
+    call after it, without autocast, switches back."""
+    tiny = MODELS["dit"]
+    original = tiny.build()
+    optimized = fusion_pass.optimize(copy.deepcopy(original))
+    inputs = tiny.inputs()
+    with torch.no_grad():
+        for autocast in (False, True, False):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out, ref = optimized(**inputs)[0], original(**inputs)[0]
+            assert out.dtype == ref.dtype and rel_err(out, ref) <= 1e-5
+    reasons = [reason for path, reason, _ in fusion_pass.report(optimized).fallbacks if path == ""]
+    assert any("global state differs" in r and "autocast" in r for r in reasons), reasons
