@@ -373,20 +373,36 @@ def _innermost_module(node: fx.Node) -> str:
 
 
 def _attribute_snapshot(module: nn.Module) -> dict[nn.Module, dict]:
-    return {m: dict(vars(m)) for m in module.modules()}
+    """Each module's ``__dict__``, and the contents of the plain dicts and lists it holds (a
+    cache a forward fills in place: it would keep a proxy or a fake tensor of the trace)."""
+    return {m: (dict(vars(m)), {name: (value, _contents(value)) for name, value in vars(m).items()
+                                 if type(value) in (dict, list)}) for m in module.modules()}
 
 
-def _restore_attributes(module: nn.Module, before: dict[nn.Module, dict]) -> list[str]:
-    """Put every module's ``__dict__`` back as it was; return the attributes that had changed
-    (tensor constants never become attributes: the tracer keeps them in the graph)."""
+def _contents(container):
+    return dict(container) if isinstance(container, dict) else list(container)
+
+
+def _restore_attributes(module: nn.Module, before: dict[nn.Module, tuple[dict, dict]]) -> list[str]:
+    """Put every module's ``__dict__`` (and the contents of its dicts and lists) back as it was;
+    return the attributes that had changed (tensor constants never become attributes: the
+    tracer keeps them in the graph)."""
     changed = []
-    for m, attrs in before.items():
+    for m, (attrs, containers) in before.items():
         current = vars(m)
         for name in set(current) | set(attrs):
             if current.get(name, _MISSING) is not attrs.get(name, _MISSING):
                 changed.append(name)
         current.clear()
         current.update(attrs)
+        for name, (container, contents) in containers.items():
+            now = _contents(container)
+            same = (now.keys() == contents.keys() and all(now[k] is contents[k] for k in now)) if isinstance(
+                now, dict) else (len(now) == len(contents) and all(a is b for a, b in zip(now, contents)))
+            if not same:
+                changed.append(f"{name} (in place)")
+                container.clear()
+                container.update(contents) if isinstance(container, dict) else container.extend(contents)
     return changed
 
 

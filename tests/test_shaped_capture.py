@@ -145,3 +145,25 @@ def test_a_call_under_autocast_after_one_without_is_captured_for_it():
             assert out.dtype == ref.dtype and rel_err(out, ref) <= 1e-5
     reasons = [reason for path, reason, _ in fusion_pass.report(optimized).fallbacks if path == ""]
     assert any("global state differs" in r and "autocast" in r for r in reasons), reasons
+
+
+def test_a_forward_filling_a_cache_in_place_is_refused_and_its_cache_kept_clean():
+    """A module that caches a tensor in a dict it holds would keep a tensor of the trace (a proxy,
+    or a fake of a shaped capture) there: the trace is refused and the dict's contents restored."""
+    class Cached(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(8)
+            self.cache = {}
+
+        def forward(self, x, scale=None):
+            self.cache[x.shape[-1]] = x * 2
+            return self.norm(x) * (1 + x.sum(-1, keepdim=True))
+
+    model = Cached()
+    optimized = fusion_pass.optimize(copy.deepcopy(model))
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(x), model(x))
+    assert all(type(v) is torch.Tensor for v in optimized.cache.values())
+    assert any(path == "" and "cache (in place)" in reason for path, reason in fusion_pass.report(optimized).uncaptured)
