@@ -7,7 +7,7 @@ from torch import nn
 
 from fusion_pass.cuda_graphs import new_pool
 from fusion_pass.install import restore as _restore
-from fusion_pass.report import Report
+from fusion_pass.report import ReferenceRun, Report
 from fusion_pass.session import Session
 
 _REPORT_ATTR = "_fusion_pass_report"
@@ -55,11 +55,30 @@ def optimize(
 def report(model: nn.Module) -> Report:
     """What ``optimize`` installed on ``model`` and what its checks did since (raises if it
     was never optimized). Modules compiled by Dynamo on their first call are listed as pending
-    until then."""
+    until then; fused ops that declined their kernel on calls made inside ``model`` (and ran
+    their PyTorch reference) are listed as ``reference_runs``."""
     found = model.__dict__.get(_REPORT_ATTR)
     if found is None:
         raise LookupError("this model has not been through fusion_pass.optimize()")
-    return found.report()
+    result = found.report()
+    result.reference_runs, result.declined_elsewhere = _reference_runs(model)
+    return result
+
+
+def _reference_runs(model: nn.Module) -> tuple[list[ReferenceRun], int]:
+    """The kernel declines recorded on calls made inside ``model`` (``fusion_pass.ops.reference_runs``),
+    with the innermost module's path, and how many records of this process are not."""
+    from fusion_pass.ops import reference_runs  # imports the ops (and triton): not at import time
+
+    names = {id(module): name for name, module in model.named_modules()}
+    runs, elsewhere = [], 0
+    for run in reference_runs.reference_runs():
+        where = run.path_in(names)
+        if where is None:
+            elsewhere += 1
+        else:
+            runs.append(ReferenceRun(run.op, run.reason, run.example, run.signatures, where))
+    return runs, elsewhere + reference_runs.unlisted()
 
 
 def restore(model: nn.Module) -> nn.Module:

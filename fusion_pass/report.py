@@ -58,6 +58,18 @@ class FamilyReport:
         return len(self.sites) + len(self.folded)
 
 
+@dataclass(frozen=True)
+class ReferenceRun:
+    """Calls of a fused op that declined its kernel and ran its PyTorch reference (at run time):
+    the site still counts as fused (a graph rewrite), but no kernel ran for these calls."""
+
+    op: str
+    reason: str
+    example: str  # the first call signature's operand shapes and dtypes
+    signatures: int  # call signatures (shapes, strides, dtypes) seen declining for this reason
+    where: str  # the innermost module of the model whose calls declined ("" outside the model)
+
+
 @dataclass(repr=False)
 class Report:
     """What one pass run did. ``source`` is ``"optimize"`` or ``"backend"``."""
@@ -72,6 +84,8 @@ class Report:
     guards: list[tuple[str, str]] = field(default_factory=list)  # (graph path, what its installed forward checks)
     fallbacks: list[tuple[str, str, int]] = field(default_factory=list)  # (module path, reason, calls) at run time
     pending: list[tuple[str, str]] = field(default_factory=list)  # (module path, why): captured on its first call
+    reference_runs: list[ReferenceRun] = field(default_factory=list)  # fused ops whose kernel declined calls
+    declined_elsewhere: int = 0  # such records of this process not made inside this model
     seconds: float = 0.0
 
     def counts(self) -> dict[str, int]:
@@ -107,6 +121,8 @@ class Report:
             "guards": [{"graph": g, "checks": c} for g, c in self.guards],
             "fallbacks": [{"where": w, "reason": r, "calls": n} for w, r, n in self.fallbacks],
             "pending": [{"where": w, "why": r} for w, r in self.pending],
+            "reference_runs": [asdict(run) for run in self.reference_runs],
+            "declined_elsewhere": self.declined_elsewhere,
         }
 
     def to_json(self, **kwargs) -> str:
@@ -127,6 +143,8 @@ class Report:
         self.guards.extend(other.guards)
         self.fallbacks.extend(other.fallbacks)
         self.pending.extend(other.pending)
+        self.reference_runs.extend(other.reference_runs)
+        self.declined_elsewhere += other.declined_elsewhere
         self.seconds += other.seconds
 
     @property
@@ -165,20 +183,23 @@ class Report:
         return render_plain(self, shutil.get_terminal_size((PLAIN_WIDTH, 24)).columns)
 
     def __repr__(self) -> str:
-        return (f"<Report {self.source}: {self.total} fused calls, {self.near_miss_count} near-misses, "
+        declined = f", {len(self.reference_runs)} kernel declines" if self.reference_runs else ""
+        return (f"<Report {self.source}: {self.total} fused calls, {self.near_miss_count} near-misses{declined}, "
                 f"{self.seconds:.1f} s>")
 
     def sections(self, max_sites: int = 4) -> list:
         """The report as rich renderables, in reading order. Tables hold numbers; names and
         sentences are listed under a heading and wrap at spaces, so a module name is never
         split at any width."""
-        parts = [self._summary(), self._first_sites(max_sites), self._legend(), self._near_misses(),
-                 self._uncaptured(), self._assumptions(), self._pending(), self._guards(), self._fallbacks(),
-                 self._already_optimized()]
+        parts = [self._summary(), self._reference_runs(), self._first_sites(max_sites), self._legend(),
+                 self._near_misses(), self._uncaptured(), self._assumptions(), self._pending(), self._guards(),
+                 self._fallbacks(), self._already_optimized()]
         return [part for part in parts if part is not None]
 
     def _summary(self) -> Table:
-        summary = Table(title=f"fusion_pass ({self.source}): {self.total} fused calls in {self.seconds:.2f} s",
+        declined = (f"; {len(self.reference_runs)} fused ops declined their kernel on some calls (below)"
+                    if self.reference_runs else "")
+        summary = Table(title=f"fusion_pass ({self.source}): {self.total} fused calls in {self.seconds:.2f} s{declined}",
                         title_justify="left", box=box.SIMPLE_HEAD)
         for column in ("family", "fused calls", "near-misses"):
             summary.add_column(column, no_wrap=True)
@@ -186,6 +207,17 @@ class Report:
             folded = f" (+{len(fam.folded)} folded)" if fam.folded else ""
             summary.add_row(fam.name, f"{fam.count}{folded}", str(len(fam.near_misses)))
         return summary
+
+    def _reference_runs(self):
+        """Sites counted above whose op declined its kernel at run time and ran its PyTorch reference."""
+        rows = [(run.op, f"{run.where}: {run.reason}: {run.example}"
+                         + (f" and {run.signatures - 1} more call signatures" if run.signatures > 1 else ""))
+                for run in self.reference_runs]
+        if self.declined_elsewhere:
+            rows.append(("elsewhere", f"{self.declined_elsewhere} more declines recorded in this process outside this "
+                                      "model (fusion_pass.ops.reference_runs.reference_runs())"))
+        return _listing("kernel declined, the PyTorch reference ran (these sites count above as fused graph "
+                        "rewrites, but no kernel ran for these calls):", rows)
 
     def _first_sites(self, max_sites: int):
         rows = [(fam.name, _first_names([s.where for s in fam.sites], max_sites))

@@ -43,6 +43,8 @@ from typing import NamedTuple
 import torch
 import triton
 
+from .reference_runs import Refusal, note_refusal, recording, refuse, register_planner
+
 MAX_BLOCK = 8192
 """Widest row (elements) one program holds in registers. Each row-wise kernel keeps several
 fp32 operand rows live; past this they would spill, so ops with wider rows use the reference."""
@@ -152,10 +154,21 @@ def tensor_meta(key: tuple | None) -> TensorMeta | None:
     return None if key is None else TensorMeta(*key)
 
 
-def plan_cache(planner):
+def plan_cache(planner=None, *, op=None):
     """Memoise a planner (a pure function of hashable metadata) over `PLAN_CACHE_SIZE` signatures;
-    `planner.__wrapped__` stays the uncached function."""
-    return functools.lru_cache(maxsize=PLAN_CACHE_SIZE)(planner)
+    `planner.__wrapped__` stays the uncached function (traces, fake impls).
+
+    A memoised signature the planner declines (None, or False) is recorded, once, with the reason
+    the planner gave (`reference_runs.refuse`) under the op's name: `op`, or `op(*args)` for a
+    planner several ops share; by default the planner's module name. Use as `@plan_cache` or
+    `@plan_cache(op=...)`."""
+    if planner is None:
+        return functools.partial(plan_cache, op=op)
+    name = op or planner.__module__.rpartition(".")[2]
+    cached = functools.lru_cache(maxsize=PLAN_CACHE_SIZE)(recording(planner, name))
+    cached.__wrapped__ = planner
+    register_planner(cached)
+    return cached
 
 
 def row_settings(n_cols: int | torch.SymInt, elem_bytes: int) -> RowSettings:
@@ -239,17 +252,33 @@ def on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
 def rows_fit_kernel(cpu_kernels: bool, x: TensorMeta, *operands: TensorMeta, chunked: bool = False) -> bool:
     """Whether a row-wise kernel may take rows of `x` (`[..., D]`) with `operands`: one device
     that `devices_take_kernel` accepts, kernel dtypes only, x non-empty with D <= MAX_BLOCK (any
-    D for a kernel that cuts rows into chunks: `chunked_row_settings`).
+    D for a kernel that cuts rows into chunks: `chunked_row_settings`); where not, says why
+    (`reference_runs.refuse`: recorded when the planner declines).
     That the operands broadcast into x's shape (one that adds dims makes the reference run) is
     left to `row_layout`, which the launch needs anyway."""
-    tensors = (x, *operands)
-    return (
-        devices_take_kernel({t.device for t in tensors}, cpu_kernels)
-        and all(t.dtype in KERNEL_DTYPES for t in tensors)
-        and len(x.shape) >= 1
-        and math.prod(x.shape) > 0
-        and (chunked or fits_one_block(x.shape[-1]))
-    )
+    refusal = _rows_refusal(cpu_kernels, (x, *operands), chunked)
+    if refusal is not None:
+        note_refusal(refusal)
+        return False
+    return True
+
+
+def _rows_refusal(cpu_kernels: bool, tensors: tuple[TensorMeta, ...], chunked: bool) -> Refusal | None:
+    """Why `rows_fit_kernel` refuses rows of `tensors[0]` with the others, or None where it takes them."""
+    x, devices = tensors[0], {t.device for t in tensors}
+    if not devices_take_kernel(devices, cpu_kernels):
+        if len(devices) > 1 and any(d.type == "cuda" for d in devices):
+            return Refusal(f"operands on several devices ({', '.join(sorted(map(str, devices)))})")
+        return Refusal("no kernel on this device (CPU tensors take them only inside interpret_on_cpu())",
+                       by_design=True)  # the documented CPU path, or meta tensors
+    odd = sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.dtype not in KERNEL_DTYPES})
+    if odd:
+        return Refusal(f"dtype {', '.join(odd)} (the kernels load float16, bfloat16, float32)")
+    if len(x.shape) < 1 or math.prod(x.shape) == 0:
+        return Refusal(f"input of shape {list(x.shape)} has no rows to compute")
+    if not (chunked or fits_one_block(x.shape[-1])):
+        return Refusal(f"rows of {x.shape[-1]} elements exceed one program's block (MAX_BLOCK={MAX_BLOCK})")
+    return None
 
 
 def broadcast_strides(t: TensorMeta, shape: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -302,7 +331,7 @@ def row_layout(shape: tuple[int, ...], *tensors: TensorMeta) -> RowLayout | None
     """
     merged = _merged_row_dims(shape, tensors)
     if merged is None or len(merged[0]) > 2:
-        return None
+        return _refuse_layout(shape, tensors, merged, 2)
     return _as_row_layout(*merged, len(tensors))
 
 
@@ -322,10 +351,19 @@ def grouped_row_layout(shape: tuple[int, ...], *tensors: TensorMeta) -> GroupedR
     None when more than three row dims remain or a tensor does not broadcast into `shape`."""
     merged = _merged_row_dims(shape, tensors)
     if merged is None or len(merged[0]) > 3:
-        return None
+        return _refuse_layout(shape, tensors, merged, 3)
     dims, cols = merged
     n_groups, group_strides = dims.pop(0) if len(dims) == 3 else (1, [0] * len(tensors))
     return GroupedRowLayout(n_groups, tuple(group_strides), _as_row_layout(dims, cols, len(tensors)))
+
+
+def _refuse_layout(shape: tuple[int, ...], tensors: tuple[TensorMeta, ...], merged, max_dims: int) -> None:
+    """`refuse` with why `tensors` have no layout of at most `max_dims` row dims over `shape`."""
+    if merged is None:
+        wrong = next(t for t in tensors if broadcast_strides(t, shape) is None)
+        return refuse(f"an operand of shape {list(wrong.shape)} does not broadcast into {list(shape)}")
+    return refuse(f"the rows of {list(shape)} (strides {', '.join(str(list(t.stride)) for t in tensors)}) "
+                  f"do not coalesce into {max_dims} row dims")
 
 
 def _merged_row_dims(shape: tuple[int, ...], tensors: tuple[TensorMeta, ...]):
