@@ -65,20 +65,18 @@ def report(model: nn.Module) -> Report:
     return result
 
 
-def _reference_runs(model: nn.Module) -> tuple[list[ReferenceRun], int]:
-    """The kernel declines recorded on calls made inside ``model`` (``fusion_pass.ops.reference_runs``),
-    with the innermost module's path, and how many records of this process are not."""
+def _reference_runs(model: nn.Module) -> tuple[list[ReferenceRun], list[ReferenceRun]]:
+    """The kernel declines of this process (``fusion_pass.ops.reference_runs``): those first recorded
+    on calls made inside ``model``, with the innermost module's path, and the others."""
     from fusion_pass.ops import reference_runs  # imports the ops (and triton): not at import time
 
     names = {id(module): name for name, module in model.named_modules()}
-    runs, elsewhere = [], 0
+    here, elsewhere = [], []
     for run in reference_runs.reference_runs():
         where = run.path_in(names)
-        if where is None:
-            elsewhere += 1
-        else:
-            runs.append(ReferenceRun(run.op, run.reason, run.example, run.signatures, where))
-    return runs, elsewhere + reference_runs.unlisted()
+        (elsewhere if where is None else here).append(
+            ReferenceRun(run.op, run.reason, run.example, run.signatures, where or ""))
+    return here, elsewhere
 
 
 def restore(model: nn.Module) -> nn.Module:

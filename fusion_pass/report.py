@@ -70,6 +70,10 @@ class ReferenceRun:
     where: str  # the innermost module of the model whose calls declined ("" outside the model)
 
 
+#: Kernel declines of other callers listed in a report (the rest are counted).
+MAX_ELSEWHERE = 4
+
+
 @dataclass(repr=False)
 class Report:
     """What one pass run did. ``source`` is ``"optimize"`` or ``"backend"``."""
@@ -85,7 +89,7 @@ class Report:
     fallbacks: list[tuple[str, str, int]] = field(default_factory=list)  # (module path, reason, calls) at run time
     pending: list[tuple[str, str]] = field(default_factory=list)  # (module path, why): captured on its first call
     reference_runs: list[ReferenceRun] = field(default_factory=list)  # fused ops whose kernel declined calls
-    declined_elsewhere: int = 0  # such records of this process not made inside this model
+    declined_elsewhere: list[ReferenceRun] = field(default_factory=list)  # such records first made outside this model
     seconds: float = 0.0
 
     def counts(self) -> dict[str, int]:
@@ -122,7 +126,7 @@ class Report:
             "fallbacks": [{"where": w, "reason": r, "calls": n} for w, r, n in self.fallbacks],
             "pending": [{"where": w, "why": r} for w, r in self.pending],
             "reference_runs": [asdict(run) for run in self.reference_runs],
-            "declined_elsewhere": self.declined_elsewhere,
+            "declined_elsewhere": [asdict(run) for run in self.declined_elsewhere],
         }
 
     def to_json(self, **kwargs) -> str:
@@ -144,7 +148,7 @@ class Report:
         self.fallbacks.extend(other.fallbacks)
         self.pending.extend(other.pending)
         self.reference_runs.extend(other.reference_runs)
-        self.declined_elsewhere += other.declined_elsewhere
+        self.declined_elsewhere.extend(other.declined_elsewhere)
         self.seconds += other.seconds
 
     @property
@@ -197,9 +201,7 @@ class Report:
         return [part for part in parts if part is not None]
 
     def _summary(self) -> Table:
-        declined = (f"; {len(self.reference_runs)} fused ops declined their kernel on some calls (below)"
-                    if self.reference_runs else "")
-        summary = Table(title=f"fusion_pass ({self.source}): {self.total} fused calls in {self.seconds:.2f} s{declined}",
+        summary = Table(title=f"fusion_pass ({self.source}): {self.total} fused calls in {self.seconds:.2f} s",
                         title_justify="left", box=box.SIMPLE_HEAD)
         for column in ("family", "fused calls", "near-misses"):
             summary.add_column(column, no_wrap=True)
@@ -209,15 +211,21 @@ class Report:
         return summary
 
     def _reference_runs(self):
-        """Sites counted above whose op declined its kernel at run time and ran its PyTorch reference."""
-        rows = [(run.op, f"{run.where}: {run.reason}: {run.example}"
-                         + (f" and {run.signatures - 1} more call signatures" if run.signatures > 1 else ""))
-                for run in self.reference_runs]
-        if self.declined_elsewhere:
-            rows.append(("elsewhere", f"{self.declined_elsewhere} more declines recorded in this process outside this "
-                                      "model (fusion_pass.ops.reference_runs.reference_runs())"))
-        return _listing("kernel declined, the PyTorch reference ran (these sites count above as fused graph "
-                        "rewrites, but no kernel ran for these calls):", rows)
+        """Sites counted above whose op declined its kernel at run time and ran its PyTorch reference;
+        then declines first recorded outside this model (another model of the process may have
+        declined a signature this model calls too: each signature is recorded once)."""
+        def row(run: ReferenceRun, where: str) -> tuple[str, str]:
+            more = f" and {run.signatures - 1} more call signatures" if run.signatures > 1 else ""
+            return run.op, f"{where}: {run.reason}: {run.example}{more}"
+
+        rows = [row(run, run.where) for run in self.reference_runs]
+        rows += [row(run, "first declined outside this model (the same shapes here decline too)")
+                 for run in self.declined_elsewhere[:MAX_ELSEWHERE]]
+        if len(self.declined_elsewhere) > MAX_ELSEWHERE:
+            rows.append(("...", f"{len(self.declined_elsewhere) - MAX_ELSEWHERE} more declines outside this model "
+                                "(fusion_pass.ops.reference_runs.reference_runs())"))
+        return _listing(f"kernel declined on {len(self.reference_runs)} fused ops: the PyTorch reference ran for these "
+                        "calls (their sites count above as fused graph rewrites, but no kernel ran):", rows)
 
     def _first_sites(self, max_sites: int):
         rows = [(fam.name, _first_names([s.where for s in fam.sites], max_sites))
