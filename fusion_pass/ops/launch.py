@@ -26,7 +26,9 @@ is computed by a pure function of `tensor_key`s, memoised with a bounded `functo
 (`x.shape`, `x.stride()`, ... ~0.3 us a tensor) and looks it up. The helpers below therefore take
 `TensorMeta`s (shape, stride, dtype, device), not tensors. Fake tensors of a dynamic-shape trace
 carry SymInts, which do not hash: fake impls and traces call the planners uncached
-(`Launch.planner`).
+(`Launch.planner`). A memoised signature that a planner declines (the op runs its PyTorch
+reference) is recorded on that one miss, with the reason the planner gives (`reference_runs`):
+`fusion_pass.report(model)` lists it.
 """
 
 from __future__ import annotations
