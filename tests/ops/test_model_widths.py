@@ -80,75 +80,81 @@ MODELS = {
 TOKENS = 2
 
 
-def _rows(op: str, affine: bool = False) -> Callable[[Widths], tuple]:
+Make = Callable[[Widths, torch.dtype, str], tuple]
+"""Builds an op's arguments at a model's widths, in a dtype, on a device."""
+
+
+def _rows(op: str, affine: bool = False) -> Make:
     """A row op over `[1, L, hidden]` with `[1, 1, hidden]` modulation chunks (affine LayerNorm: CogVideoX)."""
-    def make(w: Widths) -> tuple:
+    def make(w: Widths, dtype: torch.dtype, device: str) -> tuple:
         extra = (affine,) if affine else ()
-        return OP_CASES[op].make_args((1, TOKENS, w.hidden), torch.float32, "chunk", "cpu", *extra)
+        return OP_CASES[op].make_args((1, TOKENS, w.hidden), dtype, "chunk", device, *extra)
     return make
 
 
-def _heads_first(op: str) -> Callable[[Widths], tuple]:
+def _heads_first(op: str) -> Make:
     """q/k as `[B, H, L, D]` views of one qkv projection (SD3, CogVideoX, Hunyuan3D-2, ShapeVAE)."""
-    return lambda w: OP_CASES[op].make_args((1, w.heads, TOKENS, w.head_dim), torch.float32)
+    return lambda w, dtype, device: OP_CASES[op].make_args((1, w.heads, TOKENS, w.head_dim), dtype, "unused", device)
 
 
-def _weights(d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return randn(d, dtype=torch.float32, scale=0.5, mean=1.0), randn(d, dtype=torch.float32, scale=0.5, mean=1.0)
+def _weight(d: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    return randn(d, dtype=dtype, scale=0.5, mean=1.0, device=device)
 
 
-def _sequence_major(w: Widths) -> tuple:
+def _tables(d: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interleaved cos/sin `[L, d]`, fp32 as diffusers' position embedders make them."""
+    return rope_tables(TOKENS, d, "interleaved", torch.promote_types(dtype, torch.float32), device)
+
+
+def _sequence_major(w: Widths, dtype: torch.dtype, device: str) -> tuple:
     """qk_rmsnorm of `[B, L, H, D]` projections (HunyuanVideo's single blocks and text q/k, QwenImage)."""
-    q, k = (sequence_major(1, TOKENS, w.heads, w.head_dim, torch.float32) for _ in "qk")
-    return (q, k, *_weights(w.head_dim), 1e-6)
+    q, k = (sequence_major(1, TOKENS, w.heads, w.head_dim, dtype, device) for _ in "qk")
+    return (q, k, _weight(w.head_dim, dtype, device), _weight(w.head_dim, dtype, device), 1e-6)
 
 
-def _across_heads(w: Widths) -> tuple:
+def _across_heads(w: Widths, dtype: torch.dtype, device: str) -> tuple:
     """qk_rmsnorm of `[B, L, H * D]` rows (Wan, LTX: `rms_norm_across_heads`); k of cross-attention
     has the text's tokens."""
-    q, k = randn(1, TOKENS, w.hidden, dtype=torch.float32), randn(1, TOKENS + 1, w.hidden, dtype=torch.float32)
-    return (q, k, *_weights(w.hidden), 1e-6)
+    q, k = (randn(1, length, w.hidden, dtype=dtype, device=device) for length in (TOKENS, TOKENS + 1))
+    return (q, k, _weight(w.hidden, dtype, device), _weight(w.hidden, dtype, device), 1e-6)
 
 
-def _rope_sequence_major(w: Widths) -> tuple:
+def _rope_sequence_major(w: Widths, dtype: torch.dtype, device: str) -> tuple:
     """qk_rmsnorm_rope of `[B, L, H, D]` projections with `[1, L, 1, D]` tables (Flux's single blocks,
     HunyuanVideo's double blocks: diffusers' interleaved real form)."""
-    q, k = (sequence_major(1, TOKENS, w.heads, w.head_dim, torch.float32) for _ in "qk")
-    cos, sin = rope_tables(TOKENS, w.head_dim, "interleaved")
-    return (q, k, *_weights(w.head_dim), 1e-6, cos[None, :, None], sin[None, :, None], True)
+    q, k, q_weight, k_weight, eps = _sequence_major(w, dtype, device)
+    cos, sin = _tables(w.head_dim, dtype, device)
+    return (q, k, q_weight, k_weight, eps, cos[None, :, None], sin[None, :, None], True)
 
 
-def _rope_across_heads(w: Widths) -> tuple:
+def _rope_across_heads(w: Widths, dtype: torch.dtype, device: str) -> tuple:
     """qk_rmsnorm_rope of `[B, L, H * D]` rows with `[1, L, H * D]` tables (LTX-Video's attn1)."""
-    q, k = (randn(1, TOKENS, w.hidden, dtype=torch.float32) for _ in "qk")
-    cos, sin = rope_tables(TOKENS, w.hidden, "interleaved")
-    return (q, k, *_weights(w.hidden), 1e-6, cos[None], sin[None], True)
+    q, k = (randn(1, TOKENS, w.hidden, dtype=dtype, device=device) for _ in "qk")
+    cos, sin = _tables(w.hidden, dtype, device)
+    return (q, k, _weight(w.hidden, dtype, device), _weight(w.hidden, dtype, device), 1e-6, cos[None], sin[None], True)
 
 
-def _joint_rope(w: Widths) -> tuple:
+def _joint_rope(w: Widths, dtype: torch.dtype, device: str) -> tuple:
     """qk_rmsnorm_cat_rope of two `[B, L, H, D]` streams joined on the tokens (Flux's double blocks)."""
-    return OP_CASES["qk_rmsnorm_cat_rope"].make_args((1, TOKENS, w.heads, w.head_dim), torch.float32)
+    return OP_CASES["qk_rmsnorm_cat_rope"].make_args((1, TOKENS, w.heads, w.head_dim), dtype, "unused", device)
 
 
-def _joint_qkv(w: Widths) -> tuple:
+def _joint_qkv(w: Widths, dtype: torch.dtype, device: str) -> tuple:
     """qk_rmsnorm_cat of two streams' `[B, H, L, D]` q, k, v views joined on the tokens
     (Hunyuan3D-2's double blocks: text, then image; q/k cast to v's dtype)."""
-    streams = [qkv_views(1, w.heads, length, w.head_dim) for length in (TOKENS, TOKENS + 1)]
-    weights = [_weights(w.head_dim)[0] for _ in range(4)]
-    return (*streams[0], *streams[1], *weights, 1e-6, 2, True)
+    streams = []
+    for length in (TOKENS, TOKENS + 1):
+        qkv = randn(1, length, 3 * w.heads * w.head_dim, dtype=dtype, scale=2.0, mean=0.5, device=device)
+        streams += qkv.reshape(1, length, 3, w.heads, w.head_dim).permute(2, 0, 3, 1, 4)
+    return (*streams, *(_weight(w.head_dim, dtype, device) for _ in range(4)), 1e-6, 2, True)
 
 
-def qkv_views(batch: int, heads: int, length: int, d: int) -> tuple:
-    """q, k, v `[B, H, L, D]` of one stream: `qkv.reshape(B, L, 3, H, D).permute(2, 0, 3, 1, 4)`."""
-    qkv = randn(batch, length, 3 * heads * d, dtype=torch.float32, scale=2.0, mean=0.5)
-    return tuple(qkv.reshape(batch, length, 3, heads, d).permute(2, 0, 3, 1, 4))
-
-
-def _gelu_cat(w: Widths) -> tuple:
+def _gelu_cat(w: Widths, dtype: torch.dtype, device: str) -> tuple:
     """The single blocks' `cat((attn, gelu(mlp)), -1)`: attn `[1, L, hidden]`, mlp the strided
     `[1, L, mlp]` split of linear1's output."""
-    linear1 = randn(1, TOKENS, 3 * w.hidden + w.mlp, dtype=torch.float32, scale=3.0)
-    return randn(1, TOKENS, w.hidden, dtype=torch.float32, scale=2.0), linear1[..., 3 * w.hidden:], -1, "tanh"
+    linear1 = randn(1, TOKENS, 3 * w.hidden + w.mlp, dtype=dtype, scale=3.0, device=device)
+    attn = randn(1, TOKENS, w.hidden, dtype=dtype, scale=2.0, device=device)
+    return attn, linear1[..., 3 * w.hidden:], -1, "tanh"
 
 
 ROWS = [("layernorm_scale_shift", _rows("layernorm_scale_shift")), ("residual_gate", _rows("residual_gate")),
@@ -159,7 +165,7 @@ AFFINE_ROWS = [("layernorm_scale_shift", _rows("layernorm_scale_shift", affine=T
 
 # The ops each model's families emit (the Dynamo graphs of its tiny config; the model's code says why:
 # `reference_models.diffusers_tiny.expected_sites`).
-MODEL_OPS: dict[str, list[tuple[str, Callable[[Widths], tuple]]]] = {
+MODEL_OPS: dict[str, list[tuple[str, Make]]] = {
     "hunyuan3d-2": [*ROWS, ("qk_rmsnorm", _heads_first("qk_rmsnorm")), ("qk_rmsnorm_cat", _joint_qkv),
                     ("gelu_cat", _gelu_cat)],
     "shapevae": [("residual_add_layernorm", _rows("residual_add_layernorm")),
@@ -194,16 +200,30 @@ def _cases() -> list:
     return [pytest.param(op, make, widths, id=f"{op}-{'+'.join(models)}") for (op, make, widths), models in cases.items()]
 
 
+def _run(op: str, args: tuple) -> tuple[tuple, tuple]:
+    fused_op, reference = OPS.get(op) or OP_CASES[op].op, REFERENCES.get(op) or OP_CASES[op].reference
+    return outputs(fused_op(*args)), outputs(reference(*args))
+
+
 @pytest.mark.parametrize("op, make_args, widths", _cases())
 def test_model_widths_take_the_kernel(interpreted, fresh_reference_runs, op, make_args, widths):
-    args = make_args(widths)
-    fused_op = OPS.get(op) or OP_CASES[op].op
-    reference = REFERENCES.get(op) or OP_CASES[op].reference
-    fused = outputs(fused_op(*args))
+    fused, reference = _run(op, make_args(widths, torch.float32, "cpu"))
     declined = [(run.op, run.reason) for run in fresh_reference_runs.reference_runs()]
     assert interpreted.count == 1 and not declined, declined
-    for actual, expected in zip(fused, outputs(reference(*args)), strict=True):
+    for actual, expected in zip(fused, reference, strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op, make_args, widths", _cases())
+def test_model_widths_take_the_kernel_on_the_gpu_in_bf16(cuda, launches, fresh_reference_runs, op, make_args, widths):
+    """The same on CUDA in bf16, the dtype these models run in: each kernel compiles at the real width."""
+    fused, reference = _run(op, make_args(widths, torch.bfloat16, "cuda"))
+    declined = [(run.op, run.reason) for run in fresh_reference_runs.reference_runs()]
+    assert launches.count == 1 and not declined, declined
+    for actual, expected in zip(fused, reference, strict=True):
+        unit = torch.finfo(expected.dtype).eps * expected.abs().max().item()
+        torch.testing.assert_close(actual, expected, rtol=0.0, atol=8 * unit)  # kernel: 1 rounding, reference: several
 
 
 def test_every_model_and_op_is_audited():
