@@ -76,6 +76,9 @@ def _reference_runs(model: nn.Module) -> tuple[list[ReferenceRun], list[Referenc
         where = run.path_in(names)
         (elsewhere if where is None else here).append(
             ReferenceRun(run.op, run.reason, run.example, run.signatures, where or ""))
+    if reference_runs.unlisted():
+        elsewhere.append(ReferenceRun("...", f"past {reference_runs.MAX_RECORDS} records, not listed", "",
+                                      reference_runs.unlisted(), ""))
     return here, elsewhere
 
 

@@ -277,7 +277,7 @@ def _rows_refusal(cpu_kernels: bool, tensors: tuple[TensorMeta, ...], chunked: b
     if odd:
         return Refusal(f"dtype {', '.join(odd)} (the kernels load float16, bfloat16, float32)")
     if len(x.shape) < 1 or math.prod(x.shape) == 0:
-        return Refusal(f"input of shape {list(x.shape)} has no rows to compute")
+        return Refusal("an input without elements")
     if not (chunked or fits_one_block(x.shape[-1])):
         return Refusal(f"rows of {x.shape[-1]} elements exceed one program's block (MAX_BLOCK={MAX_BLOCK})")
     return None
@@ -362,10 +362,8 @@ def grouped_row_layout(shape: tuple[int, ...], *tensors: TensorMeta) -> GroupedR
 def _refuse_layout(shape: tuple[int, ...], tensors: tuple[TensorMeta, ...], merged, max_dims: int) -> None:
     """`refuse` with why `tensors` have no layout of at most `max_dims` row dims over `shape`."""
     if merged is None:
-        wrong = next(t for t in tensors if broadcast_strides(t, shape) is None)
-        return refuse(f"an operand of shape {list(wrong.shape)} does not broadcast into {list(shape)}")
-    return refuse(f"the rows of {list(shape)} (strides {', '.join(str(list(t.stride)) for t in tensors)}) "
-                  f"do not coalesce into {max_dims} row dims")
+        return refuse("an operand adds dims to the input's, or does not broadcast into it")
+    return refuse(f"the operands' strides leave more than {max_dims} row dims (leading dims that do not merge)")
 
 
 def _merged_row_dims(shape: tuple[int, ...], tensors: tuple[TensorMeta, ...]):

@@ -51,7 +51,7 @@ from .launch import (
     tensor_meta,
 )
 from .reference_autograd import register_reference_autograd
-from .reference_runs import describe, refuse
+from .reference_runs import refuse
 from .row_access import layernorm_f32, load_row_f32, row_offsets, row_tile, store_row
 
 
@@ -178,7 +178,7 @@ def _output_dtypes(cpu_kernels, x, y, gate, shift, scale, weight, bias, normaliz
     x, y, gate, shift, scale, weight, bias = map(tensor_meta, (x, y, gate, shift, scale, weight, bias))
     normalize = _normalizes(shift, normalize)
     if y is not None and gate is None and y.shape != x.shape:
-        return refuse(f"y of shape {list(y.shape)} is not x's {list(x.shape)} (a residual add that broadcasts)")
+        return refuse("y's shape is not x's (a residual add that broadcasts)")
     r_dtype = promoted_dtype(x.dtype, *(t for t in (gate, y) if t is not None)) if y is not None else None
     norm_dtype = x.dtype if r_dtype is None else r_dtype
     operands = [t for t in (y, gate, shift, scale) if t is not None]
@@ -186,7 +186,7 @@ def _output_dtypes(cpu_kernels, x, y, gate, shift, scale, weight, bias, normaliz
     if not rows_fit_kernel(cpu_kernels, x, *operands, *params):
         return None
     if not all(p.shape == x.shape[-1:] and p.dtype == norm_dtype for p in params):
-        return refuse(f"norm weight/bias {describe(params)} are not [{x.shape[-1]}] in {norm_dtype}, "
+        return refuse(f"norm weight/bias not [{x.shape[-1]}] in {str(norm_dtype).removeprefix('torch.')}, "
                       "as F.layer_norm requires")
     if not normalize:
         return _OutputDtypes(r_dtype, None)

@@ -66,7 +66,7 @@ from .qk_rmsnorm_rope import (
     row_operand,
 )
 from .reference_autograd import register_reference_autograd
-from .reference_runs import describe, refuse
+from .reference_runs import refuse
 
 
 def reference_qk_rmsnorm_cat_rope(
@@ -129,7 +129,7 @@ def _launch_plan(cpu_kernels, q0, k0, q1, k1, q_weight0, k_weight0, q_weight1, k
     dim %= ndim
     joint = (_joint_shape(inputs[0], inputs[2], dim), _joint_shape(inputs[1], inputs[3], dim))  # q, k
     if None in joint:
-        return refuse(f"the streams {describe(inputs)} differ beyond the cat's dim {dim}")
+        return refuse(f"the streams differ beyond the cat's dim {dim}")
     rows = []
     for stream, x in zip((0, 0, 1, 1), inputs):
         joint_shape = joint[len(rows) % 2]
@@ -137,7 +137,7 @@ def _launch_plan(cpu_kernels, q0, k0, q1, k1, q_weight0, k_weight0, q_weight1, k
         out = TensorMeta(joint_shape, contiguous_strides(joint_shape), x.dtype, x.device)
         parts = [_stream_part(t, (*joint_shape[:-1], 1), dim, start, x.shape[dim]) for t in (out, cos, sin)]
         if None in parts:
-            return refuse(f"the RoPE tables {describe((cos, sin))} do not broadcast into the joint {list(joint_shape)}")
+            return refuse("the RoPE tables do not broadcast into the joint q/k")
         x_rows = rope_rows(x, *(meta for meta, _ in parts), offsets=tuple(offset for _, offset in parts))
         if x_rows is None:
             return None

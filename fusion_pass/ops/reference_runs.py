@@ -61,7 +61,7 @@ def note_refusal(refusal: Refusal) -> None:
 
 
 @dataclass
-class ReferenceRun:
+class Decline:
     """Call signatures of one op that ran its PyTorch reference, for one reason."""
 
     op: str
@@ -80,7 +80,7 @@ class ReferenceRun:
         return None
 
 
-_RECORDS: dict[tuple[str, str], ReferenceRun] = {}
+_RECORDS: dict[tuple[str, str], Decline] = {}
 _overflow = [0]  # declines not listed once MAX_RECORDS records exist
 _PLANNERS: list = []  # every recording planner, cleared by `forget`
 
@@ -107,7 +107,7 @@ def register_planner(cached) -> None:
     _PLANNERS.append(cached)
 
 
-def reference_runs() -> list[ReferenceRun]:
+def reference_runs() -> list[Decline]:
     """Every record of this process, oldest first."""
     return list(_RECORDS.values())
 
@@ -127,9 +127,20 @@ def forget() -> None:
 
 
 def describe(args) -> str:
-    """The tensor operands among a planner's arguments (`launch.tensor_key`s or `TensorMeta`s,
-    also inside a tuple argument) as `[2, 4096, 12288] bfloat16, [12288] float32, ...`."""
-    return ", ".join(f"{list(shape)} {str(dtype).removeprefix('torch.')}" for shape, _, dtype, _ in _tensor_keys(args))
+    """The tensor operands among a planner's arguments (`launch.tensor_key`s, also inside a tuple
+    argument) as `[2, 4096, 12288] bfloat16, [1, 1, 3072] bfloat16 strides (18432, 18432, 1), ...`
+    (strides where they are not the contiguous ones)."""
+    return ", ".join(f"{list(shape)} {str(dtype).removeprefix('torch.')}"
+                     + (f" strides {tuple(stride)}" if tuple(stride) != _contiguous(tuple(shape)) else "")
+                     for shape, stride, dtype, _ in _tensor_keys(args))
+
+
+def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.insert(0, step)
+        step *= max(size, 1)
+    return tuple(strides)
 
 
 def _tensor_keys(args) -> list[tuple]:
@@ -159,7 +170,7 @@ def _record(op: str, reason: str, args: tuple) -> None:
         if len(_RECORDS) >= MAX_RECORDS:
             _overflow[0] += 1
             return
-        record = _RECORDS[(op, reason)] = ReferenceRun(op, reason, describe(args))
+        record = _RECORDS[(op, reason)] = Decline(op, reason, describe(args))
     else:
         record.signatures += 1
     known = {id(ref()) for ref in record.modules}
