@@ -333,7 +333,7 @@ def row_layout(shape: tuple[int, ...], *tensors: TensorMeta) -> RowLayout | None
     """
     merged = _merged_row_dims(shape, tensors)
     if merged is None or len(merged[0]) > 2:
-        return _refuse_layout(shape, tensors, merged, 2)
+        return _refuse_layout(merged, 2)
     return _as_row_layout(*merged, len(tensors))
 
 
@@ -353,14 +353,14 @@ def grouped_row_layout(shape: tuple[int, ...], *tensors: TensorMeta) -> GroupedR
     None when more than three row dims remain or a tensor does not broadcast into `shape`."""
     merged = _merged_row_dims(shape, tensors)
     if merged is None or len(merged[0]) > 3:
-        return _refuse_layout(shape, tensors, merged, 3)
+        return _refuse_layout(merged, 3)
     dims, cols = merged
     n_groups, group_strides = dims.pop(0) if len(dims) == 3 else (1, [0] * len(tensors))
     return GroupedRowLayout(n_groups, tuple(group_strides), _as_row_layout(dims, cols, len(tensors)))
 
 
-def _refuse_layout(shape: tuple[int, ...], tensors: tuple[TensorMeta, ...], merged, max_dims: int) -> None:
-    """`refuse` with why `tensors` have no layout of at most `max_dims` row dims over `shape`."""
+def _refuse_layout(merged, max_dims: int) -> None:
+    """`refuse` with why there is no layout of at most `max_dims` row dims (`merged`: `_merged_row_dims`)."""
     if merged is None:
         return refuse("an operand adds dims to the input's, or does not broadcast into it")
     return refuse(f"the operands' strides leave more than {max_dims} row dims (leading dims that do not merge)")

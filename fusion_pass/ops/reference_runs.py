@@ -17,8 +17,8 @@ A planner (or a helper it calls: `launch.rows_fit_kernel`, `launch.row_layout`) 
 declines with `refuse(reason)` just before it returns no plan; a `Refusal(..., by_design=True)`
 (`note_refusal`) marks the declines above. A decline without a stated reason is recorded with a generic one.
 
-Each record keeps weak references to the `nn.Module`s on the Python stack of its first calls
-(the module whose installed forward called the op, its parents), so `fusion_pass.report(model)`
+Each record keeps weak references to the `nn.Module`s on the Python stack of its calls (the
+module whose installed forward called the op, its parents), so `fusion_pass.report(model)`
 lists the records of calls made inside that model, with the innermost module's path. A signature
 is recorded once per process: a second model calling a signature that another caller declined
 first finds the record under "elsewhere in this process" of its report.
@@ -33,9 +33,6 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-
-MAX_MODULES = 16
-"""Modules kept per record (weakly): the stack's modules of its first signatures."""
 
 MAX_RECORDS = 256
 """Records kept (one per op and reason); past this, later declines are counted, not listed."""
@@ -68,16 +65,16 @@ class Decline:
     reason: str
     example: str  # the first signature's operand shapes and dtypes
     signatures: int = 1
-    modules: list = field(default_factory=list)  # weakrefs to the nn.Modules on the stack of its calls
+    modules: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)
+    # id -> each nn.Module on the stack of its calls (weakly: a module that dies leaves)
 
     def path_in(self, names: dict[int, str]) -> str | None:
-        """The path (in `names`: id(module) -> path) of the innermost module of its calls that
-        belongs to that model, or None when none does."""
-        for ref in self.modules:
-            module = ref()
-            if module is not None and id(module) in names:
-                return names[id(module)] or "<root>"
-        return None
+        """The path (in `names`: id(module) -> path, a model's `named_modules()`) of the innermost
+        module of its calls that belongs to that model, or None when none does."""
+        paths = [names[key] for key in list(self.modules.keys()) if key in names]
+        if not paths:
+            return None
+        return max(paths, key=lambda path: path.count(".") + bool(path)) or "<root>"
 
 
 _RECORDS: dict[tuple[str, str], Decline] = {}
@@ -173,13 +170,8 @@ def _record(op: str, reason: str, args: tuple) -> None:
         record = _RECORDS[(op, reason)] = Decline(op, reason, describe(args))
     else:
         record.signatures += 1
-    known = {id(ref()) for ref in record.modules}
     for module in _stack_modules():
-        if len(record.modules) >= MAX_MODULES:
-            break
-        if id(module) not in known:
-            record.modules.append(weakref.ref(module))
-            known.add(id(module))
+        record.modules[id(module)] = module
 
 
 def _stack_modules() -> list[torch.nn.Module]:
