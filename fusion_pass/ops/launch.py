@@ -12,7 +12,9 @@
   `TensorMeta`s) of (or broadcasting into) one shape, stride 0 on broadcast dims, so kernels
   read operands in place; `grouped_row_layout` allows one more (outermost) row dim, as groups.
 - `rows_fit_kernel(cpu_kernels, x, *operands)`: the conditions every kernel shares; else ops use
-  the reference.
+  the reference. A memoised signature that a planner declines is recorded on that one miss,
+  with the reason the planner gives (`plan_cache`, `reference_runs`): `fusion_pass.report(model)`
+  lists it.
 - `promoted_dtype(dtype, *operands)`: the dtype an elementwise expression over floats yields.
 - `launch_mode(x)`: how an op's body runs on its first tensor argument `x`: `Launch.EAGER` on
   real tensors, `Launch.TRACED` inside torch.compile's decomposition of the op (its tensors are
@@ -26,9 +28,7 @@ is computed by a pure function of `tensor_key`s, memoised with a bounded `functo
 (`x.shape`, `x.stride()`, ... ~0.3 us a tensor) and looks it up. The helpers below therefore take
 `TensorMeta`s (shape, stride, dtype, device), not tensors. Fake tensors of a dynamic-shape trace
 carry SymInts, which do not hash: fake impls and traces call the planners uncached
-(`Launch.planner`). A memoised signature that a planner declines (the op runs its PyTorch
-reference) is recorded on that one miss, with the reason the planner gives (`reference_runs`):
-`fusion_pass.report(model)` lists it.
+(`Launch.planner`).
 """
 
 from __future__ import annotations
