@@ -107,3 +107,16 @@ def test_a_declined_signature_is_planned_once(interpreted, fresh_reference_runs)
     misses = layernorm_modulate._output_dtypes.cache_info().misses
     case.op(*args)
     assert layernorm_modulate._output_dtypes.cache_info().misses == misses
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("width, dtype, reason", [
+    (1024, torch.float64, "dtype float64 (the kernels load float16, bfloat16, float32)"),
+    (MAX_BLOCK + 8, torch.bfloat16, f"rows of {MAX_BLOCK + 8} elements exceed one program's block (MAX_BLOCK={MAX_BLOCK})"),
+])
+def test_a_cuda_decline_is_recorded(cuda, launches, fresh_reference_runs, width, dtype, reason):
+    case = OP_CASES["layernorm_scale_shift"]
+    args = case.make_args((1, 2, width), dtype, "chunk", cuda)
+    torch.testing.assert_close(case.op(*args), case.reference(*args), rtol=0, atol=0)
+    assert launches.count == 0
+    assert declines(fresh_reference_runs) == [("layernorm_scale_shift", reason)]
