@@ -21,11 +21,12 @@ Each record keeps weak references to the `nn.Module`s on the Python stack of its
 module whose installed forward called the op, its parents), so `fusion_pass.report(model)`
 lists the records of calls made inside that model, with the innermost module's path. A signature
 is recorded once per process: a second model calling a signature that another caller declined
-first finds the record under "elsewhere in this process" of its report.
+first finds the record listed apart in its report ("first declined outside this model").
 """
 from __future__ import annotations
 
 import contextvars
+import functools
 import sys
 import weakref
 from collections.abc import Callable
@@ -87,6 +88,7 @@ def recording(planner: Callable, op: str | Callable[..., str]) -> Callable:
     reason it gave (`refuse`) and the op's name (`op`, or `op(*args)` for a planner several ops
     share). Wrapped by `launch.plan_cache`'s cache, so it runs once per signature."""
 
+    @functools.wraps(planner)  # the planner's name and docstring
     def record_declines(*args):
         _refusal.set(None)
         plan = planner(*args)
