@@ -61,13 +61,14 @@ def report(model: nn.Module) -> Report:
     if found is None:
         raise LookupError("this model has not been through fusion_pass.optimize()")
     result = found.report()
-    result.reference_runs, result.declined_elsewhere = _reference_runs(model)
+    result.reference_runs, result.declined_elsewhere, result.by_design = _reference_runs(model)
     return result
 
 
-def _reference_runs(model: nn.Module) -> tuple[list[ReferenceRun], list[ReferenceRun]]:
+def _reference_runs(model: nn.Module) -> tuple[list[ReferenceRun], list[ReferenceRun], list[tuple[str, str]]]:
     """The kernel declines of this process (``fusion_pass.ops.reference_runs``): those first recorded
-    on calls made inside ``model``, with the innermost module's path, and the others."""
+    on calls made inside ``model``, with the innermost module's path, and the others; and the ops
+    of ``model``'s calls that ran their reference by design (op, why: CPU tensors, meta)."""
     from fusion_pass.ops import reference_runs  # imports the ops (and triton): not at import time
 
     names = {id(module): name for name, module in model.named_modules()}
@@ -79,7 +80,8 @@ def _reference_runs(model: nn.Module) -> tuple[list[ReferenceRun], list[Referenc
     if reference_runs.unlisted():
         elsewhere.append(ReferenceRun("...", f"past {reference_runs.MAX_RECORDS} records, not listed", "",
                                       reference_runs.unlisted(), ""))
-    return here, elsewhere
+    by_design = [(run.op, run.reason) for run in reference_runs.by_design() if run.path_in(names) is not None]
+    return here, elsewhere, by_design
 
 
 def restore(model: nn.Module) -> nn.Module:

@@ -90,6 +90,8 @@ class Report:
     pending: list[tuple[str, str]] = field(default_factory=list)  # (module path, why): captured on its first call
     reference_runs: list[ReferenceRun] = field(default_factory=list)  # fused ops whose kernel declined calls
     declined_elsewhere: list[ReferenceRun] = field(default_factory=list)  # such records first made outside this model
+    by_design: list[tuple[str, str]] = field(default_factory=list)  # (op, why): calls of the model that ran the
+    # reference by design (CPU tensors outside interpret_on_cpu(), meta tensors): no kernel ran, none was declined
     seconds: float = 0.0
 
     def counts(self) -> dict[str, int]:
@@ -127,6 +129,7 @@ class Report:
             "pending": [{"where": w, "why": r} for w, r in self.pending],
             "reference_runs": [asdict(run) for run in self.reference_runs],
             "declined_elsewhere": [asdict(run) for run in self.declined_elsewhere],
+            "by_design": [{"op": op, "why": why} for op, why in self.by_design],
         }
 
     def to_json(self, **kwargs) -> str:
@@ -149,6 +152,7 @@ class Report:
         self.pending.extend(other.pending)
         self.reference_runs.extend(other.reference_runs)
         self.declined_elsewhere.extend(other.declined_elsewhere)
+        self.by_design.extend(other.by_design)
         self.seconds += other.seconds
 
     @property
@@ -195,7 +199,7 @@ class Report:
         """The report as rich renderables, in reading order. Tables hold numbers; names and
         sentences are listed under a heading and wrap at spaces, so a module name is never
         split at any width."""
-        parts = [self._summary(), self._reference_runs(), self._first_sites(max_sites), self._legend(),
+        parts = [self._summary(), self._reference_runs(), self._by_design(), self._first_sites(max_sites), self._legend(),
                  self._near_misses(), self._uncaptured(), self._assumptions(), self._pending(), self._guards(),
                  self._fallbacks(), self._already_optimized()]
         return [part for part in parts if part is not None]
@@ -226,6 +230,14 @@ class Report:
                                 "(fusion_pass.ops.reference_runs.reference_runs())"))
         return _listing(f"kernel declined on {len(self.reference_runs)} fused ops: the PyTorch reference ran for these "
                         "calls (their sites count above as fused graph rewrites, but no kernel ran):", rows)
+
+    def _by_design(self):
+        """Calls on devices where the fused ops are their PyTorch references by design (the CPU)."""
+        by_why: dict[str, list[str]] = {}
+        for op, why in self.by_design:
+            by_why.setdefault(why, []).append(op)
+        return _listing("the PyTorch references ran, by design (no kernel declined):",
+                        [(None, f"{why}: {', '.join(ops)}") for why, ops in by_why.items()])
 
     def _first_sites(self, max_sites: int):
         rows = [(fam.name, _first_names([s.where for s in fam.sites], max_sites))

@@ -146,8 +146,8 @@ def test_a_site_whose_kernel_declined_is_reported_beside_its_fused_count(fresh_r
 
 def test_no_decline_is_reported_where_the_kernel_ran(fresh_reference_runs):
     report = run_interpreted(D)
-    assert report.reference_runs == [] and report.declined_elsewhere == []
-    assert "declined" not in str(report)
+    assert report.reference_runs == [] and report.declined_elsewhere == [] and report.by_design == []
+    assert "declined" not in str(report) and "by design" not in str(report)
 
 
 def test_a_decline_first_recorded_by_another_model_is_listed_apart(fresh_reference_runs):
@@ -160,9 +160,14 @@ def test_a_decline_first_recorded_by_another_model_is_listed_apart(fresh_referen
                      "rows of", render_plain(report, 200))
 
 
-def test_the_cpu_reference_without_the_interpreter_is_not_a_decline(fresh_reference_runs):
+def test_the_cpu_reference_without_the_interpreter_is_not_a_decline_but_is_said(fresh_reference_runs):
     from fusion_pass.ops import MAX_BLOCK
 
     model = fusion_pass.optimize(Model(MAX_BLOCK + 8))
     model(torch.randn(1, 2, MAX_BLOCK + 8), torch.randn(1, 1, MAX_BLOCK + 8), torch.randn(1, 1, MAX_BLOCK + 8))
-    assert fusion_pass.report(model).reference_runs == []
+    report = fusion_pass.report(model)
+    assert report.reference_runs == [] and "declined on" not in str(report)
+    cpu = "CPU tensors outside interpret_on_cpu(): no Triton kernels on the CPU"
+    assert report.by_design == [("layernorm_scale_shift", cpu)]
+    assert re.search(rf"the PyTorch references ran, by design .*\n\s+{re.escape(cpu)}: layernorm_scale_shift",
+                     render_plain(report, 200))

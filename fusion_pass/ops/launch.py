@@ -271,8 +271,10 @@ def _rows_refusal(cpu_kernels: bool, tensors: tuple[TensorMeta, ...], chunked: b
     if not devices_take_kernel(devices, cpu_kernels):
         if len(devices) > 1 and any(d.type == "cuda" for d in devices):
             return Refusal(f"operands on several devices ({', '.join(sorted(map(str, devices)))})")
-        return Refusal("no kernel on this device (CPU tensors take them only inside interpret_on_cpu())",
-                       by_design=True)  # the documented CPU path, or meta tensors
+        device = next(iter(devices)).type if len(devices) == 1 else "mixed"
+        if device == "cpu":  # the documented CPU path
+            return Refusal("CPU tensors outside interpret_on_cpu(): no Triton kernels on the CPU", by_design=True)
+        return Refusal(f"{device} tensors: no kernels there", by_design=True)  # meta: nothing to compute
     odd = sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.dtype not in KERNEL_DTYPES})
     if odd:
         return Refusal(f"dtype {', '.join(odd)} (the kernels load float16, bfloat16, float32)")

@@ -7,11 +7,11 @@ this record a site whose kernel never runs would look fused. Recording costs not
 planners are memoised per call signature, and a signature is recorded on the planner's one miss
 (the steady state hits the cache, on the kernel path and on the reference path alike).
 
-Recorded: real tensors (`Launch.EAGER`) on one CUDA device, or on the CPU inside
-`interpret_on_cpu()`, whose plan was declined. Not recorded, because the reference is the design
-there and nothing was declined: CPU tensors without the interpreter (the documented CPU path: no
-Triton on the CPU), tensors on a device without kernels (`meta`), fake tensors and traces (their
-planners run uncached, `Launch.planner`).
+Recorded as declines: real tensors (`Launch.EAGER`) on one CUDA device, or on the CPU inside
+`interpret_on_cpu()`, whose plan was declined. Recorded apart (`by_design`), because the
+reference is the design there and nothing was declined: CPU tensors without the interpreter (the
+documented CPU path: no Triton on the CPU) and tensors on a device without kernels (`meta`). Not
+recorded: fake tensors and traces (their planners run uncached, `Launch.planner`).
 
 A planner (or a helper it calls: `launch.rows_fit_kernel`, `launch.row_layout`) says why it
 declines with `refuse(reason)` just before it returns no plan; a `Refusal(..., by_design=True)`
@@ -79,6 +79,7 @@ class Decline:
 
 
 _RECORDS: dict[tuple[str, str], Decline] = {}
+_BY_DESIGN: dict[tuple[str, str], Decline] = {}  # the documented reference runs (CPU, meta): not declines
 _overflow = [0]  # declines not listed once MAX_RECORDS records exist
 _PLANNERS: list = []  # every recording planner, cleared by `forget`
 
@@ -94,8 +95,8 @@ def recording(planner: Callable, op: str | Callable[..., str]) -> Callable:
         plan = planner(*args)
         if plan is None or plan is False:
             refusal = _refusal.get() or Refusal(_unstated_reason(args))
-            if not refusal.by_design:
-                _record(op(*args) if callable(op) else op, refusal.reason, args)
+            _record(op(*args) if callable(op) else op, refusal.reason, args,
+                    _BY_DESIGN if refusal.by_design else _RECORDS)
         return plan
 
     return record_declines
@@ -111,6 +112,12 @@ def reference_runs() -> list[Decline]:
     return list(_RECORDS.values())
 
 
+def by_design() -> list[Decline]:
+    """Records of calls that ran the reference by design (CPU tensors outside `interpret_on_cpu()`,
+    meta tensors): not declines, kept so a report can say no kernel ran there."""
+    return list(_BY_DESIGN.values())
+
+
 def unlisted() -> int:
     """Declines past MAX_RECORDS, counted but not listed."""
     return _overflow[0]
@@ -120,6 +127,7 @@ def forget() -> None:
     """Drop every record and every memoised plan, so each signature is planned (and a decline
     recorded) again: for tests, and for a process that wants a fresh account."""
     _RECORDS.clear()
+    _BY_DESIGN.clear()
     _overflow[0] = 0
     for planner in _PLANNERS:
         planner.cache_clear()
@@ -163,13 +171,14 @@ def _unstated_reason(args: tuple) -> str:
     return "its launch plan refused these operands (a layout or operand its kernel does not take)"
 
 
-def _record(op: str, reason: str, args: tuple) -> None:
-    record = _RECORDS.get((op, reason))
+def _record(op: str, reason: str, args: tuple, records: dict[tuple[str, str], Decline]) -> None:
+    record = records.get((op, reason))
     if record is None:
-        if len(_RECORDS) >= MAX_RECORDS:
-            _overflow[0] += 1
+        if len(records) >= MAX_RECORDS:
+            if records is _RECORDS:
+                _overflow[0] += 1
             return
-        record = _RECORDS[(op, reason)] = Decline(op, reason, describe(args))
+        record = records[(op, reason)] = Decline(op, reason, describe(args))
     else:
         record.signatures += 1
     for module in _stack_modules():

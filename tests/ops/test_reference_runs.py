@@ -88,6 +88,19 @@ def test_cpu_without_the_interpreter_is_the_documented_path_not_a_decline(launch
         case.op(*case.make_args(shape, dtype))
     assert launches.count == 0
     assert declines(fresh_reference_runs) == []
+    assert {(run.op, run.reason) for run in fresh_reference_runs.by_design()} == {
+        ("layernorm_scale_shift", "CPU tensors outside interpret_on_cpu(): no Triton kernels on the CPU")}
+
+
+def test_meta_tensors_are_not_a_decline(fresh_reference_runs):
+    """The direct call of `optimize()`'s graphs runs the op's body on meta tensors (the dispatcher
+    would pick the fake impl): nothing to compute there, nothing declined."""
+    from fusion_pass.ops.direct import direct_call
+
+    case = OP_CASES["qk_rmsnorm"]
+    direct_call(torch.ops.fusion_pass.qk_rmsnorm.default)(*case.make_args(case.x_shape, torch.float32, "unused", "meta"))
+    assert declines(fresh_reference_runs) == []
+    assert [run.reason for run in fresh_reference_runs.by_design()] == ["meta tensors: no kernels there"]
 
 
 def test_fake_tensors_record_nothing(interpreted, fresh_reference_runs):
@@ -96,7 +109,7 @@ def test_fake_tensors_record_nothing(interpreted, fresh_reference_runs):
         args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
                 for a in case.make_args((1, 2, MAX_BLOCK + 8), torch.float64)]
         torch.ops.fusion_pass.layernorm_scale_shift(*args)
-    assert declines(fresh_reference_runs) == []
+    assert declines(fresh_reference_runs) == [] and fresh_reference_runs.by_design() == []
 
 
 def test_a_declined_signature_is_planned_once(interpreted, fresh_reference_runs):
