@@ -10,9 +10,10 @@ the interpreter with two tokens (only widths and layouts decide), and must launc
 and match its reference.
 
 Audit result (diffusers 0.42.1): every op takes its kernel at every width below; none runs its
-reference. No q/k op meets a head dim of 72 (PixArt, DiT-XL/2 have no q/k norm); head dims that
-are not powers of two (72 for the row ops' hidden 1152, 2240, 2432) are masked columns of a
-power-of-two block, as for any width (tested here at those hidden sizes).
+reference. No q/k op meets a head dim of 72 (PixArt, DiT-XL/2 have no q/k norm); widths that are
+not powers of two (hidden sizes 1152, 1536, 2240, 2432, 3072, 5120; Wan 14B's q/k rows across
+heads, 5120) are masked columns of a power-of-two block, as any width is; the widest row, Flux's and
+HunyuanVideo's 12288-wide MLP half, is cut into column chunks by gelu_cat.
 """
 from __future__ import annotations
 
