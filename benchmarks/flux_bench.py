@@ -22,6 +22,7 @@ import json
 import statistics
 import sys
 import time
+import timeit
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -141,6 +142,11 @@ def main(argv=None) -> int:
             record["fused"] = rep.totals()
             record["near_misses"] = {name: len(f.near_misses) for name, f in rep.families.items()}
             record["fallbacks"] = [f"{where or '<root>'}: {reason} ({calls} calls)" for where, reason, calls in rep.fallbacks]
+            root = model.__dict__.get("forward")
+            if getattr(root, "guard", None) is not None:  # the root's own per-call checks (shaped capture)
+                record["root_checks_us"] = {
+                    "subtree_guard": _us(root.guard.holds), "signature": _us(lambda: root.signature.required_values((), inputs)),
+                    "metadata_reads": len(root.guard.reads), "shaped": root.signature.shaped is not None}
             graphed = [f.graphs for f in (m.__dict__.get("forward") for m in model.modules())
                        if getattr(f, "graphs", None) is not None]
             if graphed:  # cuda_graphs=True: which installed forwards replayed (FX-captured and Dynamo blocks)
@@ -159,6 +165,11 @@ def main(argv=None) -> int:
     if profiles:
         (args.out / "flux_profile.txt").write_text(f"# {environment_line(results['environment'])}\n\n" + "".join(profiles))
     return 0
+
+
+def _us(fn, number: int = 200) -> float:
+    """Median microseconds of one call of ``fn`` (host only: the checks never touch the GPU)."""
+    return round(statistics.median(timeit.repeat(fn, number=number, repeat=7)) / number * 1e6, 2)
 
 
 def _markdown(results: dict) -> str:

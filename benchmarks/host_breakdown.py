@@ -14,7 +14,7 @@ import torch
 
 from fusion_pass.ops import layernorm_modulate as lm
 from fusion_pass.ops.direct import direct_call
-from fusion_pass.ops.launch import launch_kernel, row_settings
+from fusion_pass.ops.launch import launch_kernel
 
 N = 3000
 
@@ -41,11 +41,8 @@ def main():
 
     r, out = torch.empty_like(residual), torch.empty_like(residual)
     key = (False, *(lm.tensor_key(t) for t in (residual, y, gate, shift, scale, None, None)))
-    plan = lm._launch_plan(key, r.stride())
-    settings = row_settings(plan.n_cols, plan.elem_bytes)
-    kernel_args = (residual, y, gate, shift, scale, None, None, r, out, 1e-6, *plan.args)
-    constexprs = {**plan.constexprs, "BLOCK_ROWS": settings.block_rows, "BLOCK_D": settings.block_size}
-    programs = settings.programs(plan.n_rows)
+    call = lm._launch_plan(key, r.stride())
+    call_args = (residual, y, gate, shift, scale, None, None, r, out, 1e-6)
 
     rows = {
         "eager unfused expression": lambda: lm.reference_residual_gate_layernorm_scale_shift(*args),
@@ -55,9 +52,9 @@ def main():
             lm._output_dtypes(*key), torch.empty_like(residual), torch.empty_like(residual),
             lm._launch_plan(key, r.stride())),
         "launch_kernel only (compiled kernel reused)": lambda: launch_kernel(
-            lm._residual_norm_modulate_kernel, programs, kernel_args, constexprs, settings.num_warps),
-        "Triton kernel[grid](...) only": lambda: lm._residual_norm_modulate_kernel[(programs,)](
-            *kernel_args, **constexprs, num_warps=settings.num_warps),
+            lm._residual_norm_modulate_kernel, call, call_args),
+        "Triton kernel[grid](...) only": lambda: lm._residual_norm_modulate_kernel[(call.programs,)](
+            *call_args, *call.tail, **call.constexprs, num_warps=call.num_warps),
     }
     for name, fn in rows.items():
         print(f"{per_call_us(fn):8.1f} us  {name}")

@@ -84,14 +84,14 @@ class HostOverhead:
     eager_us_per_call: float
 
 
-def workloads(batch: int, tokens: int, dtype: torch.dtype) -> list[Workload]:
+def workloads(batch: int, tokens: int, dtype: torch.dtype, device: str = "cuda") -> list[Workload]:
     """The ops on model-like inputs: shift/scale/gate are chunk views of one `[B, 1, 6D]`
     modulation, q/k/v are `[B, H, L, D/H]` views of one qkv projection output; qk_rmsnorm_cat
     joins a `TXT_TOKENS` stream and an L stream (the double block's joint attention); gelu_cat
     is the single block's `cat(attn, gelu(mlp))` with mlp a split view of the 7D projection."""
 
     def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, device="cuda", dtype=dtype)
+        return torch.randn(*shape, device=device, dtype=dtype)
 
     x, y = randn(batch, tokens, HIDDEN), randn(batch, tokens, HIDDEN)
     shift, scale, gate = randn(batch, 1, 6 * HIDDEN).chunk(6, dim=-1)[:3]
@@ -117,7 +117,7 @@ def workloads(batch: int, tokens: int, dtype: torch.dtype) -> list[Workload]:
 
 
 def model_workloads(dtype: torch.dtype, flux_tokens: int = FLUX_TOKENS, vae_tokens: int = VAE_LATENTS,
-                    vae_queries: int = VAE_QUERIES) -> list[tuple[Workload, int, int]]:
+                    vae_queries: int = VAE_QUERIES, device: str = "cuda") -> list[tuple[Workload, int, int]]:
     """(workload, batch, tokens) of the ops other models need, at their shapes:
 
     - `qk_rmsnorm_rope`: Flux-dev's single block, q/k `to_q(x).unflatten(-1, (24, 128))`
@@ -136,7 +136,7 @@ def model_workloads(dtype: torch.dtype, flux_tokens: int = FLUX_TOKENS, vae_toke
     vae as we read it; the file's defaults leave them to the checkpoint's config."""
 
     def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, device="cuda", dtype=dtype)
+        return torch.randn(*shape, device=device, dtype=dtype)
 
     def workload(op: str, fused: Callable, unfused: Callable, *args) -> Workload:
         return Workload(op, args, lambda: fused(*args), unfused)
@@ -145,8 +145,8 @@ def model_workloads(dtype: torch.dtype, flux_tokens: int = FLUX_TOKENS, vae_toke
     q, k = (randn(1, flux_tokens, FLUX_HIDDEN).unflatten(-1, (FLUX_HEADS, head_dim)) for _ in "qk")
 
     def tables(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:  # interleaved, `[1, L, 1, D]`, fp32
-        positions = torch.arange(tokens, device="cuda", dtype=torch.float32)[:, None]
-        angles = positions * 10000.0 ** (-torch.arange(0, head_dim, 2, device="cuda") / head_dim)
+        positions = torch.arange(tokens, device=device, dtype=torch.float32)[:, None]
+        angles = positions * 10000.0 ** (-torch.arange(0, head_dim, 2, device=device) / head_dim)
         angles = angles.repeat_interleave(2, -1)
         return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
 

@@ -62,6 +62,7 @@ from fusion_pass.guards import CallSignature, HeldMetadata
 from fusion_pass.snapshot import global_hooks
 from fusion_pass.constants import TensorConstant, constant_node
 from fusion_pass.normalize import mutates
+from fusion_pass.shapes import ShapedMixin, ShapedProxy, container_elements, traced_values
 
 #: Libraries whose functions FX cannot trace through but which are safe to call as opaque
 #: leaf functions (pure tensor-in, tensor-out). Imported lazily: each is optional.
@@ -147,9 +148,13 @@ class _LeafOnFailureTracer(fx.Tracer):
         return super().create_args_for_root(self.signature.traced_forward(root_fn), is_module, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        """Also a leaf: a module with hooks (its ``__call__`` must run them) and the modules
-        inside which tracing failed."""
-        if module_qualified_name in self.extra_leaves or _has_hooks(m):
+        """Also a leaf: a module with hooks (its ``__call__`` must run them), one that runs an
+        installed fusion_pass forward (a block kept while its root is captured again at new
+        shapes, ``session.reshape``) and the modules inside which tracing failed."""
+        from fusion_pass.install import InstalledForward
+
+        if module_qualified_name in self.extra_leaves or _has_hooks(m) or isinstance(
+                vars(m).get("forward"), InstalledForward):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -251,6 +256,21 @@ class _HeldTensorProxy(_PiecesProxy):
         return self.ndim
 
 
+class _ShapedPiecesProxy(ShapedProxy, _PiecesProxy):
+    """A traced tensor of a shaped trace: its metadata reads answer its fake value."""
+
+
+class _ShapedTracer(ShapedMixin, _LeafOnFailureTracer):
+    """The tracer of a capture at a call's shapes (``shapes.py``); blocks are called, not inlined."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return self.shaped_leaf(m) or super().is_leaf_module(m, module_qualified_name)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        proxy = super().proxy(node)
+        return proxy if isinstance(proxy, _HeldTensorProxy) else _ShapedPiecesProxy(node, self)
+
+
 def _holder(root: nn.Module, target: str) -> tuple[dict, str] | None:
     """``(owner._parameters or owner._buffers, name)`` for the ``get_attr`` target ``owner.name``."""
     owner_path, _, name = target.rpartition(".")
@@ -268,13 +288,20 @@ def _has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
-def _trace(module: nn.Module, signature: CallSignature) -> tuple[fx.Graph, tuple[str, ...], tuple[HeldMetadata, ...]]:
+def _trace(module: nn.Module, signature: CallSignature, shaped: tuple | None = None,
+           ) -> tuple[fx.Graph, tuple[str, ...], tuple[HeldMetadata, ...]]:
     """Trace ``module``, making failing submodules leaves; returns the graph, the leaves and the
     parameter/buffer metadata the trace read. Raises when the module's own forward is
-    untraceable or assigns module attributes (a side effect the graph would lose)."""
+    untraceable or assigns module attributes (a side effect the graph would lose). With
+    ``shaped`` (the traced arguments' tensors of a call), traces at their shapes (``shapes.py``)."""
     leaves: set[str] = set()
+    containers = container_elements(module) if shaped is not None else set()
     while True:
-        tracer = _LeafOnFailureTracer(leaves, signature)
+        if shaped is None:
+            tracer = _LeafOnFailureTracer(leaves, signature)
+        else:
+            tracer = _ShapedTracer(leaves, signature)
+            tracer.init_shapes(shaped, containers)
         before = _attribute_snapshot(module)
         try:
             with _random_state_kept() as drew_random:
@@ -299,7 +326,10 @@ def _trace(module: nn.Module, signature: CallSignature) -> tuple[fx.Graph, tuple
                 continue
             raise explain.Refused(f"has control flow on {guard.args[2]} after {explain.source_expression(effect)}, "
                                   "which may modify state (the original forward could not rerun exactly)")
-        return graph, tuple(sorted(leaves)), tuple(tracer.metadata.values())
+        metadata = list(tracer.metadata.values())
+        if shaped is not None:
+            metadata = list(dict.fromkeys(metadata + tracer.parameter_metadata(module)))
+        return graph, tuple(sorted(leaves)), tuple(metadata)
 
 
 def _same_class(module: nn.Module, path: str) -> list[str]:
@@ -395,7 +425,17 @@ def _capture_into(module: nn.Module, path: str, result: CaptureResult, skip, in_
         return
     try:
         signature = CallSignature(type(module).forward, call)
-        graph, leaves, metadata = _trace(module, signature)
+        try:
+            graph, leaves, metadata = _trace(module, signature)
+        except Exception as exc:  # noqa: BLE001 - with a call's tensors, at their shapes (not a block: Dynamo's)
+            values = None if call is None or in_container else traced_values(signature, call)
+            if values is None:
+                raise
+            try:
+                graph, leaves, metadata = _trace(module, signature, values)
+            except Exception:  # noqa: BLE001 - report why plain tracing failed
+                raise exc from None
+            signature.at_shapes(values)
     except Exception as exc:  # noqa: BLE001 - any failure: a block goes to Dynamo, anything else descends
         if in_container:
             result.regional.append(Region(path, module, explain.capture_failure(module, exc), True))
@@ -405,9 +445,11 @@ def _capture_into(module: nn.Module, path: str, result: CaptureResult, skip, in_
             _capture_into(child, _join(path, name), result, skip)
         return
     result.graphs.append(CapturedGraph(path, module, graph, signature, leaves, in_container, metadata))
-    called = sorted({node.target for node in graph.nodes if node.op == "call_module"})  # failed or hooked
+    called = sorted({node.target for node in graph.nodes if node.op == "call_module"})  # failed, hooked, blocks
+    elements = container_elements(module)
     for leaf in called:
-        _capture_into(module.get_submodule(leaf), _join(path, leaf), result, skip)
+        child = module.get_submodule(leaf)
+        _capture_into(child, _join(path, leaf), result, skip, in_container=id(child) in elements)
 
 
 def _has_optional_parameters(module: nn.Module) -> bool:

@@ -1,8 +1,10 @@
 """Optional part of the run stage: replay each optimized module's forward as a CUDA graph.
 
 ``optimize(model, cuda_graphs=True)`` wraps every installed forward in a :class:`GraphReplay`:
-the FX-captured forwards (``install.py``) and the blocks compiled regionally by Dynamo
-(``regional.py``, which adds Dynamo's own guards to each capture). On a call whose tensors are
+the FX-captured forwards (``install.py``) that call no module (a replay would skip a called
+module's own forward, hooks and checks: a diffusers root calling its blocks runs as is, its blocks
+replay) and the blocks compiled regionally by Dynamo (``regional.py``, which adds Dynamo's own
+guards to each capture). On a call whose tensors are
 all on the current CUDA device, with autograd off and no torch function or dispatch mode
 active, it captures the forward once per call key (:func:`call_key`) and afterwards replays it: one launch
 per module instead of dozens, which removes the host overhead that dominates small models

@@ -25,6 +25,7 @@ from shapes alone, like the predicates above.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import itertools
 import operator
@@ -153,8 +154,10 @@ class CallSignature:
                 elif not _bakeable(value):
                     raise ValueError(f"argument {name} of type {type(value).__name__} cannot be captured")
                 elif name in self.passed or name not in self.defaults or not _is_default(value, self.defaults[name]):
-                    self.passed[name] = value  # a required parameter passed a non-tensor (``pe=None``) is baked too
+                    self.passed[name] = copy.deepcopy(value)  # (a copy: the caller may mutate a dict it passed)
+                    # a required parameter passed a non-tensor (``pe=None``) is baked too
         self.traced = tuple(name for name, value in self.passed.items() if value is _TENSOR)
+        self.shaped: tuple | None = None  # (shape, dtype, device) per traced argument, when captured at them
         self._fast = (list(self.traced) == required == list(self.positional[:len(required)])
                       and len(self.passed) == len(required))
 
@@ -172,9 +175,33 @@ class CallSignature:
             bound[name] = value
         return bound
 
+    def at_shapes(self, values: tuple) -> None:
+        """From now on a call also has to pass tensors of exactly these shapes, dtypes and devices
+        (a graph captured at a call's shapes, ``shapes.py``)."""
+        self.shaped = tuple((v.shape, v.dtype, v.device) for v in values)
+
     def required_values(self, args: tuple, kwargs: dict) -> tuple:
         """The values of the traced parameters, in order; raises :class:`ArgumentsDiffer` when
         the call does not match the captured pattern."""
+        values = self._values(args, kwargs)
+        if self.shaped is not None:
+            for name, value, (shape, dtype, device) in zip(self.traced, values, self.shaped):
+                if not isinstance(value, torch.Tensor) or value.shape != shape or value.dtype != dtype \
+                        or value.device != device:
+                    got = (f"{list(value.shape)} {value.dtype} on {value.device}" if isinstance(value, torch.Tensor)
+                           else type(value).__name__)
+                    raise ArgumentsDiffer(f"argument {name} is {got} (captured at {list(shape)} {dtype} on {device})")
+        return values
+
+    def same_pattern(self, args: tuple, kwargs: dict) -> bool:
+        """Whether the call passes its arguments as captured, shapes aside."""
+        try:
+            self._values(args, kwargs)
+        except ArgumentsDiffer:
+            return False
+        return True
+
+    def _values(self, args: tuple, kwargs: dict) -> tuple:
         if self._fast and not kwargs and len(args) == len(self.traced) and not any(map(_bakeable, args)):
             return args  # the common call: exactly the required arguments, positionally, none a baked kind
         bound = self._bind(args, kwargs)
@@ -221,14 +248,20 @@ class CallSignature:
             text += f", {', '.join(baked)}"
         if rest:
             text += f"; nothing passed for {', '.join(rest)}"
+        if self.shaped is not None:
+            text += "; at shapes " + ", ".join(f"{name} {list(shape)} {str(dtype).removeprefix('torch.')} on {device}"
+                                               for name, (shape, dtype, device) in zip(self.traced, self.shaped))
         return text
 
 
 def _bakeable(value) -> bool:
-    """None, a number, a string, an empty container or a tuple of those: compared by ``==``."""
+    """None, a number, a string, a tuple or list of those, a dict of those by string keys
+    (PixArt's ``added_cond_kwargs={"resolution": None, ...}``): compared by ``==``."""
     if value is None or type(value) in (bool, int, float, str):
         return True
-    return (type(value) in (dict, list) and not value) or (type(value) is tuple and all(map(_bakeable, value)))
+    if type(value) is dict:
+        return all(type(k) is str and _bakeable(v) for k, v in value.items())
+    return type(value) in (tuple, list) and all(map(_bakeable, value))
 
 
 def _is_default(value, default) -> bool:

@@ -17,6 +17,8 @@ a read-only ``weight`` property aliasing it, through a cached subclass of their 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -26,6 +28,20 @@ from fusion_pass.cuda_graphs import GraphReplay
 from fusion_pass.precompile import dry_run_is_safe, precompile
 from fusion_pass.guards import ArgumentsDiffer, CallSignature, GuardFailed, HeldMetadata
 from fusion_pass.snapshot import SubtreeGuard
+
+
+_ORIGINAL = [False]  # inside ``original_forwards()``: installed forwards run the module's own forward
+
+
+@contextlib.contextmanager
+def original_forwards():
+    """Within the block, every installed forward runs its module's original forward (used to
+    run modules on fake tensors while capturing at a call's shapes, ``shapes.py``)."""
+    before, _ORIGINAL[0] = _ORIGINAL[0], True
+    try:
+        yield
+    finally:
+        _ORIGINAL[0] = before
 
 
 class InstalledForward:
@@ -83,6 +99,8 @@ class FusedForward(InstalledForward):
 
     def __call__(self, *args, **kwargs):
         module = self.module
+        if _ORIGINAL[0]:
+            return type(module).forward(module, *args, **kwargs)
         if (self.guard is None or not self.guard.holds()) and not torch.compiler.is_compiling():
             if self.session is None or self.guard is None:
                 return type(module).forward(module, *args, **kwargs)
@@ -115,7 +133,7 @@ class DeferredForward(InstalledForward):
         self.module, self.path, self.in_container, self.session = module, path, in_container, session
 
     def __call__(self, *args, **kwargs):
-        if torch.compiler.is_compiling():  # inside an outer torch.compile: Dynamo traces the original
+        if torch.compiler.is_compiling() or _ORIGINAL[0]:  # inside an outer torch.compile: Dynamo traces the original
             return type(self.module).forward(self.module, *args, **kwargs)
         return self.session.capture_on_call(self, args, kwargs)
 
@@ -126,7 +144,9 @@ def is_installed(module: nn.Module) -> bool:
 
 def install(captured: CapturedGraph, graph_pool=None, session=None) -> FusedForward:
     """Set ``captured.module.forward`` to the code of ``captured.graph``; with a
-    ``graph_pool`` (``cuda_graphs.new_pool()``, a ``ReplayPool``), replayed as CUDA graphs where possible.
+    ``graph_pool`` (``cuda_graphs.new_pool()``, a ``ReplayPool``), replayed as CUDA graphs where possible:
+    only a graph that calls no module (a replay would run a called module's kernels as captured,
+    past its own forward, hooks and guards; a diffusers root calls its blocks, which replay themselves).
     The caller arms it (:meth:`FusedForward.arm`) once every module is installed."""
     call_directly(captured.graph)
     code = captured.graph.python_code(root_module="self")
@@ -137,7 +157,7 @@ def install(captured: CapturedGraph, graph_pool=None, session=None) -> FusedForw
     called = sorted({n.target for n in captured.graph.nodes if n.op == "call_module"})
     fused = FusedForward(captured.module, captured.path, forward, captured.signature, called, code.src, session,
                          captured.metadata)
-    if graph_pool is not None:
+    if graph_pool is not None and not called:  # a replay would skip the called modules' own checks
         fused.graphs = GraphReplay(captured.module, forward, graph_pool, note=fused.graph_note)
     fused.in_container = captured.in_container
     fused.precompile = dry_run_is_safe(captured.graph, captured.module)

@@ -172,6 +172,15 @@ def tensor_meta(node: Any) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def same_shape(a, b) -> bool:
+    """Whether two shapes are known equal; symbolic sizes (a dynamic-shape Dynamo graph) count
+    as equal only when provably so, without adding a guard."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return len(a) == len(b) and all(x == y if isinstance(x, int) and isinstance(y, int)
+                                    else statically_known_true(x == y) for x, y in zip(a, b))
+
+
 def reduces_last_dim_only(dim: Any, ndim: int | None) -> bool:
     """``dim`` of a reduction names exactly the last dimension."""
     if isinstance(dim, (list, tuple)):

@@ -25,7 +25,8 @@ spellings accepted                                     canonical node
 ``x.type(dtype)``, ``x.to(dtype=d)``                   positional)
 ``x[:, None, :]`` (full slices and one ``None``),      ``torch.unsqueeze(x, dim)``
 ``x.unsqueeze(d)``
-``x.view(...)``, ``x.reshape(...)``                    ``torch.reshape(x, shape)``
+``x.view(...)``, ``x.reshape(...)`` (sizes: ints, or   ``torch.reshape(x, shape)``
+a dynamic-shape Dynamo graph's symbolic sizes)
 ``x.type_as(y)``                                       ``x.to(dtype)`` (y's dtype: a constant
                                                        where the graph knows it, else ``y.dtype``)
 ``scaled_dot_product_attention(query=q, key=k,         ``F.scaled_dot_product_attention(q, k, v,
@@ -42,6 +43,8 @@ or ``.to(W) * w`` (W the weight's fp16/bf16 dtype,       * w`` (T = f32), or ``(
 a constant: capture read and guards ``weight.dtype``)   rsqrt(...)).to(q.dtype) * w`` then
                                                        ``.to(W)`` (T = W); see
                                                        ``_rms_of_unknown_dtype``
+``LN(x).device``, ``LN(x).shape`` (LN a layer or RMS  ``x.device``, ``x.shape``
+norm; PixArt's ``scale.to(x.device)``)
 ``x.to(d)`` where x's dtype is known to be ``d``,      ``x`` (``.to`` returns x itself: a no-op
 ``x.to(device)`` where x is known to be on it           cast of FP32LayerNorm, of ``.float()``
                                                        twice, of ``.type_as(x)`` in fp32 graphs)
@@ -113,6 +116,7 @@ def normalize(graph: fx.Graph, root: nn.Module | None = None) -> int:
     changed += _rms_of_unknown_dtype(graph)
     changed += _explicit_rms_upcast(graph)
     changed += _drop_noop_moves(graph)
+    changed += _metadata_of_norm_inputs(graph)
     changed += _merge_duplicates(graph, root)
     changed += fold_device_moves(graph)
     graph.lint()
@@ -235,11 +239,16 @@ def _reshape(args, kwargs, already_canonical: bool):
     if kwargs:
         return None
     shape = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else tuple(args[1:])
-    if not all(isinstance(size, int) for size in shape):
+    if not all(isinstance(size, int) or _is_symbolic_size(size) for size in shape):
         return None  # view(dtype) reinterprets; a traced size may be a whole torch.Size: leave both
     if already_canonical and isinstance(args[1], tuple):
         return None
     return ("call_function", RESHAPE, (args[0], tuple(shape)))
+
+
+def _is_symbolic_size(size) -> bool:
+    """A node whose recorded value is one size (a dynamic-shape Dynamo graph's ``x.size(1)``)."""
+    return isinstance(size, fx.Node) and isinstance(size.meta.get("example_value"), torch.SymInt)
 
 
 def _index_as_unsqueeze(args):
@@ -481,6 +490,22 @@ def _drop_noop_moves(graph: fx.Graph) -> int:
         graph.erase_node(node)
         dropped += 1
     return dropped
+
+
+def _metadata_of_norm_inputs(graph: fx.Graph) -> int:
+    """``norm(x).device`` / ``.shape`` -> ``x.device`` / ``x.shape`` (a norm's output has its input's
+    device and shape): PixArt's ``x * (1 + scale.to(x.device))`` after ``x = norm_out(x)`` then
+    leaves the norm output one user, the modulation."""
+    moved = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not getattr or len(node.args) != 2:
+            continue
+        source, attr = node.args
+        if attr in ("device", "shape") and isinstance(source, fx.Node) and source.op == "call_function" \
+                and source.target in (F.layer_norm, F.rms_norm) and isinstance(source.args[0], fx.Node):
+            node.args = (source.args[0], attr)
+            moved += 1
+    return moved
 
 
 def _meta(node) -> torch.Tensor | None:

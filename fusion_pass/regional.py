@@ -44,7 +44,7 @@ from torch import nn
 
 from fusion_pass.capture import Region
 from fusion_pass.cuda_graphs import GraphReplay
-from fusion_pass.install import InstalledForward
+from fusion_pass.install import _ORIGINAL, InstalledForward
 from fusion_pass.report import Report
 from fusion_pass.snapshot import SubtreeGuard, global_hooks
 
@@ -178,6 +178,8 @@ class RegionalForward(InstalledForward):
 
     def __call__(self, *args, **kwargs):
         module = self.module
+        if _ORIGINAL[0]:
+            return type(module).forward(module, *args, **kwargs)
         if not self.guard.holds():
             reason = self.guard.describe()
             hooks = global_hooks() or _hooked(module)
@@ -187,11 +189,13 @@ class RegionalForward(InstalledForward):
                 return type(module).forward(module, *args, **kwargs)
             self.session.fell_back(self.path, f"left to Dynamo's guards after: {reason}")
             self.arm()
+            self.graph_index = None  # the graph Dynamo runs from now on (it may recompile) is reported anew
             if self.graphs is not None:
                 self.graphs.captured.clear()  # each call key goes through Dynamo again before a capture
         if self.compiled.failure is not None:
             self.session.fell_back(self.path, self.compiled.failure)
             return type(module).forward(module, *args, **kwargs)
+        compiled_before = len(self.compiled.graph_reports)
         try:
             if self.graphs is not None:
                 out = self.graphs(*args, **kwargs)
@@ -202,8 +206,9 @@ class RegionalForward(InstalledForward):
                                     f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
             self.session.fell_back(self.path, self.compiled.failure)
             return type(module).forward(module, *args, **kwargs)
-        if self.graph_index is None and self.compiled.graph_reports:
-            # the graph this call compiled, or the latest one of its class, which it reused
+        if self.compiled.graph_reports and (self.graph_index is None
+                                            or len(self.compiled.graph_reports) > compiled_before):
+            # the graph this call compiled (a new shape, a change), or the latest one of its class, which it reused
             self.graph_index = len(self.compiled.graph_reports) - 1
             self.session.regional_ran(self)
         return out

@@ -13,6 +13,11 @@ forward calls back when its check fails:
 - :meth:`recapture_for_call` / :meth:`capture_on_call`: a call passes its arguments unlike the
   captured call (``guards.CallSignature``), or a module with optional parameters runs for the
   first time: the module is captured for this call's argument pattern.
+- :meth:`reshape`: a graph captured at a call's shapes (``shapes.py``: a root forward that
+  computes with shapes) gets tensors of other shapes: that module alone is captured again at
+  them (its blocks stay installed); the graphs of its last ``MAX_PATTERNS`` shapes are kept and
+  switched between; after ``MAX_RECAPTURES`` new shapes it keeps its original forward (its
+  blocks still run fused).
 - :meth:`fell_back`: one call ran the original forward because it broke a metadata assumption
   (``guards.py``) or a Dynamo-compiled block met hooks (``regional.py``); counted per module and
   reason.
@@ -69,6 +74,7 @@ class Session:
         self.deferred: dict = {}  # path -> DeferredForward (FX, captured on first call)
         self.patterns: dict = {}  # path -> [_Pattern]: what was installed for its other argument patterns
         self.class_compiles: dict = {}  # block class -> its regional.ClassCompile
+        self.shapes: dict = {}  # path -> [(FusedForward, Report)]: graphs captured at other shapes, newest first
         self.seconds = 0.0
 
     def optimize(self, module: nn.Module, path: str = "", call: tuple[tuple, dict] | None = None,
@@ -79,7 +85,7 @@ class Session:
 
         start = time.perf_counter()
         captured = capture(module, skip=is_installed, path=path, call=call, in_container=in_container)
-        self.already_optimized.extend(captured.skipped)
+        self.already_optimized.extend(p for p in captured.skipped if p not in self.graphs)  # (not ours)
         self.uncaptured.extend((u.path, u.reason) for u in captured.uncaptured)
         self.uncaptured_errors.update((u.path, u.error) for u in captured.uncaptured)
         installed = []
@@ -92,7 +98,12 @@ class Session:
                 continue
             fragment.graphs.append(graph.path or "<root>")
             fragment.assumptions.extend((graph.path, describe_guard(g)) for g in guards_in(graph.graph))
-            fragment.assumptions.extend((graph.path, held.describe()) for held in graph.metadata)
+            if graph.signature.shaped is None:
+                fragment.assumptions.extend((graph.path, held.describe()) for held in graph.metadata)
+            else:  # one read per parameter/buffer and attribute: said in one line
+                tensors = len({(held.owner, held.name) for held in graph.metadata})
+                fragment.assumptions.append((graph.path, f"captured at the call's shapes: dtype, device and shape of "
+                                                         f"its {tensors} parameters and buffers as then"))
             installed.append((install(graph, self.pool, self), fragment))
             for match in result.matches:
                 for owner, attr in match.weight_owners:
@@ -119,6 +130,7 @@ class Session:
         """``forward``'s subtree changed: capture it again (or give it back its original
         forward), record why, and answer this call."""
         self.patterns = {p: kept for p, kept in self.patterns.items() if not _under(forward.path, p)}
+        self.shapes = {p: kept for p, kept in self.shapes.items() if not _under(forward.path, p)}
         return self._recapture(forward, forward.guard.describe(), args, kwargs, call=None)
 
     def capture_on_call(self, deferred, args, kwargs):
@@ -134,6 +146,8 @@ class Session:
         changed): put back what was captured for this call's pattern before, if anything (up to
         ``MAX_PATTERNS`` per module are kept), else capture the module for it; answer the call."""
         module, path = forward.module, forward.path
+        if forward.signature.shaped is not None and forward.signature.same_pattern(args, kwargs):
+            return self.reshape(forward, reason, args, kwargs)
         kept = self.patterns.setdefault(path, [])
         kept.insert(0, _Pattern.take(self, module, path, forward))
         del kept[MAX_PATTERNS:]
@@ -146,6 +160,34 @@ class Session:
                 self.fallbacks[(path, "switched to the graph captured for this argument pattern")] += 1
                 return module.forward(*args, **kwargs)
         return self._recapture(forward, reason, args, kwargs, call=(args, kwargs))
+
+    def reshape(self, forward, reason: str, args, kwargs):
+        """A graph captured at a call's shapes meets other shapes: put back its graph for these
+        shapes if one is kept, else capture the module alone again at them (its installed
+        submodules stay); answer the call."""
+        module, path = forward.module, forward.path
+        kept = self.shapes.setdefault(path, [])
+        kept.insert(0, (forward, self.graphs.get(path)))
+        del kept[MAX_PATTERNS:]
+        del module.forward
+        for other, fragment in kept[1:]:
+            try:
+                other.signature.required_values(args, kwargs)
+            except GuardFailed:
+                continue
+            kept.remove((other, fragment))
+            module.forward, self.graphs[path] = other, fragment
+            self.fell_back(path, "switched to the graph captured at this call's shapes")
+            return module.forward(*args, **kwargs)
+        self.graphs.pop(path, None)
+        if self.recaptures[path] < MAX_RECAPTURES:
+            self.recaptures[path] += 1
+            self.fell_back(path, f"captured again at this call's shapes ({reason})")
+            self.optimize(module, path, (args, kwargs), forward.in_container)
+        else:
+            self.fell_back(path, f"original forward at new shapes from now on (captured at {MAX_RECAPTURES} "
+                                 f"shapes; its submodules stay optimized); last: {reason}")
+        return module.forward(*args, **kwargs)
 
     def _recapture(self, forward, reason: str, args, kwargs, call):
         module, path = forward.module, forward.path

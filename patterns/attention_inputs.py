@@ -90,10 +90,14 @@ def origin(node: fx.Node) -> fx.Node:
 def stream_source(node: fx.Node) -> fx.Node:
     """The hidden states a q or k was projected from: through views to the projection,
     then through its ``linear`` to the linear's input (separate ``to_q``/``to_k`` projections
-    of one stream share it)."""
+    of one stream share it). A projection adapted by peft's LoRA, ``base(x) + lora_B(lora_A(x))
+    * scaling``, is followed through its base layer's ``linear``."""
     cut_from = origin(node)
-    if is_call(cut_from, canon.LINEAR) and isinstance(cut_from.args[0], fx.Node):
-        return origin(cut_from.args[0])
+    projection = cut_from
+    while is_call(projection, operator.add) and isinstance(projection.args[0], fx.Node):
+        projection = origin(projection.args[0])
+    if is_call(projection, canon.LINEAR) and isinstance(projection.args[0], fx.Node):
+        return origin(projection.args[0])
     return cut_from
 
 

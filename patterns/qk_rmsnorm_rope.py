@@ -34,7 +34,7 @@ from torch import fx
 from fusion_pass import normalize as canon
 from fusion_pass.match import (
     Match, MatchContext, NearMiss, cat_arguments, describe, is_call, is_cast, only_user, operand_orders, scan,
-    tensor_meta,
+    same_shape, tensor_meta,
 )
 from fusion_pass.registry import FUSED_OPS
 
@@ -113,8 +113,11 @@ def _pair_split(node: fx.Node, n: fx.Node) -> bool | None:
     n_meta, split_meta = tensor_meta(n), tensor_meta(node)
     if n_meta is None or split_meta is None or n_meta.shape[-1] % 2:
         return None
-    width, rows = n_meta.shape[-1], tuple(n_meta.shape[:-1])
-    return {rows + (width // 2, 2): True, rows + (2, width // 2): False}.get(tuple(split_meta.shape))
+    width, rows, split = n_meta.shape[-1], tuple(n_meta.shape[:-1]), tuple(split_meta.shape)
+    for shape, interleaved in ((rows + (width // 2, 2), True), (rows + (2, width // 2), False)):
+        if same_shape(split, shape):
+            return interleaved
+    return None
 
 
 def _rotation(split: fx.Node, n: fx.Node, interleaved: bool) -> tuple[fx.Node, bool, tuple[fx.Node, ...]] | str:

@@ -19,7 +19,8 @@ from reference_models.diffusers_tiny import MODELS, expected_sites  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 #: Models whose root forward holds a fusable site itself (the final ``norm_out(x) * (1 + scale)
-#: + shift``): FX cannot trace these roots and Dynamo takes only blocks, so that site is missed.
+#: + shift``); their roots compute with shapes (``int(x.shape[1] ** 0.5)``) and are captured at
+#: the call's shapes (``shapes.py``).
 ROOT_SITES = {"ltx", "pixart", "dit", "wan"}
 
 
@@ -63,10 +64,7 @@ def test_every_block_is_captured_whole_and_outputs_match_with_and_without_option
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_optimize_fuses_what_the_backend_fuses(name, request):
-    if name in ROOT_SITES:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="a site in the root's own forward (final "
-                                              "norm_out modulation) is not captured: see ROOT_SITES"))
+def test_optimize_fuses_what_the_backend_fuses(name):
     tiny = MODELS[name]
     original = tiny.build()
     optimized = fusion_pass.optimize(copy.deepcopy(original))

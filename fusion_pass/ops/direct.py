@@ -82,8 +82,11 @@ def _needs_dispatcher(args: tuple) -> bool:
         return True
     grad = torch.is_grad_enabled()
     for arg in args:
-        for tensor in arg if isinstance(arg, (list, tuple)) else (arg,):  # Tensor[] arguments too
-            if isinstance(tensor, torch.Tensor) and (
-                    type(tensor) not in PLAIN_TENSOR_TYPES or (grad and tensor.requires_grad)):
+        if type(arg) in PLAIN_TENSOR_TYPES:  # most arguments: checked first (this runs on every fused call)
+            if grad and arg.requires_grad:
                 return True
+        elif isinstance(arg, torch.Tensor):  # a subclass
+            return True
+        elif isinstance(arg, (list, tuple)) and _needs_dispatcher(arg):  # Tensor[] arguments too
+            return True
     return False

@@ -20,8 +20,6 @@ anything else computes the reference.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
@@ -32,6 +30,7 @@ from torch import Tensor
 
 from .direct import fused_op
 from .launch import (
+    KernelCall,
     Launch,
     TensorMeta,
     chunked_row_settings,
@@ -127,12 +126,7 @@ class _LaunchPlan(NamedTuple):
 
     out_shape: tuple[int, ...]
     out_dtype: torch.dtype
-    n_rows: int
-    a_cols: int  # Da, for `chunked_row_settings`
-    b_cols: int  # Db, for `chunked_row_settings`
-    elem_bytes: int  # the wider of a's and b's element sizes, for `chunked_row_settings`
-    args: tuple  # the kernel's arguments from n_rows to bo_s1
-    constexprs: Mapping[str, object]  # column strides and TANH
+    call: KernelCall  # its own arguments: a, b, out
 
 
 @plan_cache
@@ -164,9 +158,15 @@ def _launch_plan(cpu_kernels: bool, a: tuple, b: tuple, dim: int, approximate: s
     )
     constexprs = dict(a_sc=a_s[2], b_sc=b_s[2], o_sc=out_stride[-1], TANH=approximate == "tanh")
     elem_bytes = max(a.dtype.itemsize, b.dtype.itemsize)
-    return _LaunchPlan(
-        out_shape, out_dtype, a_layout.n_rows, a.shape[-1], b.shape[-1], elem_bytes, args, MappingProxyType(constexprs)
-    )
+    a_settings, a_chunks = chunked_row_settings(a.shape[-1], elem_bytes)
+    b_settings, b_chunks = chunked_row_settings(b.shape[-1], elem_bytes)
+    a_programs = a_settings.programs(a_layout.n_rows) * a_chunks
+    constexprs |= dict(A_BLOCK_ROWS=a_settings.block_rows, A_BLOCK_D=a_settings.block_size,
+                       B_BLOCK_ROWS=b_settings.block_rows, B_BLOCK_D=b_settings.block_size)
+    call = KernelCall(a_programs + b_settings.programs(a_layout.n_rows) * b_chunks,
+                      (a_programs, a_chunks, b_chunks, *args), constexprs,
+                      max(a_settings.num_warps, b_settings.num_warps))
+    return _LaunchPlan(out_shape, out_dtype, call)
 
 
 def _gelu_cat(a: Tensor, b: Tensor, dim: int, approximate: str, launch: Launch) -> Tensor:
@@ -178,19 +178,8 @@ def _gelu_cat(a: Tensor, b: Tensor, dim: int, approximate: str, launch: Launch) 
         return reference_gelu_cat(a, b, dim, approximate)
     out = torch.empty(plan.out_shape, dtype=plan.out_dtype, device=a.device)
     if launch is not Launch.NONE:
-        a_settings, a_chunks = chunked_row_settings(plan.a_cols, plan.elem_bytes)
-        b_settings, b_chunks = chunked_row_settings(plan.b_cols, plan.elem_bytes)
-        a_programs = a_settings.programs(plan.n_rows) * a_chunks
         with on_device_of(a):
-            launch_kernel(
-                _gelu_cat_kernel,
-                a_programs + b_settings.programs(plan.n_rows) * b_chunks,
-                (a, b, out, a_programs, a_chunks, b_chunks, *plan.args),
-                {**plan.constexprs, "A_BLOCK_ROWS": a_settings.block_rows, "A_BLOCK_D": a_settings.block_size,
-                 "B_BLOCK_ROWS": b_settings.block_rows, "B_BLOCK_D": b_settings.block_size},
-                max(a_settings.num_warps, b_settings.num_warps),
-                traced=launch is Launch.TRACED,
-            )
+            launch_kernel(_gelu_cat_kernel, plan.call, (a, b, out), traced=launch is Launch.TRACED)
     return out
 
 

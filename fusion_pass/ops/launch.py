@@ -28,7 +28,8 @@ is computed by a pure function of `tensor_key`s, memoised with a bounded `functo
 (`x.shape`, `x.stride()`, ... ~0.3 us a tensor) and looks it up. The helpers below therefore take
 `TensorMeta`s (shape, stride, dtype, device), not tensors. Fake tensors of a dynamic-shape trace
 carry SymInts, which do not hash: fake impls and traces call the planners uncached
-(`Launch.planner`).
+(`Launch.planner`). A plan ends in a `KernelCall`: the launch's grid, every scalar argument and
+constexpr, built once per signature, so a call hands `launch_kernel` only its tensors.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ import enum
 import functools
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
@@ -407,54 +409,83 @@ def dry_run() -> Iterator[None]:
         _dry_run.reset(token)
 
 
-def launch_kernel(kernel, programs: int, args: tuple, constexprs: dict, num_warps: int, *, traced: bool = False) -> None:
-    """`kernel[(programs,)](*args, **constexprs, num_warps=num_warps)`, on the current stream;
+class KernelCall:
+    """A kernel launch as a launch plan fixes it: the grid (`programs`), every argument after the
+    call's own (`tail`: sizes, strides, offsets, eps of the plan), the constexprs (block sizes,
+    column strides, switches) and the warps. Ops build it inside their memoised planners, once per
+    call signature, and give `launch_kernel` only what changes from call to call: the tensors (and
+    a scalar outside the plan's key, such as layernorm_modulate's eps), which come first in each
+    kernel's argument list. Those tensors have the dtypes (and None the places) that the plan was
+    made for: inputs are in its key, outputs are allocated from it. Compared by identity:
+    `launch_kernel` keys its compiled kernels on it."""
+
+    __slots__ = ("programs", "tail", "constexprs", "num_warps")
+
+    def __init__(self, programs: int, tail: tuple, constexprs: Mapping[str, object], num_warps: int):
+        self.programs = programs
+        self.tail = tail
+        self.constexprs = MappingProxyType(dict(constexprs))
+        self.num_warps = num_warps
+
+    def __repr__(self) -> str:
+        return (f"KernelCall(programs={self.programs}, tail={self.tail}, constexprs={dict(self.constexprs)}, "
+                f"num_warps={self.num_warps})")
+
+
+def launch_kernel(kernel, call: KernelCall, args: tuple, *, traced: bool = False) -> None:
+    """`kernel[(call.programs,)](*args, *call.tail, **call.constexprs, num_warps=call.num_warps)`,
+    on the current stream; `args` are the call's own arguments (its tensors, see `KernelCall`).
     `traced` (`Launch.TRACED`): through `torch.library.wrap_triton`, which records the launch in
     the graph being traced (Inductor then compiles and launches the kernel itself).
 
     `JITFunction.run` binds and specialises every argument on every call (~40 us for our
     30-argument kernels on the H200 box's CPU, as much as the rest of an op). A compiled kernel
     depends only on the arguments' types and specialisations (dtype and 16-byte alignment of
-    each pointer, value of each int, constexprs, warps), which a key of those values captures
-    exactly; calls with a key seen before go straight to the compiled kernel's launcher.
-    Under the interpreter (kernels are not `JITFunction`s there), and for a key not seen yet,
-    Triton launches as usual.
+    each pointer, value of each int, constexprs, warps). All of them but the call's own `args`
+    are `call`'s, fixed per call signature, and so are the dtypes of `args`' tensors (see
+    `KernelCall`): the key of a compiled kernel is `call` (by identity), the current device and,
+    of `args`, each tensor's alignment and each other value. The steady state keys a handful of
+    arguments, not the ~30-110 a kernel takes, and calls the compiled kernel's launcher (kept
+    per key, with the constant tail in declaration order) with the call's arguments spliced in
+    front of that tail. Under the interpreter (kernels are not `JITFunction`s there), and for a
+    key not seen yet, Triton launches as usual.
     """
+    grid = (call.programs,)
     if traced:
-        torch.library.wrap_triton(kernel)[(programs,)](*args, **constexprs, num_warps=num_warps)
+        torch.library.wrap_triton(kernel)[grid](*args, *call.tail, **call.constexprs, num_warps=call.num_warps)
         return
     if _dry_run.get():
         if isinstance(kernel, triton.runtime.jit.JITFunction):
-            kernel.warmup(*args, grid=(programs,), **constexprs, num_warps=num_warps)
+            kernel.warmup(*args, *call.tail, grid=grid, **call.constexprs, num_warps=call.num_warps)
         return
     if not (_compiled_launch_ok[0] and isinstance(kernel, triton.runtime.jit.JITFunction)):
-        kernel[(programs,)](*args, **constexprs, num_warps=num_warps)  # interpreter, or a test double
+        kernel[grid](*args, *call.tail, **call.constexprs, num_warps=call.num_warps)  # interpreter, or a test double
         return
-    key = (kernel, torch.cuda.current_device(), num_warps, *map(_argument_key, args), *constexprs.values())
+    key = (call, torch.cuda.current_device(),
+           *[a.data_ptr() % 16 == 0 if isinstance(a, torch.Tensor) else a for a in args])
     entry = _COMPILED.get(key)
-    if entry is None:
-        compiled = kernel[(programs,)](*args, **constexprs, num_warps=num_warps)
-        tail = tuple(constexprs[name] for name in kernel.arg_names[len(args):])  # declaration order
-        if len(_COMPILED) >= _COMPILED_MAX:
-            _COMPILED.clear()
-        _COMPILED[key] = (compiled, tail)
+    if entry is not None and entry[0] is kernel:
+        _, launcher, tail = entry
+        try:
+            launcher(*args, *tail)
+            return
+        except (AttributeError, TypeError, IndexError):  # pragma: no cover - a Triton whose launcher API differs
+            _compiled_launch_ok[0] = False
+    compiled = kernel[grid](*args, *call.tail, **call.constexprs, num_warps=call.num_warps)
+    if not _compiled_launch_ok[0]:
         return
-    compiled, tail = entry
     try:
-        compiled[(programs, 1, 1)](*args, *tail)
-    except (AttributeError, TypeError, IndexError):  # pragma: no cover - a Triton whose launcher API differs
+        launcher = compiled[(call.programs, 1, 1)]
+    except (AttributeError, TypeError, IndexError):  # pragma: no cover - a Triton whose CompiledKernel differs
         _compiled_launch_ok[0] = False
-        kernel[(programs,)](*args, **constexprs, num_warps=num_warps)
+        return
+    n_given = len(args) + len(call.tail)
+    tail = (*call.tail, *(call.constexprs[name] for name in kernel.arg_names[n_given:]))  # declaration order
+    if len(_COMPILED) >= _COMPILED_MAX:
+        _COMPILED.clear()
+    _COMPILED[key] = (kernel, launcher, tail)
 
 
-def _argument_key(arg):
-    """What Triton specialises a kernel argument on: a tensor's dtype and whether its data is
-    16-byte aligned; any other argument's value (ints, floats, None)."""
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    return arg
-
-
-_COMPILED: dict[tuple, tuple] = {}  # launch key -> (compiled kernel, constexprs in declaration order)
+_COMPILED: dict[tuple, tuple] = {}  # launch key -> (kernel, its compiled launcher for the call's grid, tail)
 _COMPILED_MAX = 4 * PLAN_CACHE_SIZE
 _compiled_launch_ok = [True]  # cleared if this Triton's CompiledKernel[grid] launcher rejects a call

@@ -25,8 +25,6 @@ reference. `residual_gate.py` reuses the kernel with NORMALIZE off.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
@@ -37,6 +35,7 @@ from torch import Tensor
 
 from .direct import fused_op
 from .launch import (
+    KernelCall,
     Launch,
     kernels_on_cpu,
     launch_kernel,
@@ -142,16 +141,6 @@ class _OutputDtypes(NamedTuple):
     out: torch.dtype | None  # the (modulated) LayerNorm or RMSNorm (NORMALIZE), else None
 
 
-class _LaunchPlan(NamedTuple):
-    """What a launch takes from the call signature alone."""
-
-    n_rows: int
-    n_cols: int
-    elem_bytes: int  # of x, for `row_settings`
-    args: tuple  # the kernel's arguments from n_rows to o_s1
-    constexprs: Mapping[str, object]  # column strides and the HAS_*/NORMALIZE/RMS/MODULATE switches
-
-
 def _normalizes(shift, normalize: bool | None = None) -> bool:
     """Whether the kernel computes the LayerNorm: `normalize`, by default where shift is given."""
     return shift is not None if normalize is None else normalize
@@ -194,9 +183,10 @@ def _output_dtypes(cpu_kernels, x, y, gate, shift, scale, weight, bias, normaliz
 
 
 @plan_cache(op=lambda key, out_stride: _op_name(*key))
-def _launch_plan(key: tuple, out_stride: tuple[int, ...]) -> _LaunchPlan | None:
+def _launch_plan(key: tuple, out_stride: tuple[int, ...]) -> KernelCall | None:
     """The launch on operands with `_output_dtypes` key `key` and outputs of `out_stride`, or
-    None where the rows do not coalesce into two row dims (`row_layout`)."""
+    None where the rows do not coalesce into two row dims (`row_layout`). Its call's own
+    arguments: x, y, gate, shift, scale, weight, bias, r, out, eps."""
     _, *tensor_keys = key
     x, y, gate, shift, scale, weight, bias = map(tensor_meta, tensor_keys[:7])
     normalize, rms = (*tensor_keys[7:], None, False)[:2]  # a key may end before them (their defaults)
@@ -219,8 +209,10 @@ def _launch_plan(key: tuple, out_stride: tuple[int, ...]) -> _LaunchPlan | None:
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
     )
+    settings = row_settings(n_cols, x.dtype.itemsize)
+    constexprs |= dict(BLOCK_ROWS=settings.block_rows, BLOCK_D=settings.block_size)
     args = (layout.n_rows, layout.n_inner, n_cols, *row_strides)
-    return _LaunchPlan(layout.n_rows, n_cols, x.dtype.itemsize, args, MappingProxyType(constexprs))
+    return KernelCall(settings.programs(layout.n_rows), args, constexprs, settings.num_warps)
 
 
 def run_residual_norm_modulate(
@@ -256,20 +248,13 @@ def run_residual_norm_modulate(
         return None
     r = torch.empty_like(x, dtype=dtypes.r) if dtypes.r is not None else None
     out = torch.empty_like(x, dtype=dtypes.out) if dtypes.out is not None else None
-    plan = launch.planner(_launch_plan)(key, (out if r is None else r).stride())
-    if plan is None:
+    call = launch.planner(_launch_plan)(key, (out if r is None else r).stride())
+    if call is None:
         return None
     if launch is not Launch.NONE:
-        settings = row_settings(plan.n_cols, plan.elem_bytes)
         with on_device_of(x):
-            launch_kernel(
-                _residual_norm_modulate_kernel,
-                settings.programs(plan.n_rows),
-                (x, y, gate, shift, scale, weight, bias, r, out, eps, *plan.args),
-                {**plan.constexprs, "BLOCK_ROWS": settings.block_rows, "BLOCK_D": settings.block_size},
-                settings.num_warps,
-                traced=launch is Launch.TRACED,
-            )
+            launch_kernel(_residual_norm_modulate_kernel, call, (x, y, gate, shift, scale, weight, bias, r, out, eps),
+                          traced=launch is Launch.TRACED)
     return ResidualNormOut(r, out)
 
 

@@ -20,10 +20,6 @@ reference.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from types import MappingProxyType
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -32,6 +28,7 @@ from torch import Tensor
 
 from .direct import fused_op
 from .launch import (
+    KernelCall,
     Launch,
     TensorMeta,
     kernels_on_cpu,
@@ -135,19 +132,6 @@ def reference_qk_layernorm(
             F.layer_norm(k, (k.shape[-1],), k_weight, k_bias, eps))
 
 
-class _LaunchPlan(NamedTuple):
-    """What a launch takes from the call signature alone."""
-
-    q_groups: int  # row groups of q (`launch.grouped_row_layout`)
-    k_groups: int
-    q_rows: int  # rows per group
-    k_rows: int
-    n_cols: int  # max(Dq, Dk), for `row_settings`
-    elem_bytes: int  # the wider of q's and k's element sizes
-    args: tuple  # the kernel's arguments from q_rows to ko_s1
-    constexprs: Mapping[str, object]  # column strides and switches
-
-
 def _params_fit(x: TensorMeta, *params: TensorMeta | None) -> bool:
     """F.layer_norm's weight and bias: `[D]` in x's dtype (None: absent)."""
     return all(p is None or (p.shape == x.shape[-1:] and p.dtype == x.dtype) for p in params)
@@ -172,10 +156,13 @@ def _fits_kernel(cpu_kernels, q, k, q_weight, q_bias, k_weight, k_bias) -> bool:
 
 
 @plan_cache
-def _launch_plan(key: tuple, q_out_stride: tuple[int, ...], k_out_stride: tuple[int, ...], eps: float) -> _LaunchPlan | None:
+def _launch_plan(
+    key: tuple, q_out_stride: tuple[int, ...], k_out_stride: tuple[int, ...], eps: float
+) -> KernelCall | None:
     """The launch on operands with `_fits_kernel` key `key`, outputs of these strides and `eps`,
     or None where rows do not coalesce into three row dims (`grouped_row_layout`: a `[B, H, L, D]`
-    view of `[B, L, H, D]` into a contiguous output has rows (B, L, H) in one, (B, H, L) in the other)."""
+    view of `[B, L, H, D]` into a contiguous output has rows (B, L, H) in one, (B, H, L) in the other).
+    Its call's own arguments: q, q_weight, q_bias, q_out, k, k_weight, k_bias, k_out."""
     _, *tensor_keys = key
     q, k, q_weight, q_bias, k_weight, k_bias = map(tensor_meta, tensor_keys)
     q_layout = grouped_row_layout(q.shape, q, q._replace(stride=q_out_stride))
@@ -201,9 +188,12 @@ def _launch_plan(key: tuple, q_out_stride: tuple[int, ...], k_out_stride: tuple[
         Q_HAS_WEIGHT=q_weight is not None, Q_HAS_BIAS=q_bias is not None,
         K_HAS_WEIGHT=k_weight is not None, K_HAS_BIAS=k_bias is not None,
     )
-    n_cols, elem_bytes = max(q.shape[-1], k.shape[-1]), max(q.dtype.itemsize, k.dtype.itemsize)
-    return _LaunchPlan(q_layout.n_groups, k_layout.n_groups, q_layout.rows.n_rows, k_layout.rows.n_rows, n_cols,
-                       elem_bytes, args, MappingProxyType(constexprs))
+    settings = row_settings(max(q.shape[-1], k.shape[-1]), max(q.dtype.itemsize, k.dtype.itemsize))
+    q_group_programs, q_programs = settings.grouped_programs(q_layout.n_groups, q_layout.rows.n_rows)
+    k_group_programs, k_programs = settings.grouped_programs(k_layout.n_groups, k_layout.rows.n_rows)
+    constexprs |= dict(BLOCK_ROWS=settings.block_rows, BLOCK_D=settings.block_size)
+    return KernelCall(q_programs + k_programs, (q_group_programs, q_programs, k_group_programs, *args), constexprs,
+                      settings.num_warps)
 
 
 def _qk_layernorm(q, k, q_weight, q_bias, k_weight, k_bias, eps, launch: Launch) -> tuple[Tensor, Tensor]:
@@ -215,23 +205,13 @@ def _qk_layernorm(q, k, q_weight, q_bias, k_weight, k_bias, eps, launch: Launch)
         return reference_qk_layernorm(*tensors, eps)
     # Contiguous, as F.layer_norm returns (it normalises `x.contiguous()`).
     q_out, k_out = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k))
-    plan = launch.planner(_launch_plan)(key, q_out.stride(), k_out.stride(), eps)
-    if plan is None:
+    call = launch.planner(_launch_plan)(key, q_out.stride(), k_out.stride(), eps)
+    if call is None:
         return reference_qk_layernorm(*tensors, eps)
     if launch is not Launch.NONE:
-        settings = row_settings(plan.n_cols, plan.elem_bytes)
-        q_group_programs, q_programs = settings.grouped_programs(plan.q_groups, plan.q_rows)
-        k_group_programs, k_programs = settings.grouped_programs(plan.k_groups, plan.k_rows)
         with on_device_of(q):
-            launch_kernel(
-                _qk_layernorm_kernel,
-                q_programs + k_programs,
-                (q, q_weight, q_bias, q_out, k, k_weight, k_bias, k_out, q_group_programs, q_programs, k_group_programs,
-                 *plan.args),
-                {**plan.constexprs, "BLOCK_ROWS": settings.block_rows, "BLOCK_D": settings.block_size},
-                settings.num_warps,
-                traced=launch is Launch.TRACED,
-            )
+            launch_kernel(_qk_layernorm_kernel, call, (q, q_weight, q_bias, q_out, k, k_weight, k_bias, k_out),
+                          traced=launch is Launch.TRACED)
     return q_out, k_out
 
 

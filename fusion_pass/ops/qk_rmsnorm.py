@@ -21,8 +21,6 @@ normalises in fp32, or in fp64 for fp64 inputs: never less precise than the spel
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
@@ -32,6 +30,7 @@ from torch import Tensor
 
 from .direct import fused_op
 from .launch import (
+    KernelCall,
     Launch,
     TensorMeta,
     kernels_on_cpu,
@@ -138,17 +137,6 @@ class _OutputDtypes(NamedTuple):
     k: torch.dtype
 
 
-class _LaunchPlan(NamedTuple):
-    """What a launch takes from the call signature alone."""
-
-    q_rows: int
-    k_rows: int
-    n_cols: int  # max(Dq, Dk), for `row_settings`
-    elem_bytes: int  # the wider of q's and k's element sizes, for `row_settings`
-    args: tuple  # the kernel's arguments from q_eps to ko_s1
-    constexprs: Mapping[str, int]  # column strides
-
-
 @plan_cache
 def _output_dtypes(cpu_kernels, q, k, q_weight, k_weight) -> _OutputDtypes | None:
     """Output dtypes of the kernel on operands with these `tensor_key`s, or None where the
@@ -162,9 +150,10 @@ def _output_dtypes(cpu_kernels, q, k, q_weight, k_weight) -> _OutputDtypes | Non
 @plan_cache
 def _launch_plan(
     key: tuple, q_out_stride: tuple[int, ...], k_out_stride: tuple[int, ...], eps: float | None
-) -> _LaunchPlan | None:
+) -> KernelCall | None:
     """The launch on operands with `_output_dtypes` key `key`, outputs of these strides and
-    `eps`, or None where a weight does not broadcast into its tensor or rows do not coalesce."""
+    `eps`, or None where a weight does not broadcast into its tensor or rows do not coalesce.
+    Its call's own arguments: q, q_weight, q_out, k, k_weight, k_out."""
     _, *tensor_keys = key
     q, k, q_weight, k_weight = map(tensor_meta, tensor_keys)
     q_layout = row_layout(q.shape, q, q_weight, q._replace(stride=q_out_stride))
@@ -181,8 +170,11 @@ def _launch_plan(
         *q_s[:2], *qw_s[:2], *qo_s[:2], *k_s[:2], *kw_s[:2], *ko_s[:2],
     )
     constexprs = dict(q_sc=q_s[2], qw_sc=qw_s[2], qo_sc=qo_s[2], k_sc=k_s[2], kw_sc=kw_s[2], ko_sc=ko_s[2])
-    n_cols, elem_bytes = max(q.shape[-1], k.shape[-1]), max(q.dtype.itemsize, k.dtype.itemsize)
-    return _LaunchPlan(q_layout.n_rows, k_layout.n_rows, n_cols, elem_bytes, args, MappingProxyType(constexprs))
+    settings = row_settings(max(q.shape[-1], k.shape[-1]), max(q.dtype.itemsize, k.dtype.itemsize))
+    q_programs = settings.programs(q_layout.n_rows)
+    constexprs |= dict(BLOCK_ROWS=settings.block_rows, BLOCK_D=settings.block_size)
+    return KernelCall(q_programs + settings.programs(k_layout.n_rows), (q_programs, *args), constexprs,
+                      settings.num_warps)
 
 
 def _run_kernel(q, k, q_weight, k_weight, eps, *, in_place: bool, launch: Launch) -> tuple[Tensor, Tensor] | None:
@@ -197,21 +189,13 @@ def _run_kernel(q, k, q_weight, k_weight, eps, *, in_place: bool, launch: Launch
         q_out, k_out = q, k
     else:
         q_out, k_out = torch.empty_like(q, dtype=dtypes.q), torch.empty_like(k, dtype=dtypes.k)
-    plan = launch.planner(_launch_plan)(key, q_out.stride(), k_out.stride(), eps)
-    if plan is None:
+    call = launch.planner(_launch_plan)(key, q_out.stride(), k_out.stride(), eps)
+    if call is None:
         return None
     if launch is not Launch.NONE:
-        settings = row_settings(plan.n_cols, plan.elem_bytes)
-        q_programs = settings.programs(plan.q_rows)
         with on_device_of(q):
-            launch_kernel(
-                _qk_rmsnorm_kernel,
-                q_programs + settings.programs(plan.k_rows),
-                (q, q_weight, q_out, k, k_weight, k_out, q_programs, *plan.args),
-                {**plan.constexprs, "BLOCK_ROWS": settings.block_rows, "BLOCK_D": settings.block_size},
-                settings.num_warps,
-                traced=launch is Launch.TRACED,
-            )
+            launch_kernel(_qk_rmsnorm_kernel, call, (q, q_weight, q_out, k, k_weight, k_out),
+                          traced=launch is Launch.TRACED)
     return q_out, k_out
 
 

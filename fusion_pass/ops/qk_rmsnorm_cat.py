@@ -28,8 +28,6 @@ conditions of `launch.rows_fit_kernel` hold; anything else computes the referenc
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
@@ -39,6 +37,7 @@ from torch import Tensor
 
 from .direct import fused_op
 from .launch import (
+    KernelCall,
     Launch,
     TensorMeta,
     broadcast_strides,
@@ -160,12 +159,7 @@ class _LaunchPlan(NamedTuple):
 
     out_shapes: tuple[tuple[int, ...], ...]  # q, k, v
     out_dtypes: tuple[torch.dtype, ...]
-    stream_rows: tuple[int, int]  # rows (j, l) per outer group of each stream: J * L_i
-    n_outer: int  # outer row groups
-    n_cols: int  # max(Dq, Dk, Dv), for `row_settings`
-    elem_bytes: int  # the widest element size, for `row_settings`
-    args: tuple  # the kernel's arguments from length0 to v1_sl
-    constexprs: Mapping[str, int]  # column strides
+    call: KernelCall  # its own arguments: q0, k0, v0, q1, k1, v1, the four weights, q, k, v outputs
 
 
 def _leading(t: TensorMeta) -> TensorMeta:
@@ -226,16 +220,14 @@ def _launch_plan(
     names = ("q0", "k0", "v0", "q1", "k1", "v1")
     constexprs = {f"{name}_sc": x.stride[-1] for name, x in zip(names, inputs)}
     constexprs |= {f"{name}_sc": s for name, s in zip(("qw0", "kw0", "qw1", "kw1"), weight_cols)}
-    return _LaunchPlan(
-        out_shapes,
-        out_dtypes,
-        tuple(layout.n_inner * length for length in lengths),
-        layout.n_outer,
-        max(x.shape[-1] for x in inputs),
-        max(dtype.itemsize for dtype in (*out_dtypes, *(x.dtype for x in inputs))),
-        args,
-        MappingProxyType(constexprs),
-    )
+    n_cols = max(x.shape[-1] for x in inputs)
+    settings = row_settings(n_cols, max(dtype.itemsize for dtype in (*out_dtypes, *(x.dtype for x in inputs))))
+    stream0_programs, stream1_programs = (settings.programs(layout.n_inner * length) for length in lengths)
+    group_programs = stream0_programs + stream1_programs
+    constexprs |= dict(BLOCK_ROWS=settings.block_rows, BLOCK_D=settings.block_size)
+    call = KernelCall(layout.n_outer * group_programs, (group_programs, stream0_programs, *args), constexprs,
+                      settings.num_warps)
+    return _LaunchPlan(out_shapes, out_dtypes, call)
 
 
 def _qk_rmsnorm_cat(tensors: tuple[Tensor, ...], eps, dim, cast_to_v, launch: Launch) -> tuple[Tensor, Tensor, Tensor]:
@@ -251,18 +243,8 @@ def _qk_rmsnorm_cat(tensors: tuple[Tensor, ...], eps, dim, cast_to_v, launch: La
         torch.empty(shape, dtype=dtype, device=q0.device) for shape, dtype in zip(plan.out_shapes, plan.out_dtypes)
     )
     if launch is not Launch.NONE:
-        settings = row_settings(plan.n_cols, plan.elem_bytes)
-        stream0_programs = settings.programs(plan.stream_rows[0])
-        group_programs = stream0_programs + settings.programs(plan.stream_rows[1])
         with on_device_of(q0):
-            launch_kernel(
-                _qk_rmsnorm_cat_kernel,
-                plan.n_outer * group_programs,
-                (*tensors, *outs, group_programs, stream0_programs, *plan.args),
-                {**plan.constexprs, "BLOCK_ROWS": settings.block_rows, "BLOCK_D": settings.block_size},
-                settings.num_warps,
-                traced=launch is Launch.TRACED,
-            )
+            launch_kernel(_qk_rmsnorm_cat_kernel, plan.call, (*tensors, *outs), traced=launch is Launch.TRACED)
     return outs
 
 

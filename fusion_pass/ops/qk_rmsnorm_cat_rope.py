@@ -43,6 +43,7 @@ from torch import Tensor
 
 from .direct import fused_op
 from .launch import (
+    KernelCall,
     Launch,
     TensorMeta,
     broadcast_strides,
@@ -57,7 +58,6 @@ from .launch import (
 )
 from .qk_rmsnorm import QKNormOut, reference_rmsnorm
 from .qk_rmsnorm_rope import (
-    RopeLaunch,
     check_rope_operands,
     launch_rope,
     reference_rope,
@@ -85,7 +85,7 @@ class _LaunchPlan(NamedTuple):
 
     out_shapes: tuple[tuple[int, ...], tuple[int, ...]]  # q, k
     out_dtypes: tuple[torch.dtype, torch.dtype]
-    launch: RopeLaunch
+    call: KernelCall  # `rope_launch`'s
 
 
 def joins_rows(ndim: int, dim: int) -> bool:
@@ -114,11 +114,15 @@ def _joint_shape(x0: TensorMeta, x1: TensorMeta, dim: int) -> tuple[int, ...] | 
 @plan_cache
 def _launch_plan(cpu_kernels, q0, k0, q1, k1, q_weight0, k_weight0, q_weight1, k_weight1, cos, sin,
                  eps: float | None, dim: int, interleaved: bool) -> _LaunchPlan | None:
-    """The launch on operands with these `tensor_key`s, or None where the reference must run."""
+    """The launch on operands with these `tensor_key`s, or None where the reference must run.
+    Raises `check_rope_operands`' ValueError for a cat that joins rows (not memoised: on every
+    call of a bad signature; other cats are the reference's to check)."""
     inputs = tuple(map(tensor_meta, (q0, k0, q1, k1)))
     weights = tuple(map(tensor_meta, (q_weight0, k_weight0, q_weight1, k_weight1)))
     cos, sin = tensor_meta(cos), tensor_meta(sin)
     ndim = len(inputs[0].shape)
+    if joins_rows(ndim, dim):  # the joint q and k are as wide as q0 and k0
+        check_rope_operands(inputs[0], inputs[1], cos, sin)
     if not all(rows_fit_kernel(cpu_kernels, x, *(t for t in (w, cos, sin) if t is not None))
                for x, w in zip(inputs, weights)):
         return None
@@ -142,12 +146,12 @@ def _launch_plan(cpu_kernels, q0, k0, q1, k1, q_weight0, k_weight0, q_weight1, k
         if x_rows is None:
             return None
         rows.append(x_rows)
-    launch = rope_launch(inputs, weights, tuple(rows), (1, 1), cos, sin, eps, interleaved)
-    if launch is None:
+    call = rope_launch(inputs, weights, tuple(rows), (1, 1), cos, sin, eps, interleaved)
+    if call is None:
         return None
     stages = [x.dtype if w is None else promoted_dtype(x.dtype, w) for x, w in zip(inputs, weights)]
     out_dtypes = (torch.promote_types(stages[0], stages[2]), torch.promote_types(stages[1], stages[3]))
-    return _LaunchPlan(joint, out_dtypes, launch)
+    return _LaunchPlan(joint, out_dtypes, call)
 
 
 def _qk_rmsnorm_cat_rope(tensors: tuple, eps, dim, cos, sin, interleaved, launch: Launch) -> tuple[Tensor, Tensor]:
@@ -155,8 +159,6 @@ def _qk_rmsnorm_cat_rope(tensors: tuple, eps, dim, cos, sin, interleaved, launch
     and launches nothing): kernel or reference.
     `tensors`: q0, k0, q1, k1, q_weight0, k_weight0, q_weight1, k_weight1."""
     q0, k0, q1, k1, q_weight0, k_weight0, q_weight1, k_weight1 = tensors
-    if joins_rows(q0.dim(), dim):  # the joint q and k are as wide as q0 and k0 (else the reference checks them)
-        check_rope_operands(q0, k0, cos, sin)
     key = (kernels_on_cpu(q0, launch), *map(tensor_key, (*tensors, cos, sin)), eps, dim, interleaved)
     plan = launch.planner(_launch_plan)(*key)
     if plan is None:
@@ -164,7 +166,7 @@ def _qk_rmsnorm_cat_rope(tensors: tuple, eps, dim, cos, sin, interleaved, launch
     q_out, k_out = (torch.empty(shape, dtype=dtype, device=q0.device)
                     for shape, dtype in zip(plan.out_shapes, plan.out_dtypes))
     if launch is not Launch.NONE:
-        launch_rope(plan.launch, (q0, q_weight0, k0, k_weight0, q1, q_weight1, k1, k_weight1), q_out, k_out, cos, sin,
+        launch_rope(plan.call, (q0, q_weight0, k0, k_weight0, q1, q_weight1, k1, k_weight1), q_out, k_out, cos, sin,
                     launch)
     return q_out, k_out
 

@@ -41,7 +41,7 @@ A cat of two streams between norm and RoPE (Flux's double blocks concatenate tex
 then rotate the joint sequence) is `qk_rmsnorm_cat_rope`'s: the same kernel with its second stream
 switched on (`TWO_STREAMS`), four row sets (q0, k0, q1, k1) writing into the joint q and k at their
 stream's offset and reading the tables there. Each row set is a `RopeRows` (`rope_rows`), a launch
-a `RopeLaunch` (`rope_launch`, `launch_rope`), for either op.
+a `launch.KernelCall` (`rope_launch`, `launch_rope`), for either op.
 
 Not covered (the matcher refuses them): a norm over all heads followed by per-head RoPE (Wan's
 `rms_norm_across_heads` norms `[B, L, H * D]` rows, then rotates `[B, L, H, D]`); RoPE on part of
@@ -51,8 +51,6 @@ the tokens (HunyuanVideo's single blocks); partial rotary (RoPE on the first rot
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
-from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
@@ -62,6 +60,7 @@ from torch import Tensor
 
 from .direct import fused_op
 from .launch import (
+    KernelCall,
     Launch,
     TensorMeta,
     broadcast_strides,
@@ -323,21 +322,13 @@ class RopeRows(NamedTuple):
     offsets: tuple[int, int, int] = (0, 0, 0)  # elements from Q_OUT / K_OUT, COS and SIN to its parts
 
 
-class RopeLaunch(NamedTuple):
-    """What a launch of `_qk_rmsnorm_rope_kernel` takes from the call signature alone."""
-
-    rows: tuple[RopeRows, ...]  # the row sets: q, k (one stream) or q0, k0, q1, k1 (two)
-    n_cols: int  # D, for `row_settings`
-    elem_bytes: int  # the widest input element, for `row_settings`
-    args: tuple  # the kernel's arguments from n_pairs on
-    constexprs: Mapping[str, object]  # column strides and switches
-
-
 @plan_cache
 def _output_dtypes(cpu_kernels, q, k, q_weight, k_weight, cos, sin) -> _OutputDtypes | None:
     """Output dtypes of the kernel on operands with these `tensor_key`s, or None where the
-    reference must run (`rows_fit_kernel`, one device)."""
+    reference must run (`rows_fit_kernel`, one device). Raises `check_rope_operands`' ValueError
+    (not memoised: on every call of a bad signature)."""
     q, k, q_weight, k_weight, cos, sin = map(tensor_meta, (q, k, q_weight, k_weight, cos, sin))
+    check_rope_operands(q, k, cos, sin)
     q_operands = [t for t in (q_weight, cos, sin) if t is not None]
     k_operands = [t for t in (k_weight, cos, sin) if t is not None]
     if not (rows_fit_kernel(cpu_kernels, q, *q_operands) and rows_fit_kernel(cpu_kernels, k, *k_operands)
@@ -375,15 +366,25 @@ def rope_rows(x: TensorMeta, out: TensorMeta, cos: TensorMeta, sin: TensorMeta,
 
 def rope_launch(inputs: tuple[TensorMeta, ...], weights: tuple[TensorMeta | None, ...], rows: tuple[RopeRows, ...],
                 out_col_strides: tuple[int, int], cos: TensorMeta, sin: TensorMeta, eps: float | None,
-                interleaved: bool) -> RopeLaunch | None:
+                interleaved: bool) -> KernelCall | None:
     """The launch over the row sets `rows` of `inputs` (q, k or q0, k0, q1, k1) with their `weights`,
-    or None where a weight is not per-channel."""
+    or None where a weight is not per-channel: one program grid over every row set. Its call's own
+    arguments (`launch_rope`): each stream's q, q_weight, k, k_weight, the outputs, cos, sin.
+
+    One stream passes its own tensors and zeros for stream 1's arguments, which compile to nothing
+    (`TWO_STREAMS`): the same argument types as a real second stream, no None where a launch through
+    Inductor (`wrap_triton`) expects a tensor or an int."""
     weight_cols = [channel_stride(w, x) for w, x in zip(weights, inputs)]
     if None in weight_cols:
         return None
     absent = 4 - len(rows)  # the row sets of a second stream, for one stream
     d = inputs[0].shape[-1]
+    settings = row_settings(d, max(x.dtype.itemsize for x in inputs))
+    per_group, programs = zip(*(settings.grouped_programs(r.n_groups, r.n_rows) for r in rows))
+    ends = tuple(itertools.accumulate(programs))
     args = (
+        *per_group, *(0,) * absent,
+        *(*ends, 0)[:3],
         d // 2,
         *(a for x, r in zip(inputs, rows) for a in (default_eps(x, eps), r.n_rows, r.n_inner, *r.strides, *r.offsets)),
         *(0,) * (absent * len(_ROW_SET_ARGS)),
@@ -397,9 +398,9 @@ def rope_launch(inputs: tuple[TensorMeta, ...], weights: tuple[TensorMeta | None
     constexprs |= dict(
         qo_sc=out_col_strides[0], ko_sc=out_col_strides[1], c_sc=cos.stride[-1], s_sc=sin.stride[-1],
         TWO_STREAMS=not absent, INTERLEAVED=bool(interleaved), PAIR_FREQS=bool(2 * cos.shape[-1] == d),
+        BLOCK_ROWS=settings.block_rows, BLOCK_P=settings.block_size // 2,
     )  # bools: concrete under SymInts
-    elem_bytes = max(x.dtype.itemsize for x in inputs)
-    return RopeLaunch(rows, d, elem_bytes, args, MappingProxyType(constexprs))
+    return KernelCall(ends[-1], args, constexprs, settings.num_warps)
 
 
 _ROW_SET_ARGS = ("eps", "rows", "inner", *(f"{t}_{s}" for t in ("x", "o", "c", "s") for s in ("sg", "s0", "s1")),
@@ -407,33 +408,18 @@ _ROW_SET_ARGS = ("eps", "rows", "inner", *(f"{t}_{s}" for t in ("x", "o", "c", "
 """The scalar arguments of one row set, in the kernel's order."""
 
 
-def launch_rope(plan: RopeLaunch, tensors: tuple, q_out: Tensor, k_out: Tensor, cos: Tensor, sin: Tensor,
+def launch_rope(call: KernelCall, streams: tuple, q_out: Tensor, k_out: Tensor, cos: Tensor, sin: Tensor,
                 launch: Launch) -> None:
-    """Launch `_qk_rmsnorm_rope_kernel` by `plan` on `tensors` (each row set's input and weight:
-    q, q_weight, k, k_weight, then stream 1's for two streams), one program grid over every row set.
-    One stream passes its own tensors and zeros for stream 1's arguments, which compile to nothing
-    (`TWO_STREAMS`): the same argument types as a real second stream, no None where a launch through
-    Inductor (`wrap_triton`) expects a tensor or an int."""
-    settings = row_settings(plan.n_cols, plan.elem_bytes)
-    per_group, programs = zip(*(settings.grouped_programs(r.n_groups, r.n_rows) for r in plan.rows))
-    ends = tuple(itertools.accumulate(programs))
-    one_stream = len(plan.rows) == 2
-    with on_device_of(tensors[0]):
-        launch_kernel(
-            _qk_rmsnorm_rope_kernel,
-            ends[-1],
-            (*tensors, *(tensors if one_stream else ()), q_out, k_out, cos, sin,
-             *per_group, *((0, 0) if one_stream else ()), *(*ends, 0)[:3], *plan.args),
-            {**plan.constexprs, "BLOCK_ROWS": settings.block_rows, "BLOCK_P": settings.block_size // 2},
-            settings.num_warps,
-            traced=launch is Launch.TRACED,
-        )
+    """Launch `_qk_rmsnorm_rope_kernel` by `call` (`rope_launch`) on `streams`: q, q_weight, k,
+    k_weight of stream 0, then of stream 1 (stream 0's again for one stream, unread)."""
+    with on_device_of(streams[0]):
+        launch_kernel(_qk_rmsnorm_rope_kernel, call, (*streams, q_out, k_out, cos, sin), traced=launch is Launch.TRACED)
 
 
 @plan_cache
 def _launch_plan(
     key: tuple, q_out_stride: tuple[int, ...], k_out_stride: tuple[int, ...], eps: float | None, interleaved: bool
-) -> RopeLaunch | None:
+) -> KernelCall | None:
     """The launch on operands with `_output_dtypes` key `key`, outputs of these strides, `eps`
     and `interleaved`, or None where a weight is not per-channel or `rope_rows` refuses q or k."""
     _, *tensor_keys = key
@@ -448,17 +434,16 @@ def _launch_plan(
 def _qk_rmsnorm_rope(q, k, q_weight, k_weight, eps, cos, sin, interleaved, launch: Launch) -> tuple[Tensor, Tensor]:
     """The op's body (`launch_mode(q)`) and fake impl (`Launch.NONE`, which allocates the
     outputs and launches nothing): kernel or reference."""
-    check_rope_operands(q, k, cos, sin)
     key = (kernels_on_cpu(q, launch), *map(tensor_key, (q, k, q_weight, k_weight, cos, sin)))
     dtypes = launch.planner(_output_dtypes)(*key)
     if dtypes is None:
         return reference_qk_rmsnorm_rope(q, k, q_weight, k_weight, eps, cos, sin, interleaved)
     q_out, k_out = torch.empty_like(q, dtype=dtypes.q), torch.empty_like(k, dtype=dtypes.k)
-    plan = launch.planner(_launch_plan)(key, q_out.stride(), k_out.stride(), eps, interleaved)
-    if plan is None:
+    call = launch.planner(_launch_plan)(key, q_out.stride(), k_out.stride(), eps, interleaved)
+    if call is None:
         return reference_qk_rmsnorm_rope(q, k, q_weight, k_weight, eps, cos, sin, interleaved)
     if launch is not Launch.NONE:
-        launch_rope(plan, (q, q_weight, k, k_weight), q_out, k_out, cos, sin, launch)
+        launch_rope(call, (q, q_weight, k, k_weight) * 2, q_out, k_out, cos, sin, launch)
     return q_out, k_out
 
 

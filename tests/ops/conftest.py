@@ -8,23 +8,11 @@ import shutil
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from importlib import import_module  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from fusion_pass.ops import interpret_on_cpu  # noqa: E402
-
-# `fusion_pass.ops.qk_rmsnorm` is the op (the package exports it under its module's name):
-# import_module returns the module itself.
-KERNELS = (
-    (import_module("fusion_pass.ops.layernorm_modulate"), "_residual_norm_modulate_kernel"),
-    (import_module("fusion_pass.ops.qk_rmsnorm"), "_qk_rmsnorm_kernel"),
-    (import_module("fusion_pass.ops.gelu_cat"), "_gelu_cat_kernel"),
-    (import_module("fusion_pass.ops.qk_rmsnorm_cat"), "_qk_rmsnorm_cat_kernel"),
-    (import_module("fusion_pass.ops.qk_rmsnorm_rope"), "_qk_rmsnorm_rope_kernel"),
-    (import_module("fusion_pass.ops.qk_layernorm"), "_qk_layernorm_kernel"),
-)
+from ops_testing import KERNELS  # noqa: E402
 
 
 class LaunchCounter:

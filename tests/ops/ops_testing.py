@@ -7,10 +7,23 @@ kernel must be no less accurate than the unfused PyTorch reference (it rounds fe
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import import_module
 
 import torch
 
 import fusion_pass.ops as ops
+
+# `fusion_pass.ops.qk_rmsnorm` is the op (the package exports it under its module's name):
+# import_module returns the module itself.
+KERNELS = (
+    (import_module("fusion_pass.ops.layernorm_modulate"), "_residual_norm_modulate_kernel"),
+    (import_module("fusion_pass.ops.qk_rmsnorm"), "_qk_rmsnorm_kernel"),
+    (import_module("fusion_pass.ops.gelu_cat"), "_gelu_cat_kernel"),
+    (import_module("fusion_pass.ops.qk_rmsnorm_cat"), "_qk_rmsnorm_cat_kernel"),
+    (import_module("fusion_pass.ops.qk_rmsnorm_rope"), "_qk_rmsnorm_rope_kernel"),
+    (import_module("fusion_pass.ops.qk_layernorm"), "_qk_layernorm_kernel"),
+)
+"""Every fused-op kernel, as (its module, its name there): what the launch-counting fixtures patch."""
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -1,0 +1,130 @@
+"""Capture at a call's shapes (``fusion_pass/shapes.py``): roots of diffusers transformers that compute
+with shapes are captured for the first call's shapes and checked against them on every call.
+
+Tiny diffusers models (fp32, CPU): a new resolution captures the root again (its blocks stay
+installed), alternating resolutions switch between kept graphs, a parameter whose dtype changes
+after ``optimize()`` is seen, a hooked block refuses the shaped capture, and a baked dict argument
+mutated by its caller is seen.
+"""
+import copy
+
+import pytest
+import torch
+
+import fusion_pass
+from fusion_pass.guards import ArgumentsDiffer, CallSignature
+
+pytest.importorskip("diffusers")
+
+from reference_models.diffusers_tiny import MODELS, expected_sites  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def other_resolution(name: str, inputs: dict, gen: torch.Generator) -> dict:
+    """The inputs of one call at another resolution (the latent grid doubled)."""
+    inputs = dict(inputs)
+    if name == "dit":  # (batch, channels, height, width): square (DiT unpatchifies a square), 8 -> 16
+        inputs["hidden_states"] = torch.randn(1, 4, 16, 16, generator=gen)
+    elif name == "wan":  # (batch, channels, frames, height, width)
+        inputs["hidden_states"] = torch.randn(1, 4, 2, 16, 8, generator=gen)
+    elif name == "flux":  # packed image tokens and their position ids, twice as many
+        tokens = inputs["hidden_states"]
+        inputs["hidden_states"] = torch.randn(1, 2 * tokens.shape[1], tokens.shape[2], generator=gen)
+        inputs["img_ids"] = torch.cat([inputs["img_ids"], inputs["img_ids"] + 8])
+    return inputs
+
+
+@pytest.mark.parametrize("name", ["dit", "wan", "flux"])
+def test_new_resolution_captures_the_root_again_and_alternating_ones_switch(name):
+    tiny = MODELS[name]
+    original = tiny.build()
+    optimized = fusion_pass.optimize(copy.deepcopy(original))
+    first = tiny.inputs()
+    second = other_resolution(name, first, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        optimized(**first)
+        at_first = fusion_pass.report(optimized).totals()
+        for inputs in (first, second, first, second):
+            assert rel_err(optimized(**inputs)[0], original(**inputs)[0]) <= 1e-5
+    report = fusion_pass.report(optimized)
+    # the blocks recompiled by Dynamo at the second shape (with symbolic sizes) fuse what they fused at the
+    # first: the report counts the graphs compiled last
+    assert report.totals() == at_first
+    reasons = {reason.split(" (")[0]: calls for path, reason, calls in report.fallbacks if path == ""}
+    # the root: captured at the first call's shapes, again at the second's, then switched back and forth
+    assert reasons == {"captured again at this call's shapes": 1, "switched to the graph captured at this call's shapes": 2}
+    assert not [reason for path, reason, _ in report.fallbacks if path], report.fallbacks  # blocks: no fallback
+    # the root's own site (norm_out's modulation) stays fused at the new shape: every site of the model's code
+    assert report.totals()["layernorm_modulate"] == expected_sites(name, original.config).modulations
+    assert "<root>" in report.graphs
+
+
+@pytest.mark.parametrize("where", ["root", "block"])
+def test_a_parameter_dtype_changed_after_optimize_is_seen(where):
+    """Wan adds its ``scale_shift_table`` to the timestep embedding (root: ``norm_out``'s shift and scale;
+    block: the six modulation vectors), so a float64 table makes those float64; the shaped root graph
+    was captured with float32 ones and must not run stale."""
+    tiny = MODELS["wan"]
+    original = tiny.build()
+    optimized = fusion_pass.optimize(copy.deepcopy(original))
+    inputs = tiny.inputs()
+    with torch.no_grad():
+        optimized(**inputs)
+        for model in (original, optimized):
+            owner = model if where == "root" else model.blocks[0]
+            owner.scale_shift_table.data = owner.scale_shift_table.data.double()
+        assert rel_err(optimized(**inputs)[0], original(**inputs)[0]) <= 1e-5
+    changes = [reason for path, reason, _ in fusion_pass.report(optimized).fallbacks if path == ""]
+    table = "scale_shift_table" if where == "root" else "blocks.0.scale_shift_table"
+    assert any(f"{table}.dtype changed torch.float32 -> torch.float64" in reason for reason in changes), changes
+
+
+def test_a_block_with_hooks_refuses_the_shaped_capture_and_its_hooks_run():
+    """A shaped capture would run a called block's hooks on fake tensors while tracing: refused, said
+    in the report; the root's original forward runs, the block is captured on its own."""
+    tiny = MODELS["dit"]
+    original = tiny.build()
+    model = copy.deepcopy(original)
+    calls = []
+    model.transformer_blocks[0].register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    optimized = fusion_pass.optimize(model)
+    with torch.no_grad():
+        for _ in range(2):
+            assert rel_err(optimized(**tiny.inputs())[0], original(**tiny.inputs())[0]) <= 1e-5
+    assert len(calls) == 2
+    report = fusion_pass.report(optimized)
+    assert "<root>" not in report.graphs
+    assert any(path == "" for path, _ in report.uncaptured), report.uncaptured
+
+
+def test_a_baked_dict_argument_mutated_by_its_caller_is_seen():
+    """PixArt passes ``added_cond_kwargs={"resolution": None, "aspect_ratio": None}``: baked at capture
+    (a copy), compared on every call, so the caller filling in the same dict object later differs."""
+    def forward(self, x, added_cond_kwargs=None):
+        return x
+
+    added = {"resolution": None, "aspect_ratio": None}
+    signature = CallSignature(forward, ((torch.ones(1),), {"added_cond_kwargs": added}))
+    signature.required_values((torch.ones(1),), {"added_cond_kwargs": added})
+    added["resolution"] = 1024
+    with pytest.raises(ArgumentsDiffer, match="added_cond_kwargs"):
+        signature.required_values((torch.ones(1),), {"added_cond_kwargs": added})
+
+
+def test_shapes_dtypes_and_devices_of_traced_arguments_are_checked():
+    def forward(self, x, y):
+        return x
+
+    signature = CallSignature(forward)
+    signature.at_shapes((torch.ones(2, 3), torch.ones(4, dtype=torch.int64)))
+    signature.required_values((torch.zeros(2, 3), torch.zeros(4, dtype=torch.int64)), {})
+    for x, y, what in ((torch.ones(3, 3), torch.ones(4, dtype=torch.int64), r"x is \[3, 3\]"),
+                       (torch.ones(2, 3), torch.ones(4), "y is .*float32"),
+                       (torch.ones(2, 3, dtype=torch.float64), torch.ones(4, dtype=torch.int64), "x is .*float64")):
+        with pytest.raises(ArgumentsDiffer, match=what):
+            signature.required_values((x, y), {})
