@@ -7,7 +7,7 @@ from torch import nn
 
 from fusion_pass.cuda_graphs import new_pool
 from fusion_pass.install import restore as _restore
-from fusion_pass.report import Report
+from fusion_pass.report import ReferenceRun, Report
 from fusion_pass.session import Session
 
 _REPORT_ATTR = "_fusion_pass_report"
@@ -55,11 +55,33 @@ def optimize(
 def report(model: nn.Module) -> Report:
     """What ``optimize`` installed on ``model`` and what its checks did since (raises if it
     was never optimized). Modules compiled by Dynamo on their first call are listed as pending
-    until then."""
+    until then; fused ops that declined their kernel on calls made inside ``model`` (and ran
+    their PyTorch reference) are listed as ``reference_runs``."""
     found = model.__dict__.get(_REPORT_ATTR)
     if found is None:
         raise LookupError("this model has not been through fusion_pass.optimize()")
-    return found.report()
+    result = found.report()
+    result.reference_runs, result.declined_elsewhere, result.by_design = _reference_runs(model)
+    return result
+
+
+def _reference_runs(model: nn.Module) -> tuple[list[ReferenceRun], list[ReferenceRun], list[tuple[str, str]]]:
+    """The kernel declines of this process (``fusion_pass.ops.reference_runs``): those first recorded
+    on calls made inside ``model``, with the innermost module's path, and the others; and the ops
+    of ``model``'s calls that ran their reference by design (op, why: CPU tensors, meta)."""
+    from fusion_pass.ops import reference_runs  # imports the ops (and triton): not at import time
+
+    names = {id(module): name for name, module in model.named_modules()}
+    here, elsewhere = [], []
+    for run in reference_runs.reference_runs():
+        where = run.path_in(names)
+        (elsewhere if where is None else here).append(
+            ReferenceRun(run.op, run.reason, run.example, run.signatures, where or ""))
+    if reference_runs.unlisted():
+        elsewhere.append(ReferenceRun("...", f"past {reference_runs.MAX_RECORDS} records, not listed", "",
+                                      reference_runs.unlisted(), ""))
+    by_design = [(run.op, run.reason) for run in reference_runs.by_design() if run.path_in(names) is not None]
+    return here, elsewhere, by_design
 
 
 def restore(model: nn.Module) -> nn.Module:

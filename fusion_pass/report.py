@@ -58,6 +58,22 @@ class FamilyReport:
         return len(self.sites) + len(self.folded)
 
 
+@dataclass(frozen=True)
+class ReferenceRun:
+    """Calls of a fused op that declined its kernel and ran its PyTorch reference (at run time):
+    the site still counts as fused (a graph rewrite), but no kernel ran for these calls."""
+
+    op: str
+    reason: str
+    example: str  # the first call signature's operand shapes and dtypes
+    signatures: int  # call signatures (shapes, strides, dtypes) seen declining for this reason
+    where: str  # the innermost module of the model whose calls declined ("" outside the model)
+
+
+#: Kernel declines of other callers listed in a report (the rest are counted).
+MAX_ELSEWHERE = 4
+
+
 @dataclass(repr=False)
 class Report:
     """What one pass run did. ``source`` is ``"optimize"`` or ``"backend"``."""
@@ -72,6 +88,10 @@ class Report:
     guards: list[tuple[str, str]] = field(default_factory=list)  # (graph path, what its installed forward checks)
     fallbacks: list[tuple[str, str, int]] = field(default_factory=list)  # (module path, reason, calls) at run time
     pending: list[tuple[str, str]] = field(default_factory=list)  # (module path, why): captured on its first call
+    reference_runs: list[ReferenceRun] = field(default_factory=list)  # fused ops whose kernel declined calls
+    declined_elsewhere: list[ReferenceRun] = field(default_factory=list)  # such records first made outside this model
+    by_design: list[tuple[str, str]] = field(default_factory=list)  # (op, why): calls of the model that ran the
+    # reference by design (CPU tensors outside interpret_on_cpu(), meta tensors): no kernel ran, none was declined
     seconds: float = 0.0
 
     def counts(self) -> dict[str, int]:
@@ -107,6 +127,9 @@ class Report:
             "guards": [{"graph": g, "checks": c} for g, c in self.guards],
             "fallbacks": [{"where": w, "reason": r, "calls": n} for w, r, n in self.fallbacks],
             "pending": [{"where": w, "why": r} for w, r in self.pending],
+            "reference_runs": [asdict(run) for run in self.reference_runs],
+            "declined_elsewhere": [asdict(run) for run in self.declined_elsewhere],
+            "by_design": [{"op": op, "why": why} for op, why in self.by_design],
         }
 
     def to_json(self, **kwargs) -> str:
@@ -127,6 +150,9 @@ class Report:
         self.guards.extend(other.guards)
         self.fallbacks.extend(other.fallbacks)
         self.pending.extend(other.pending)
+        self.reference_runs.extend(other.reference_runs)
+        self.declined_elsewhere.extend(other.declined_elsewhere)
+        self.by_design.extend(other.by_design)
         self.seconds += other.seconds
 
     @property
@@ -165,16 +191,17 @@ class Report:
         return render_plain(self, shutil.get_terminal_size((PLAIN_WIDTH, 24)).columns)
 
     def __repr__(self) -> str:
-        return (f"<Report {self.source}: {self.total} fused calls, {self.near_miss_count} near-misses, "
+        declined = f", {len(self.reference_runs)} kernel declines" if self.reference_runs else ""
+        return (f"<Report {self.source}: {self.total} fused calls, {self.near_miss_count} near-misses{declined}, "
                 f"{self.seconds:.1f} s>")
 
     def sections(self, max_sites: int = 4) -> list:
         """The report as rich renderables, in reading order. Tables hold numbers; names and
         sentences are listed under a heading and wrap at spaces, so a module name is never
         split at any width."""
-        parts = [self._summary(), self._first_sites(max_sites), self._legend(), self._near_misses(),
-                 self._uncaptured(), self._assumptions(), self._pending(), self._guards(), self._fallbacks(),
-                 self._already_optimized()]
+        parts = [self._summary(), self._reference_runs(), self._by_design(), self._first_sites(max_sites), self._legend(),
+                 self._near_misses(), self._uncaptured(), self._assumptions(), self._pending(), self._guards(),
+                 self._fallbacks(), self._already_optimized()]
         return [part for part in parts if part is not None]
 
     def _summary(self) -> Table:
@@ -186,6 +213,31 @@ class Report:
             folded = f" (+{len(fam.folded)} folded)" if fam.folded else ""
             summary.add_row(fam.name, f"{fam.count}{folded}", str(len(fam.near_misses)))
         return summary
+
+    def _reference_runs(self):
+        """Sites counted above whose op declined its kernel at run time and ran its PyTorch reference;
+        then declines first recorded outside this model (another model of the process may have
+        declined a signature this model calls too: each signature is recorded once)."""
+        def row(run: ReferenceRun, where: str) -> tuple[str, str]:
+            more = f" and {run.signatures - 1} more call signatures" if run.signatures > 1 else ""
+            return run.op, f"{where}: {run.reason}: {run.example}{more}"
+
+        rows = [row(run, run.where) for run in self.reference_runs]
+        rows += [row(run, "first declined outside this model (the same shapes here decline too)")
+                 for run in self.declined_elsewhere[:MAX_ELSEWHERE]]
+        if len(self.declined_elsewhere) > MAX_ELSEWHERE:
+            rows.append(("...", f"{len(self.declined_elsewhere) - MAX_ELSEWHERE} more declines outside this model "
+                                "(fusion_pass.ops.reference_runs.reference_runs())"))
+        return _listing(f"kernel declined on {len(self.reference_runs)} fused ops: the PyTorch reference ran for these "
+                        "calls (their sites count above as fused graph rewrites, but no kernel ran):", rows)
+
+    def _by_design(self):
+        """Calls on devices where the fused ops are their PyTorch references by design (the CPU)."""
+        by_why: dict[str, list[str]] = {}
+        for op, why in self.by_design:
+            by_why.setdefault(why, []).append(op)
+        return _listing("the PyTorch references ran, by design (no kernel declined):",
+                        [(None, f"{why}: {', '.join(ops)}") for why, ops in by_why.items()])
 
     def _first_sites(self, max_sites: int):
         rows = [(fam.name, _first_names([s.where for s in fam.sites], max_sites))

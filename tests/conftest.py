@@ -31,3 +31,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_reference_runs():
+    """No kernel declines recorded and no launch plan memoised when the test starts
+    (`fusion_pass.ops.reference_runs.forget`), so each signature the test calls is planned, and a
+    decline recorded, anew."""
+    from fusion_pass.ops import reference_runs
+
+    reference_runs.forget()
+    yield reference_runs
+    reference_runs.forget()

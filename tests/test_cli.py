@@ -487,3 +487,55 @@ def test_unknown_diffusers_model_and_the_meta_device_exit_2(capsys):
     status, out, err = run(capsys, "inspect", "diffusers:flux", "--device", "meta")
     assert status == cli.EXIT_USAGE
     assert_one_line_error(err, "--device cpu")
+
+
+# One adaLN modulation `width` wide (shift and scale are inputs: no weights to build) and its inputs.
+WIDE_ADALN_FACTORY = """
+    import torch
+    from torch import nn
+
+    WIDTH = {width}
+
+    class AdaLN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(WIDTH, elementwise_affine=False, eps=1e-6)
+
+        def forward(self, x, shift, scale):
+            return self.norm(x) * (1 + scale) + shift
+
+    def make_model():
+        return AdaLN()
+
+    def example_inputs():
+        generator = torch.Generator().manual_seed(0)
+        return tuple(torch.randn(*shape, generator=generator) for shape in ((1, 2, WIDTH), (1, 1, WIDTH), (1, 1, WIDTH)))
+"""
+
+
+def test_check_reports_a_fused_op_that_declined_its_kernel(capsys, tmp_path, fresh_reference_runs):
+    """A row wider than MAX_BLOCK: the site fuses, but its LayerNorm kernel declines it at run time
+    (CPU tensors under the Triton interpreter take the kernels, as CUDA tensors do)."""
+    from fusion_pass.ops import MAX_BLOCK, interpret_on_cpu
+
+    path = write_factory(tmp_path, WIDE_ADALN_FACTORY.format(width=MAX_BLOCK + 8))
+    with interpret_on_cpu():
+        status, out, err = run(capsys, "inspect", f"{path}:make_model", "--check", "--json")
+        assert status == cli.EXIT_OK, err
+        (declined,) = json.loads(out)["reference_runs"]
+        assert (declined["op"], declined["where"]) == ("layernorm_scale_shift", "<root>")
+        assert "MAX_BLOCK" in declined["reason"]
+        fresh_reference_runs.forget()  # the rendered report of a second run, recording anew
+        status, out, err = run(capsys, "inspect", f"{path}:make_model", "--check")
+    assert status == cli.EXIT_OK, err
+    assert re.search(r"kernel declined on 1 fused ops.*\n\s+layernorm_scale_shift: <root>: rows of", out)
+
+
+def test_check_reports_no_decline_where_the_kernel_ran(capsys, tmp_path, fresh_reference_runs):
+    from fusion_pass.ops import interpret_on_cpu
+
+    path = write_factory(tmp_path, WIDE_ADALN_FACTORY.format(width=16))
+    with interpret_on_cpu():
+        status, out, err = run(capsys, "inspect", f"{path}:make_model", "--check", "--json")
+    assert status == cli.EXIT_OK, err
+    assert json.loads(out)["reference_runs"] == []

@@ -96,3 +96,78 @@ def test_a_guard_names_the_forward_argument_not_a_graph_node():
     assert optimized_report(BranchesOnDtype(2)).assumptions == [("", "torch.is_floating_point((x * 2) * 2) is True")]
     deep = optimized_report(BranchesOnDtype(3)).assumptions
     assert deep == [("", "torch.is_floating_point(a value computed from x) is True")]
+
+
+class WideAdaLN(nn.Module):
+    """One adaLN modulation of rows `width` wide: past MAX_BLOCK, a width no LayerNorm kernel takes."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+
+    def forward(self, x, shift, scale):
+        return self.norm(x) * (1 + scale) + shift
+
+
+class Model(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.block = WideAdaLN(width)
+
+    def forward(self, x, shift, scale):
+        return self.block(x, shift, scale)
+
+
+def run_interpreted(width: int):
+    """A model with one fused modulation of `width`, optimized and called with its kernels on
+    (CPU tensors under the Triton interpreter)."""
+    from fusion_pass.ops import interpret_on_cpu
+
+    model = fusion_pass.optimize(Model(width))
+    with interpret_on_cpu():
+        model(torch.randn(1, 2, width), torch.randn(1, 1, width), torch.randn(1, 1, width))
+    return fusion_pass.report(model)
+
+
+def test_a_site_whose_kernel_declined_is_reported_beside_its_fused_count(fresh_reference_runs):
+    from fusion_pass.ops import MAX_BLOCK
+
+    report = run_interpreted(MAX_BLOCK + 8)
+    assert report.counts()["layernorm_modulate"] == 1  # the graph rewrite happened
+    (run,) = report.reference_runs
+    assert (run.op, run.where, run.signatures) == ("layernorm_scale_shift", "<root>", 1)
+    assert "MAX_BLOCK" in run.reason
+    text = render_plain(report, 200)
+    assert re.search(r"kernel declined on 1 fused ops: the PyTorch reference ran .*\n\s+layernorm_scale_shift: <root>: rows of "
+                     rf"{MAX_BLOCK + 8} elements exceed", text)
+    assert report.to_dict()["reference_runs"][0]["op"] == "layernorm_scale_shift"
+    assert "1 kernel declines" in repr(report)
+
+
+def test_no_decline_is_reported_where_the_kernel_ran(fresh_reference_runs):
+    report = run_interpreted(D)
+    assert report.reference_runs == [] and report.declined_elsewhere == [] and report.by_design == []
+    assert "declined" not in str(report) and "by design" not in str(report)
+
+
+def test_a_decline_first_recorded_by_another_model_is_listed_apart(fresh_reference_runs):
+    from fusion_pass.ops import MAX_BLOCK
+
+    run_interpreted(MAX_BLOCK + 8)  # another model of this process declined this signature first
+    report = run_interpreted(MAX_BLOCK + 8)
+    assert report.reference_runs == [] and [run.op for run in report.declined_elsewhere] == ["layernorm_scale_shift"]
+    assert re.search(r"layernorm_scale_shift: first declined outside this model \(the same shapes here decline too\): "
+                     "rows of", render_plain(report, 200))
+
+
+def test_the_cpu_reference_without_the_interpreter_is_not_a_decline_but_is_said(fresh_reference_runs):
+    from fusion_pass.ops import MAX_BLOCK
+
+    model = fusion_pass.optimize(Model(MAX_BLOCK + 8))
+    model(torch.randn(1, 2, MAX_BLOCK + 8), torch.randn(1, 1, MAX_BLOCK + 8), torch.randn(1, 1, MAX_BLOCK + 8))
+    report = fusion_pass.report(model)
+    assert report.reference_runs == [] and "declined on" not in str(report)
+    cpu = "CPU tensors outside interpret_on_cpu(): no Triton kernels on the CPU"
+    assert report.by_design == [("layernorm_scale_shift", cpu)]
+    assert re.search(rf"the PyTorch references ran, by design .*\n\s+{re.escape(cpu)}: layernorm_scale_shift",
+                     render_plain(report, 200))

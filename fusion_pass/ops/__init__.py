@@ -3,6 +3,8 @@
 Importing this package registers every op; it imports no graph code. Each op module holds its
 kernel, the op with its fake impl and autograd, and `reference_<op>`, the plain PyTorch
 expression that is both the fallback (CPU, other dtypes, odd shapes) and the test oracle.
+Where an op declines its kernel on CUDA (or interpreted CPU) tensors and runs that reference, the
+decline is recorded once per call signature with its reason (`reference_runs`).
 """
 
 from .gelu_cat import gelu_cat, reference_gelu_cat

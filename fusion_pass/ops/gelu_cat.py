@@ -46,6 +46,7 @@ from .launch import (
     tensor_meta,
 )
 from .reference_autograd import register_reference_autograd
+from .reference_runs import refuse
 from .row_access import copy_tile, load_row_f32, row_offsets, row_tile, store_row
 
 APPROXIMATIONS = ("none", "tanh")
@@ -133,15 +134,16 @@ def _launch_plan(cpu_kernels: bool, a: tuple, b: tuple, dim: int, approximate: s
     """The launch on operands with these `tensor_key`s, or None where the reference must run:
     the row-kernel conditions for a and b, equal leading dims, dim the last, rows that coalesce."""
     a, b = tensor_meta(a), tensor_meta(b)
-    if not (
-        approximate in APPROXIMATIONS
-        and rows_fit_kernel(cpu_kernels, a, b, chunked=True)
-        and math.prod(b.shape) > 0
-        and len(a.shape) == len(b.shape)
-        and a.shape[:-1] == b.shape[:-1]
-        and dim in (-1, len(a.shape) - 1)
-    ):
+    if approximate not in APPROXIMATIONS:
+        return refuse(f"approximate={approximate!r} (the kernel takes {', '.join(APPROXIMATIONS)})")
+    if not rows_fit_kernel(cpu_kernels, a, b, chunked=True):
         return None
+    if math.prod(b.shape) == 0:
+        return refuse("b has no elements")
+    if len(a.shape) != len(b.shape) or a.shape[:-1] != b.shape[:-1]:
+        return refuse("a and b differ in their leading dims")
+    if dim not in (-1, len(a.shape) - 1):
+        return refuse(f"the cat is on dim {dim}, not the last")
     out_dtype = torch.promote_types(a.dtype, b.dtype)
     out_shape = (*a.shape[:-1], a.shape[-1] + b.shape[-1])
     out_stride = contiguous_strides(out_shape)

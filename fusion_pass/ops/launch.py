@@ -12,7 +12,9 @@
   `TensorMeta`s) of (or broadcasting into) one shape, stride 0 on broadcast dims, so kernels
   read operands in place; `grouped_row_layout` allows one more (outermost) row dim, as groups.
 - `rows_fit_kernel(cpu_kernels, x, *operands)`: the conditions every kernel shares; else ops use
-  the reference.
+  the reference. A memoised signature that a planner declines is recorded on that one miss,
+  with the reason the planner gives (`plan_cache`, `reference_runs`): `fusion_pass.report(model)`
+  lists it.
 - `promoted_dtype(dtype, *operands)`: the dtype an elementwise expression over floats yields.
 - `launch_mode(x)`: how an op's body runs on its first tensor argument `x`: `Launch.EAGER` on
   real tensors, `Launch.TRACED` inside torch.compile's decomposition of the op (its tensors are
@@ -44,6 +46,8 @@ from typing import NamedTuple
 
 import torch
 import triton
+
+from .reference_runs import Refusal, note_refusal, recording, refuse, register_planner
 
 MAX_BLOCK = 8192
 """Widest row (elements) one program holds in registers. Each row-wise kernel keeps several
@@ -154,10 +158,21 @@ def tensor_meta(key: tuple | None) -> TensorMeta | None:
     return None if key is None else TensorMeta(*key)
 
 
-def plan_cache(planner):
+def plan_cache(planner=None, *, op=None):
     """Memoise a planner (a pure function of hashable metadata) over `PLAN_CACHE_SIZE` signatures;
-    `planner.__wrapped__` stays the uncached function."""
-    return functools.lru_cache(maxsize=PLAN_CACHE_SIZE)(planner)
+    `planner.__wrapped__` stays the uncached function (traces, fake impls).
+
+    A memoised signature the planner declines (None, or False) is recorded, once, with the reason
+    the planner gave (`reference_runs.refuse`) under the op's name: `op`, or `op(*args)` for a
+    planner several ops share; by default the planner's module name. Use as `@plan_cache` or
+    `@plan_cache(op=...)`."""
+    if planner is None:
+        return functools.partial(plan_cache, op=op)
+    name = op or planner.__module__.rpartition(".")[2]
+    cached = functools.lru_cache(maxsize=PLAN_CACHE_SIZE)(recording(planner, name))
+    cached.__wrapped__ = planner
+    register_planner(cached)
+    return cached
 
 
 def row_settings(n_cols: int | torch.SymInt, elem_bytes: int) -> RowSettings:
@@ -241,17 +256,35 @@ def on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
 def rows_fit_kernel(cpu_kernels: bool, x: TensorMeta, *operands: TensorMeta, chunked: bool = False) -> bool:
     """Whether a row-wise kernel may take rows of `x` (`[..., D]`) with `operands`: one device
     that `devices_take_kernel` accepts, kernel dtypes only, x non-empty with D <= MAX_BLOCK (any
-    D for a kernel that cuts rows into chunks: `chunked_row_settings`).
+    D for a kernel that cuts rows into chunks: `chunked_row_settings`); where not, says why
+    (`reference_runs.refuse`: recorded when the planner declines).
     That the operands broadcast into x's shape (one that adds dims makes the reference run) is
     left to `row_layout`, which the launch needs anyway."""
-    tensors = (x, *operands)
-    return (
-        devices_take_kernel({t.device for t in tensors}, cpu_kernels)
-        and all(t.dtype in KERNEL_DTYPES for t in tensors)
-        and len(x.shape) >= 1
-        and math.prod(x.shape) > 0
-        and (chunked or fits_one_block(x.shape[-1]))
-    )
+    refusal = _rows_refusal(cpu_kernels, (x, *operands), chunked)
+    if refusal is not None:
+        note_refusal(refusal)
+        return False
+    return True
+
+
+def _rows_refusal(cpu_kernels: bool, tensors: tuple[TensorMeta, ...], chunked: bool) -> Refusal | None:
+    """Why `rows_fit_kernel` refuses rows of `tensors[0]` with the others, or None where it takes them."""
+    x, devices = tensors[0], {t.device for t in tensors}
+    if not devices_take_kernel(devices, cpu_kernels):
+        if len(devices) > 1 and any(d.type == "cuda" for d in devices):
+            return Refusal(f"operands on several devices ({', '.join(sorted(map(str, devices)))})")
+        device = next(iter(devices)).type if len(devices) == 1 else "mixed"
+        if device == "cpu":  # the documented CPU path
+            return Refusal("CPU tensors outside interpret_on_cpu(): no Triton kernels on the CPU", by_design=True)
+        return Refusal(f"{device} tensors: no kernels there", by_design=True)  # meta: nothing to compute
+    odd = sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.dtype not in KERNEL_DTYPES})
+    if odd:
+        return Refusal(f"dtype {', '.join(odd)} (the kernels load float16, bfloat16, float32)")
+    if len(x.shape) < 1 or math.prod(x.shape) == 0:
+        return Refusal("an input without elements")
+    if not (chunked or fits_one_block(x.shape[-1])):
+        return Refusal(f"rows of {x.shape[-1]} elements exceed one program's block (MAX_BLOCK={MAX_BLOCK})")
+    return None
 
 
 def broadcast_strides(t: TensorMeta, shape: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -304,7 +337,7 @@ def row_layout(shape: tuple[int, ...], *tensors: TensorMeta) -> RowLayout | None
     """
     merged = _merged_row_dims(shape, tensors)
     if merged is None or len(merged[0]) > 2:
-        return None
+        return _refuse_layout(merged, 2)
     return _as_row_layout(*merged, len(tensors))
 
 
@@ -324,10 +357,17 @@ def grouped_row_layout(shape: tuple[int, ...], *tensors: TensorMeta) -> GroupedR
     None when more than three row dims remain or a tensor does not broadcast into `shape`."""
     merged = _merged_row_dims(shape, tensors)
     if merged is None or len(merged[0]) > 3:
-        return None
+        return _refuse_layout(merged, 3)
     dims, cols = merged
     n_groups, group_strides = dims.pop(0) if len(dims) == 3 else (1, [0] * len(tensors))
     return GroupedRowLayout(n_groups, tuple(group_strides), _as_row_layout(dims, cols, len(tensors)))
+
+
+def _refuse_layout(merged, max_dims: int) -> None:
+    """`refuse` with why there is no layout of at most `max_dims` row dims (`merged`: `_merged_row_dims`)."""
+    if merged is None:
+        return refuse("an operand adds dims to the input's, or does not broadcast into it")
+    return refuse(f"the operands' strides leave more than {max_dims} row dims (leading dims that do not merge)")
 
 
 def _merged_row_dims(shape: tuple[int, ...], tensors: tuple[TensorMeta, ...]):

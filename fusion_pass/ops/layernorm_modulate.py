@@ -50,6 +50,7 @@ from .launch import (
     tensor_meta,
 )
 from .reference_autograd import register_reference_autograd
+from .reference_runs import refuse
 from .row_access import layernorm_f32, load_row_f32, row_offsets, row_tile, store_row
 
 
@@ -145,7 +146,18 @@ def _normalizes(shift, normalize: bool | None = None) -> bool:
     return shift is not None if normalize is None else normalize
 
 
-@plan_cache
+def _op_name(cpu_kernels, x, y, gate, shift, scale, weight, bias, normalize=None, rms=False) -> str:
+    """The op whose call has this `_output_dtypes` key (they share this module's kernel and planners)."""
+    if rms:
+        return "rmsnorm_scale_shift"
+    if y is None:
+        return "layernorm_scale_shift"
+    if gate is None:
+        return "residual_add_layernorm"
+    return "residual_gate_layernorm_scale_shift" if shift is not None else "residual_gate"
+
+
+@plan_cache(op=_op_name)
 def _output_dtypes(cpu_kernels, x, y, gate, shift, scale, weight, bias, normalize=None, rms=False) -> _OutputDtypes | None:
     """Output dtypes of the kernel on operands with these `tensor_key`s (None where absent), or
     None where the reference must run: the kernel conditions (`rows_fit_kernel`) and
@@ -155,22 +167,22 @@ def _output_dtypes(cpu_kernels, x, y, gate, shift, scale, weight, bias, normaliz
     x, y, gate, shift, scale, weight, bias = map(tensor_meta, (x, y, gate, shift, scale, weight, bias))
     normalize = _normalizes(shift, normalize)
     if y is not None and gate is None and y.shape != x.shape:
-        return None
+        return refuse("y's shape is not x's (a residual add that broadcasts)")
     r_dtype = promoted_dtype(x.dtype, *(t for t in (gate, y) if t is not None)) if y is not None else None
     norm_dtype = x.dtype if r_dtype is None else r_dtype
     operands = [t for t in (y, gate, shift, scale) if t is not None]
     params = [p for p in (weight, bias) if p is not None]
-    if not (
-        rows_fit_kernel(cpu_kernels, x, *operands, *params)
-        and all(p.shape == x.shape[-1:] and p.dtype == norm_dtype for p in params)
-    ):
+    if not rows_fit_kernel(cpu_kernels, x, *operands, *params):
         return None
+    if not all(p.shape == x.shape[-1:] and p.dtype == norm_dtype for p in params):
+        return refuse(f"norm weight/bias not [{x.shape[-1]}] in {str(norm_dtype).removeprefix('torch.')}, "
+                      "as F.layer_norm requires")
     if not normalize:
         return _OutputDtypes(r_dtype, None)
     return _OutputDtypes(r_dtype, promoted_dtype(norm_dtype, scale, shift) if shift is not None else norm_dtype)
 
 
-@plan_cache
+@plan_cache(op=lambda key, out_stride: _op_name(*key))
 def _launch_plan(key: tuple, out_stride: tuple[int, ...]) -> KernelCall | None:
     """The launch on operands with `_output_dtypes` key `key` and outputs of `out_stride`, or
     None where the rows do not coalesce into two row dims (`row_layout`). Its call's own

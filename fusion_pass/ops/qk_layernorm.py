@@ -44,6 +44,7 @@ from .launch import (
 )
 from .qk_rmsnorm import QKNormOut
 from .reference_autograd import register_reference_autograd
+from .reference_runs import refuse
 from .row_access import layernorm_f32, load_row_f32, row_offsets, row_tile, store_row
 
 
@@ -143,8 +144,15 @@ def _fits_kernel(cpu_kernels, q, k, q_weight, q_bias, k_weight, k_bias) -> bool:
     q, k, q_weight, q_bias, k_weight, k_bias = map(tensor_meta, (q, k, q_weight, q_bias, k_weight, k_bias))
     q_params = [p for p in (q_weight, q_bias) if p is not None]
     k_params = [p for p in (k_weight, k_bias) if p is not None]
-    return (rows_fit_kernel(cpu_kernels, q, *q_params) and rows_fit_kernel(cpu_kernels, k, *k_params)
-            and q.device == k.device and _params_fit(q, q_weight, q_bias) and _params_fit(k, k_weight, k_bias))
+    if not (rows_fit_kernel(cpu_kernels, q, *q_params) and rows_fit_kernel(cpu_kernels, k, *k_params)):
+        return False
+    if q.device != k.device:
+        refuse(f"q and k on several devices ({q.device}, {k.device})")
+        return False
+    if not (_params_fit(q, q_weight, q_bias) and _params_fit(k, k_weight, k_bias)):
+        refuse("weights/biases not [D] in q's and k's dtypes, as F.layer_norm requires")
+        return False
+    return True
 
 
 @plan_cache

@@ -56,6 +56,7 @@ from .launch import (
 )
 from .qk_rmsnorm import default_eps, reference_rmsnorm, rmsnorm_tile
 from .reference_autograd import register_reference_autograd
+from .reference_runs import refuse
 from .row_access import copy_tile
 
 class QKVCatOut(NamedTuple):
@@ -183,18 +184,21 @@ def _launch_plan(
     streams = (inputs[:3], inputs[3:])
     weights = tuple(map(tensor_meta, (q_weight0, k_weight0, q_weight1, k_weight1)))
     ndim = len(q0.shape)
+    if not all(rows_fit_kernel(cpu_kernels, x, *inputs, *weights) for x in inputs):
+        return None
     if not (
-        all(rows_fit_kernel(cpu_kernels, x, *inputs, *weights) for x in inputs)
-        and ndim >= 2 and dim in (-2, ndim - 2)
+        ndim >= 2 and dim in (-2, ndim - 2)
         and all(len(x.shape) == ndim and x.shape[:-2] == q0.shape[:-2] for x in inputs)
         and all(x.shape[-2] == q.shape[-2] for q, k, v in streams for x in (k, v))
         and all(a.shape[-1] == b.shape[-1] for a, b in zip(*streams))
     ):
-        return None
+        return refuse(f"the cat on dim {dim} is not one on the tokens (dim -2) of streams that match elsewhere")
     weight_cols = [_channel_stride(w, x) for w, x in zip(weights, (q0, k0, q1, k1))]
+    if None in weight_cols:
+        return refuse("weights that are not per-channel")
     lead = (*q0.shape[:-2], 1)
     layout = row_layout(lead, TensorMeta(lead, contiguous_strides(lead), q0.dtype, q0.device), *map(_leading, inputs))
-    if None in weight_cols or layout is None:
+    if layout is None:
         return None
 
     def stage_dtype(x: TensorMeta, weight: TensorMeta, v: TensorMeta) -> torch.dtype:

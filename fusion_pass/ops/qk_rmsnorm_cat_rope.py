@@ -66,6 +66,7 @@ from .qk_rmsnorm_rope import (
     row_operand,
 )
 from .reference_autograd import register_reference_autograd
+from .reference_runs import refuse
 
 
 def reference_qk_rmsnorm_cat_rope(
@@ -122,17 +123,17 @@ def _launch_plan(cpu_kernels, q0, k0, q1, k1, q_weight0, k_weight0, q_weight1, k
     ndim = len(inputs[0].shape)
     if joins_rows(ndim, dim):  # the joint q and k are as wide as q0 and k0
         check_rope_operands(inputs[0], inputs[1], cos, sin)
-    if not (
-        all(rows_fit_kernel(cpu_kernels, x, *(t for t in (w, cos, sin) if t is not None))
-            for x, w in zip(inputs, weights))
-        and len({x.device for x in inputs}) == 1
-        and joins_rows(ndim, dim)
-    ):
+    if not all(rows_fit_kernel(cpu_kernels, x, *(t for t in (w, cos, sin) if t is not None))
+               for x, w in zip(inputs, weights)):
         return None
+    if len({x.device for x in inputs}) != 1:
+        return refuse(f"q and k of the streams on several devices ({', '.join(sorted(str(x.device) for x in inputs))})")
+    if not joins_rows(ndim, dim):
+        return refuse(f"the cat on dim {dim} joins columns, not rows")
     dim %= ndim
     joint = (_joint_shape(inputs[0], inputs[2], dim), _joint_shape(inputs[1], inputs[3], dim))  # q, k
     if None in joint:
-        return None
+        return refuse(f"the streams differ beyond the cat's dim {dim}")
     rows = []
     for stream, x in zip((0, 0, 1, 1), inputs):
         joint_shape = joint[len(rows) % 2]
@@ -140,7 +141,7 @@ def _launch_plan(cpu_kernels, q0, k0, q1, k1, q_weight0, k_weight0, q_weight1, k
         out = TensorMeta(joint_shape, contiguous_strides(joint_shape), x.dtype, x.device)
         parts = [_stream_part(t, (*joint_shape[:-1], 1), dim, start, x.shape[dim]) for t in (out, cos, sin)]
         if None in parts:
-            return None
+            return refuse("the RoPE tables do not broadcast into the joint q/k")
         x_rows = rope_rows(x, *(meta for meta, _ in parts), offsets=tuple(offset for _, offset in parts))
         if x_rows is None:
             return None

@@ -204,25 +204,3 @@ def test_reused_compiled_kernels_match_triton_launches_bitwise(cuda, monkeypatch
     plain = op(*args)
     for got, want in zip(reused, plain):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-
-# The widths the models run at (the report counts a site as fused, so the op must take its kernel
-# there, not silently its reference: gelu_cat did at Flux's 12288-wide MLP half until its rows were
-# cut into column chunks; tests/ops/test_gelu_cat.py covers its widths). Two tokens: only the row
-# width decides; the interpreter stays cheap.
-MODEL_WIDTH_SHAPES = {name: [case.model_shape(2)] for name, case in OP_CASES.items()}
-for _name in ("layernorm_scale_shift", "rmsnorm_scale_shift", "residual_gate",
-              "residual_gate_layernorm_scale_shift", "residual_add_layernorm"):
-    MODEL_WIDTH_SHAPES[_name].append((1, 2, 3072))  # Flux-dev's hidden size (model_shape: Hunyuan3D-2's 1024)
-MODEL_WIDTH_SHAPES["qk_rmsnorm"].append((1, 2, 24, 128))  # Flux-dev's per-stream q/k, [B, L, H, D]
-
-
-@pytest.mark.parametrize("name, shape", [(n, s) for n, shapes in MODEL_WIDTH_SHAPES.items() for s in shapes],
-                         ids=lambda v: str(v))
-def test_model_widths_take_the_kernel(interpreted, name, shape):
-    case = OP_CASES[name]
-    args = case.make_args(shape, torch.float32)
-    fused, reference = outputs(case.op(*args)), outputs(case.reference(*args))
-    assert interpreted.count == 1
-    for actual, expected in zip(fused, reference, strict=True):
-        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
