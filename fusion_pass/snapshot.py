@@ -33,6 +33,7 @@ True by default), so the Dynamo path (``regional.py``) uses this guard as well.
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Iterable
 
 import torch
@@ -63,7 +64,11 @@ class SubtreeGuard:
                  metadata: Iterable[HeldMetadata] = ()):
         self.module, self.path, self.leaves = module, path, frozenset(leaves)
         self.metadata = tuple(metadata)  # parameter/buffer metadata the graph was traced with
-        self.expected = [held.value for held in self.metadata]
+        groups: dict[tuple[str, str], list[HeldMetadata]] = {}  # one check per tensor: its reads together
+        for held in self.metadata:
+            groups.setdefault((held.owner, held.name), []).append(held)
+        self.groups = list(groups.values())
+        self.expected = [tuple(held.value for held in group) for group in self.groups]
         self._build()
         self.snap = [_shallow_copy(d) for d in self.live]
 
@@ -74,14 +79,15 @@ class SubtreeGuard:
         self._collect(self.module, "", root=True)
         for name, hooks in _GLOBAL_HOOKS:
             self._add(hooks, ("", name.strip("_").replace("_", " "), ""))
-        self.reads = [(_tensors_of(self.module, held), held.name, held.attr) for held in self.metadata]
+        self.reads = [(_tensors_of(self.module, group[0]), group[0].name, operator.attrgetter(*(h.attr for h in group)))
+                      for group in self.groups]  # (its owner's _parameters or _buffers, name, getter of its attrs)
 
     def holds(self) -> bool:
         if self.live is None:  # a deep copy: the copied module is complete by its first call
             self._build()
         try:
             return self.live == self.snap and (
-                not self.reads or [getattr(d.get(n), a, None) for d, n, a in self.reads] == self.expected)
+                not self.reads or [_values(get(d.get(n))) for d, n, get in self.reads] == self.expected)
         except Exception:  # noqa: BLE001 - a value replaced by one whose == raises (tensors of other devices)
             return False
 
@@ -91,7 +97,7 @@ class SubtreeGuard:
         clone = SubtreeGuard.__new__(SubtreeGuard)
         clone.module, clone.path, clone.leaves = copy.deepcopy(self.module, memo), self.path, self.leaves
         clone.snap = copy.deepcopy(self.snap, memo)
-        clone.metadata, clone.expected = self.metadata, self.expected
+        clone.metadata, clone.groups, clone.expected = self.metadata, self.groups, self.expected
         clone.live = None
         return clone
 
@@ -100,14 +106,15 @@ class SubtreeGuard:
         changes = [_describe(label, old, new) for label, new, old in zip(self.labels, self.live, self.snap)
                    if not _same(new, old)]
         parts = [part for change in changes for part in change.split("; ")]
-        parts += [f"{_join(self.path, held.owner, held.name)}.{held.attr} changed {held.value} -> {now}"
-                  for held, (tensors, name, attr) in zip(self.metadata, self.reads)
-                  if (now := getattr(tensors.get(name), attr, None)) != held.value]
+        for held in self.metadata:
+            now = getattr(_tensors_of(self.module, held).get(held.name), held.attr, None)
+            if now != held.value:
+                parts.append(f"{_join(self.path, held.owner, held.name)}.{held.attr} changed {held.value} -> {now}")
         more = f" (+{len(parts) - 3} more)" if len(parts) > 3 else ""
         return "; ".join(parts[:3]) + more if parts else "no change"
 
     def summary(self) -> str:
-        reads = f"; {len(self.reads)} parameter/buffer metadata read at capture" if self.metadata else ""
+        reads = f"; {len(self.metadata)} parameter/buffer metadata read at capture" if self.metadata else ""
         return (f"subtree unchanged: {self.modules} inlined modules ({len(self.live)} dicts: attributes, parameters, "
                 f"buffers, submodules, hooks, containers) and no global module hooks{reads}")
 
@@ -143,6 +150,11 @@ class SubtreeGuard:
 
     def _full(self, rel: str) -> str:
         return ".".join(p for p in (self.path, rel) if p) or "<root>"
+
+
+def _values(got) -> tuple:
+    """``attrgetter`` of one attribute returns the value, of several a tuple: always a tuple."""
+    return got if type(got) is tuple else (got,)
 
 
 def _tensors_of(module: nn.Module, held: HeldMetadata) -> dict:
