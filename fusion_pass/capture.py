@@ -59,7 +59,7 @@ from torch import nn
 
 from fusion_pass import explain, guards
 from fusion_pass.guards import CallSignature, HeldMetadata
-from fusion_pass.snapshot import global_hooks
+from fusion_pass.snapshot import global_hooks, has_hooks
 from fusion_pass.constants import TensorConstant, constant_node
 from fusion_pass.normalize import mutates
 from fusion_pass.shapes import ShapedMixin, ShapedProxy, container_elements, traced_values
@@ -153,7 +153,7 @@ class _LeafOnFailureTracer(fx.Tracer):
         shapes, ``session.reshape``) and the modules inside which tracing failed."""
         from fusion_pass.install import InstalledForward
 
-        if module_qualified_name in self.extra_leaves or _has_hooks(m) or isinstance(
+        if module_qualified_name in self.extra_leaves or has_hooks(m) or isinstance(
                 vars(m).get("forward"), InstalledForward):
             return True
         return super().is_leaf_module(m, module_qualified_name)
@@ -282,10 +282,6 @@ def _holder(root: nn.Module, target: str) -> tuple[dict, str] | None:
         if isinstance(tensors.get(name), torch.Tensor):
             return tensors, name
     return None
-
-
-def _has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
 def _trace(module: nn.Module, signature: CallSignature, shaped: tuple | None = None,

@@ -44,15 +44,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_flatten
 
 from fusion_pass import explain
-from fusion_pass.guards import HeldMetadata
+from fusion_pass.constants import TensorConstant
+from fusion_pass.guards import HeldMetadata, assume
+from fusion_pass.snapshot import has_hooks
 
 _UNKNOWN = object()  # a node whose fake value could not be computed (its metadata stays symbolic)
-
-
-def _fake_of(tracer, node):
-    if not isinstance(node, fx.Node):
-        return node
-    return tracer.fakes.get(node, _UNKNOWN)
 
 
 class ShapedMixin:
@@ -90,7 +86,6 @@ class ShapedMixin:
         kwargs = fx.node.map_aggregate(node.kwargs, lambda a: self._fake_arg(a))
         if any(a is _UNKNOWN for a in tree_flatten((args, kwargs))[0]):
             return _UNKNOWN
-        from fusion_pass.guards import assume
         if node.target is assume:
             return None
         cache = torch.is_autocast_cache_enabled()
@@ -113,7 +108,7 @@ class ShapedMixin:
 
     def _fake_arg(self, a):
         if isinstance(a, fx.Node):
-            if a not in self.fakes and a.op == "call_function" and hasattr(a.target, "value"):  # a TensorConstant
+            if a not in self.fakes and a.op == "call_function" and isinstance(a.target, TensorConstant):
                 self.fakes[a] = self.fake_mode.from_tensor(a.target.value)
             return self.fakes.get(a, _UNKNOWN)
         if isinstance(a, torch.Tensor) and not isinstance(a, torch._subclasses.FakeTensor):
@@ -123,7 +118,7 @@ class ShapedMixin:
     def _run_module(self, module: nn.Module, args, kwargs):
         from fusion_pass.install import original_forwards
 
-        hooked = [name for name, m in module.named_modules() if _has_hooks(m)]
+        hooked = [name for name, m in module.named_modules() if has_hooks(m)]
         if hooked:
             raise explain.Refused(f"calls {type(module).__name__} whose submodule {hooked[0] or '(itself)'} has hooks, "
                                   "which a shape-specialised capture would have to run on fake tensors")
@@ -224,8 +219,4 @@ def _attr(root: nn.Module, target: str):
         if name in tensors:
             return tensors[name]
     return _UNKNOWN
-
-
-def _has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 

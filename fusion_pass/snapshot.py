@@ -52,6 +52,11 @@ _CONTAINERS = (dict, list, set)
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))  # attributes every nn.Module has (dicts we list by name)
 
 
+def has_hooks(m: nn.Module) -> bool:
+    """Whether ``m`` has forward or backward (pre-)hooks of its own."""
+    return any(getattr(m, hooks) for hooks in _HOOK_DICTS)
+
+
 def global_hooks() -> list[str]:
     """Names of the global module-hook registries that are not empty (``register_module_forward_hook``)."""
     return [name.lstrip("_") for name, hooks in _GLOBAL_HOOKS if hooks]
