@@ -406,7 +406,8 @@ _MISSING = object()
 
 
 def capture(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: False, path: str = "",
-            call: tuple[tuple, dict] | None = None, in_container: bool = False) -> CaptureResult:
+            call: tuple[tuple, dict] | None = None, in_container: bool = False,
+            refuse: str | None = None) -> CaptureResult:
     """Capture graphs for ``model``: the whole module when possible, else its children,
     recursively; ``model`` for the argument pattern of ``call`` (``(args, kwargs)``; default:
     its required arguments only, see :class:`~fusion_pass.guards.CallSignature`). Leaf submodules made during a successful trace are captured on their own
@@ -416,6 +417,10 @@ def capture(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: Fals
     if global_hooks():
         result.uncaptured.append(Uncaptured(path, "global module hooks are registered "
                                             f"({', '.join(global_hooks())}); a graph would not call them"))
+        return result
+    if refuse is not None:  # ``model`` keeps its original forward (``refuse`` says why): its children are tried
+        result.uncaptured.append(Uncaptured(path, refuse))
+        _capture_children(model, path, result, skip)
         return result
     _capture_into(model, path, result, skip, in_container, call)
     return result
@@ -453,8 +458,7 @@ def _capture_into(module: nn.Module, path: str, result: CaptureResult, skip, in_
             result.regional.append(Region(path, module, explain.capture_failure(module, exc), True))
             return
         result.uncaptured.append(Uncaptured(path, explain.capture_failure(module, exc), explain.exception_line(exc)))
-        for name, child in module.named_children():
-            _capture_into(child, _join(path, name), result, skip)
+        _capture_children(module, path, result, skip)
         return
     result.graphs.append(CapturedGraph(path, module, graph, signature, leaves, in_container, metadata))
     called = sorted({node.target for node in graph.nodes if node.op == "call_module"})  # failed, hooked, blocks
@@ -462,6 +466,11 @@ def _capture_into(module: nn.Module, path: str, result: CaptureResult, skip, in_
     for leaf in called:
         child = module.get_submodule(leaf)
         _capture_into(child, _join(path, leaf), result, skip, in_container=id(child) in elements)
+
+
+def _capture_children(module: nn.Module, path: str, result: CaptureResult, skip) -> None:
+    for name, child in module.named_children():
+        _capture_into(child, _join(path, name), result, skip)
 
 
 def _has_optional_parameters(module: nn.Module) -> bool:

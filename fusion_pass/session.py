@@ -8,7 +8,8 @@ forward calls back when its check fails:
   processor swapped, a hook added, ``eps`` rebound, ``train()``...). The module's forwards in
   that subtree are removed and the subtree is captured again as it is now, on this very call
   (a LoRA-adapted model is optimized again, its sites fused again). After
-  ``MAX_RECAPTURES`` changes of one module it stays uncaptured (original forward), said in
+  ``MAX_RECAPTURES`` changes of one module it stays uncaptured (original forward; its
+  children are captured on their own, so a root's blocks stay fused), said in
   the report. A stale graph never runs.
 - :meth:`recapture_for_call` / :meth:`capture_on_call`: a call passes its arguments unlike the
   captured call (``guards.CallSignature``), or a module with optional parameters runs for the
@@ -78,13 +79,14 @@ class Session:
         self.seconds = 0.0
 
     def optimize(self, module: nn.Module, path: str = "", call: tuple[tuple, dict] | None = None,
-                 in_container: bool = False) -> None:
+                 in_container: bool = False, refuse: str | None = None) -> None:
         """Capture, fuse and install every capturable module under ``module`` (at ``path``;
-        ``module`` for the argument pattern of ``call``), then arm their change guards."""
+        ``module`` for the argument pattern of ``call``; ``module`` itself not when ``refuse``
+        says why), then arm their change guards."""
         from fusion_pass.regional import install_regional
 
         start = time.perf_counter()
-        captured = capture(module, skip=is_installed, path=path, call=call, in_container=in_container)
+        captured = capture(module, skip=is_installed, path=path, call=call, in_container=in_container, refuse=refuse)
         self.already_optimized.extend(p for p in captured.skipped if p not in self.graphs)  # (not ours)
         self.uncaptured.extend((u.path, u.reason) for u in captured.uncaptured)
         self.uncaptured_errors.update((u.path, u.error) for u in captured.uncaptured)
@@ -197,8 +199,10 @@ class Session:
             self.recaptures[path] += 1
             self.fallbacks[(path, f"re-captured after: {reason}")] += 1
             self.optimize(module, path, call, forward.in_container)
-        else:
+        else:  # the module keeps its original forward; what it calls is captured again
             self.fallbacks[(path, f"original forward from now on (changed {MAX_RECAPTURES} times); last: {reason}")] += 1
+            self.optimize(module, path, None, forward.in_container,
+                          refuse=f"changed {MAX_RECAPTURES} times after optimize(): its original forward runs")
         return module.forward(*args, **kwargs)
 
     def regional_ran(self, forward) -> None:

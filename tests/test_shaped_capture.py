@@ -167,3 +167,30 @@ def test_a_forward_filling_a_cache_in_place_is_refused_and_its_cache_kept_clean(
         torch.testing.assert_close(optimized(x), model(x))
     assert all(type(v) is torch.Tensor for v in optimized.cache.values())
     assert any(path == "" and "cache (in place)" in reason for path, reason in fusion_pass.report(optimized).uncaptured)
+
+
+def test_past_the_recapture_limit_the_root_runs_its_own_forward_and_its_blocks_stay_fused():
+    """A root changed more than ``MAX_RECAPTURES`` times (a plain attribute rebound between calls, and
+    apart, new resolutions) keeps its original forward from then on; its blocks stay captured and
+    fused, outputs exact."""
+    from fusion_pass.session import MAX_RECAPTURES
+
+    tiny = MODELS["dit"]
+    original = tiny.build()
+    gates = expected_sites("dit", original.config).gates  # all inside the blocks
+    for change in ("attribute", "resolution"):
+        optimized = fusion_pass.optimize(copy.deepcopy(original))
+        with torch.no_grad():
+            for i in range(MAX_RECAPTURES + 2):
+                inputs = tiny.inputs(seed=i)
+                if change == "attribute":
+                    optimized.fusion_pass_test_counter = i  # a plain attribute of the root: its guard sees it
+                else:  # square latents (DiT unpatchifies a square), patch size 2
+                    side = 4 + 2 * i
+                    inputs["hidden_states"] = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(i))
+                assert rel_err(optimized(**inputs)[0], original(**inputs)[0]) <= 1e-5
+        report = fusion_pass.report(optimized)
+        assert "<root>" not in report.graphs, change
+        reasons = " | ".join(reason for path, reason, _ in report.fallbacks if path == "")
+        assert f"{MAX_RECAPTURES} " in reasons and "original forward" in reasons, reasons
+        assert report.totals()["residual_gate"] == gates, (change, report.totals())
