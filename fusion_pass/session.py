@@ -17,8 +17,8 @@ forward calls back when its check fails:
 - :meth:`reshape`: a graph captured at a call's shapes (``shapes.py``: a root forward that
   computes with shapes) gets tensors of other shapes: that module alone is captured again at
   them (its blocks stay installed); the graphs of its last ``MAX_PATTERNS`` shapes are kept and
-  switched between; after ``MAX_RECAPTURES`` new shapes it keeps its original forward (its
-  blocks still run fused).
+  switched between; after ``MAX_RECAPTURES`` captures, a call at yet other shapes runs the
+  original forward (the kept graphs and the blocks stay fused).
 - :meth:`fell_back`: one call ran the original forward because it broke a metadata assumption
   (``guards.py``) or a Dynamo-compiled block met hooks (``regional.py``); counted per module and
   reason.
@@ -166,29 +166,36 @@ class Session:
     def reshape(self, forward, reason: str, args, kwargs):
         """A graph captured at a call's shapes meets other shapes: put back its graph for these
         shapes if one is kept, else capture the module alone again at them (its installed
-        submodules stay); answer the call."""
+        submodules stay), up to ``MAX_RECAPTURES`` times; a call whose shapes get no graph runs
+        the original forward, and the graph installed before it stays. Answers the call."""
         module, path = forward.module, forward.path
+        current = (forward, self.graphs.get(path))
         kept = self.shapes.setdefault(path, [])
-        kept.insert(0, (forward, self.graphs.get(path)))
-        del kept[MAX_PATTERNS:]
-        del module.forward
-        for other, fragment in kept[1:]:
+        for i, (other, fragment) in enumerate(kept):
             try:
                 other.signature.required_values(args, kwargs)
             except GuardFailed:
                 continue
-            kept.remove((other, fragment))
+            kept[i] = current
             module.forward, self.graphs[path] = other, fragment
             self.fell_back(path, "switched to the graph captured at this call's shapes")
             return module.forward(*args, **kwargs)
+        if self.recaptures[path] >= MAX_RECAPTURES:
+            self.fell_back(path, f"original forward for calls at new shapes (captured at {MAX_RECAPTURES} shapes "
+                                 f"already; the graphs of the last {MAX_PATTERNS} stay): {reason}")
+            return type(module).forward(module, *args, **kwargs)
+        self.recaptures[path] += 1
+        del module.forward
         self.graphs.pop(path, None)
-        if self.recaptures[path] < MAX_RECAPTURES:
-            self.recaptures[path] += 1
-            self.fell_back(path, f"captured again at this call's shapes ({reason})")
-            self.optimize(module, path, (args, kwargs), forward.in_container)
-        else:
-            self.fell_back(path, f"original forward at new shapes from now on (captured at {MAX_RECAPTURES} "
-                                 f"shapes; its submodules stay optimized); last: {reason}")
+        self.optimize(module, path, (args, kwargs), forward.in_container)
+        if not is_installed(module):  # not capturable at these shapes (the original may raise too)
+            module.forward, self.graphs[path] = current
+            self.uncaptured = [(p, r) for p, r in self.uncaptured if p != path]
+            self.fell_back(path, f"original forward for this call: no graph at its shapes ({reason})")
+            return type(module).forward(module, *args, **kwargs)
+        kept.insert(0, current)
+        del kept[MAX_PATTERNS - 1:]  # with the one installed now, MAX_PATTERNS shapes
+        self.fell_back(path, f"captured again at this call's shapes ({reason})")
         return module.forward(*args, **kwargs)
 
     def _recapture(self, forward, reason: str, args, kwargs, call):

@@ -190,7 +190,50 @@ def test_past_the_recapture_limit_the_root_runs_its_own_forward_and_its_blocks_s
                     inputs["hidden_states"] = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(i))
                 assert rel_err(optimized(**inputs)[0], original(**inputs)[0]) <= 1e-5
         report = fusion_pass.report(optimized)
-        assert "<root>" not in report.graphs, change
         reasons = " | ".join(reason for path, reason, _ in report.fallbacks if path == "")
         assert f"{MAX_RECAPTURES} " in reasons and "original forward" in reasons, reasons
         assert report.totals()["residual_gate"] == gates, (change, report.totals())
+        if change == "attribute":  # the root itself keeps its original forward
+            assert "<root>" not in report.graphs
+        else:  # new shapes run the original forward; the graph captured last still runs at its shapes
+            assert "<root>" in report.graphs
+            last = tiny.inputs(seed=MAX_RECAPTURES)
+            side = 4 + 2 * MAX_RECAPTURES
+            last["hidden_states"] = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(MAX_RECAPTURES))
+            with torch.no_grad():
+                assert rel_err(optimized(**last)[0], original(**last)[0]) <= 1e-5
+            assert fusion_pass.report(optimized).fallbacks == report.fallbacks  # it ran its graph: nothing fell back
+
+
+class _ShapeBranchingRoot(torch.nn.Module):
+    """A root that computes with a shape (plain FX cannot trace it) and, for rows wider than 8 only,
+    branches on a tensor's value (no capture can follow that): LayerNorm modulated by ``scale``."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(16, 16)])
+        self.norm = torch.nn.LayerNorm(16, elementwise_affine=False)
+        self.shift = torch.nn.Parameter(torch.randn(16))
+
+    def forward(self, x, scale, unused=None):
+        side = int(x.shape[1] ** 0.5)  # a Python int from a shape
+        if side > 2 and x.sum() > 0:  # data-dependent, reached for more than 4 rows only
+            x = x * 0.5
+        x = self.blocks[0](x)
+        return self.norm(x) * (1 + scale) + self.shift * side
+
+
+def test_a_call_at_shapes_the_root_cannot_take_leaves_its_graph_installed():
+    """The graph captured at 4 rows stays installed when a call at 9 rows cannot be captured (a
+    branch on a value there): that call runs the original forward, the next 4-row call the graph."""
+    model = _ShapeBranchingRoot()
+    optimized = fusion_pass.optimize(copy.deepcopy(model))
+    scale = torch.randn(16)
+    small, large = torch.randn(1, 4, 16), torch.randn(1, 9, 16)
+    with torch.no_grad():
+        for x in (small, large, small):
+            torch.testing.assert_close(optimized(x, scale), model(x, scale), rtol=1e-5, atol=1e-6)
+    report = fusion_pass.report(optimized)
+    assert "<root>" in report.graphs and report.totals()["layernorm_modulate"] == 1  # the one site of forward
+    reasons = [reason for path, reason, calls in report.fallbacks if path == ""]
+    assert len(reasons) == 1 and "no graph at its shapes" in reasons[0], reasons  # the 4-row call: no fallback
