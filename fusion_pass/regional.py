@@ -46,7 +46,7 @@ from fusion_pass.capture import Region
 from fusion_pass.cuda_graphs import GraphReplay
 from fusion_pass.install import _ORIGINAL, InstalledForward
 from fusion_pass.report import Report
-from fusion_pass.snapshot import SubtreeGuard, global_hooks
+from fusion_pass.snapshot import SubtreeGuard, global_hooks, has_hooks
 
 
 class ClassCompile:
@@ -278,8 +278,7 @@ def _entry_point(cls: type):
 
 def _hooked(module: nn.Module) -> bool:
     """Hooks on a module under ``module`` (its own run in its ``__call__``)."""
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-               for m in module.modules() if m is not module)
+    return any(has_hooks(m) for m in module.modules() if m is not module)
 
 
 def _join(path: str, where: str) -> str:
