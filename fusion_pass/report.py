@@ -162,9 +162,11 @@ class Report:
     def strict_failures(self) -> list[str]:
         """Why this run is not "strict": empty when every family that has a candidate in the
         model fused (a family with no candidate at all is fine: not every DiT has every
-        pattern), every near-miss has a reason, and something fused at all (a model where
-        nothing fused, e.g. because nothing could be captured, is not a pass that worked)."""
-        failures = []
+        pattern), every near-miss has a reason, something fused at all (a model where
+        nothing fused, e.g. because nothing could be captured, is not a pass that worked), and no
+        fused op of the model's calls so far declined its kernel (the reference ran instead)."""
+        failures = [f"{run.op} declined its kernel at {run.where} ({run.reason}): its PyTorch reference ran"
+                    for run in self.reference_runs]
         totals = self.totals()
         for name, fam in self.families.items():
             if not fam.covers and fam.near_misses and totals.get(name, 0) == 0:

@@ -144,6 +144,16 @@ def test_a_site_whose_kernel_declined_is_reported_beside_its_fused_count(fresh_r
     assert "1 kernel declines" in repr(report)
 
 
+def test_strict_fails_on_a_declined_kernel(fresh_reference_runs):
+    """``optimize(strict=True)``/``--strict`` promise fused kernels: a decline (here a row past
+    MAX_BLOCK) fails them, naming the op; the same model at a width the kernel takes passes."""
+    from fusion_pass.ops import MAX_BLOCK
+
+    failures = run_interpreted(MAX_BLOCK + 8).strict_failures()
+    assert len(failures) == 1 and failures[0].startswith("layernorm_scale_shift declined its kernel at <root>")
+    assert run_interpreted(D).strict_failures() == []
+
+
 def test_no_decline_is_reported_where_the_kernel_ran(fresh_reference_runs):
     report = run_interpreted(D)
     assert report.reference_runs == [] and report.declined_elsewhere == [] and report.by_design == []
