@@ -59,7 +59,7 @@ from torch import nn
 
 from fusion_pass import explain, guards
 from fusion_pass.guards import CallSignature, HeldMetadata
-from fusion_pass.snapshot import global_hooks, has_hooks
+from fusion_pass.snapshot import global_hooks, has_hooks, same_contents, shallow_copy
 from fusion_pass.constants import TensorConstant, constant_node
 from fusion_pass.normalize import mutates
 from fusion_pass.shapes import ShapedMixin, ShapedProxy, container_elements, traced_values
@@ -371,12 +371,8 @@ def _innermost_module(node: fx.Node) -> str:
 def _attribute_snapshot(module: nn.Module) -> dict[nn.Module, dict]:
     """Each module's ``__dict__``, and the contents of the plain dicts and lists it holds (a
     cache a forward fills in place: it would keep a proxy or a fake tensor of the trace)."""
-    return {m: (dict(vars(m)), {name: (value, _contents(value)) for name, value in vars(m).items()
+    return {m: (dict(vars(m)), {name: (value, shallow_copy(value)) for name, value in vars(m).items()
                                  if type(value) in (dict, list)}) for m in module.modules()}
-
-
-def _contents(container):
-    return dict(container) if isinstance(container, dict) else list(container)
 
 
 def _restore_attributes(module: nn.Module, before: dict[nn.Module, tuple[dict, dict]]) -> list[str]:
@@ -392,13 +388,13 @@ def _restore_attributes(module: nn.Module, before: dict[nn.Module, tuple[dict, d
         current.clear()
         current.update(attrs)
         for name, (container, contents) in containers.items():
-            now = _contents(container)
-            same = (now.keys() == contents.keys() and all(now[k] is contents[k] for k in now)) if isinstance(
-                now, dict) else (len(now) == len(contents) and all(a is b for a, b in zip(now, contents)))
-            if not same:
+            if not same_contents(container, contents):
                 changed.append(f"{name} (in place)")
                 container.clear()
-                container.update(contents) if isinstance(container, dict) else container.extend(contents)
+                if isinstance(container, dict):
+                    container.update(contents)
+                else:
+                    container.extend(contents)
     return changed
 
 

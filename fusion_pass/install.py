@@ -30,18 +30,18 @@ from fusion_pass.guards import ArgumentsDiffer, CallSignature, GuardFailed, Held
 from fusion_pass.snapshot import SubtreeGuard
 
 
-_ORIGINAL = [False]  # inside ``original_forwards()``: installed forwards run the module's own forward
+ORIGINAL_FORWARDS = [False]  # inside ``original_forwards()``: installed forwards run the module's own forward
 
 
 @contextlib.contextmanager
 def original_forwards():
     """Within the block, every installed forward runs its module's original forward (used to
     run modules on fake tensors while capturing at a call's shapes, ``shapes.py``)."""
-    before, _ORIGINAL[0] = _ORIGINAL[0], True
+    before, ORIGINAL_FORWARDS[0] = ORIGINAL_FORWARDS[0], True
     try:
         yield
     finally:
-        _ORIGINAL[0] = before
+        ORIGINAL_FORWARDS[0] = before
 
 
 class InstalledForward:
@@ -99,7 +99,7 @@ class FusedForward(InstalledForward):
 
     def __call__(self, *args, **kwargs):
         module = self.module
-        if _ORIGINAL[0]:
+        if ORIGINAL_FORWARDS[0]:
             return type(module).forward(module, *args, **kwargs)
         if (self.guard is None or not self.guard.holds()) and not torch.compiler.is_compiling():
             if self.session is None or self.guard is None:
@@ -133,7 +133,7 @@ class DeferredForward(InstalledForward):
         self.module, self.path, self.in_container, self.session = module, path, in_container, session
 
     def __call__(self, *args, **kwargs):
-        if torch.compiler.is_compiling() or _ORIGINAL[0]:  # inside an outer torch.compile: Dynamo traces the original
+        if torch.compiler.is_compiling() or ORIGINAL_FORWARDS[0]:  # inside an outer torch.compile: Dynamo traces the original
             return type(self.module).forward(self.module, *args, **kwargs)
         return self.session.capture_on_call(self, args, kwargs)
 

@@ -44,7 +44,7 @@ from torch import nn
 
 from fusion_pass.capture import Region
 from fusion_pass.cuda_graphs import GraphReplay
-from fusion_pass.install import _ORIGINAL, InstalledForward
+from fusion_pass.install import ORIGINAL_FORWARDS, InstalledForward
 from fusion_pass.report import Report
 from fusion_pass.snapshot import SubtreeGuard, global_hooks, has_hooks
 
@@ -178,7 +178,7 @@ class RegionalForward(InstalledForward):
 
     def __call__(self, *args, **kwargs):
         module = self.module
-        if _ORIGINAL[0]:
+        if ORIGINAL_FORWARDS[0]:
             return type(module).forward(module, *args, **kwargs)
         if not self.guard.holds():
             reason = self.guard.describe()

@@ -191,6 +191,7 @@ class Session:
         if not is_installed(module):  # not capturable at these shapes (the original may raise too)
             module.forward, self.graphs[path] = current
             self.uncaptured = [(p, r) for p, r in self.uncaptured if p != path]
+            self.uncaptured_errors.pop(path, None)
             self.fell_back(path, f"original forward for this call: no graph at its shapes ({reason})")
             return type(module).forward(module, *args, **kwargs)
         kept.insert(0, current)

@@ -73,9 +73,11 @@ class SubtreeGuard:
         for held in self.metadata:
             groups.setdefault((held.owner, held.name), []).append(held)
         self.groups = list(groups.values())
-        self.expected = [tuple(held.value for held in group) for group in self.groups]
+        # what ``attrgetter`` returns: the value for one attribute, a tuple of them for several
+        self.expected = [group[0].value if len(group) == 1 else tuple(held.value for held in group)
+                         for group in self.groups]
         self._build()
-        self.snap = [_shallow_copy(d) for d in self.live]
+        self.snap = [shallow_copy(d) for d in self.live]
 
     def _build(self) -> None:
         self.labels: list[tuple[str, str, str]] = []  # (module path, kind, class name) per live dict
@@ -92,7 +94,7 @@ class SubtreeGuard:
             self._build()
         try:
             return self.live == self.snap and (
-                not self.reads or [_values(get(d.get(n))) for d, n, get in self.reads] == self.expected)
+                not self.reads or [get(d.get(n)) for d, n, get in self.reads] == self.expected)
         except Exception:  # noqa: BLE001 - a value replaced by one whose == raises (tensors of other devices)
             return False
 
@@ -109,7 +111,7 @@ class SubtreeGuard:
     def describe(self) -> str:
         """One sentence per change found, e.g. ``"forward hook added on blocks.0.mlp"``."""
         changes = [_describe(label, old, new) for label, new, old in zip(self.labels, self.live, self.snap)
-                   if not _same(new, old)]
+                   if not same_contents(new, old)]
         parts = [part for change in changes for part in change.split("; ")]
         for held in self.metadata:
             now = getattr(_tensors_of(self.module, held).get(held.name), held.attr, None)
@@ -157,11 +159,6 @@ class SubtreeGuard:
         return ".".join(p for p in (self.path, rel) if p) or "<root>"
 
 
-def _values(got) -> tuple:
-    """``attrgetter`` of one attribute returns the value, of several a tuple: always a tuple."""
-    return got if type(got) is tuple else (got,)
-
-
 def _tensors_of(module: nn.Module, held: HeldMetadata) -> dict:
     """The ``_parameters`` or ``_buffers`` dict that held ``held.name`` at capture (empty when
     its owner is gone: the check then fails)."""
@@ -176,7 +173,7 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
-def _same(live, snap) -> bool:
+def same_contents(live, snap) -> bool:
     """Same keys (or elements) and identical values: a comparison that never calls ``__eq__``."""
     if isinstance(live, dict):
         return live.keys() == snap.keys() and all(live[k] is snap[k] for k in live)
@@ -185,7 +182,7 @@ def _same(live, snap) -> bool:
     return {id(x) for x in live} == {id(x) for x in snap}
 
 
-def _shallow_copy(container):
+def shallow_copy(container):
     if isinstance(container, dict):
         return dict(container)  # compares equal to the live dict (OrderedDict, FrozenDict) by content
     return list(container) if isinstance(container, list) else set(container)
