@@ -33,7 +33,7 @@ runs as captured for its own pattern, see ``session.py``):
 
 Fakes are computed with autocast's weight cache off (it would keep its casts of real weights,
 made on fakes, as fakes, and hand them to the real ops after). Cost: the fake run of every
-called module once per capture (tiny Flux's root: 0.1 s; Flux-dev's: see the README).
+called module once per capture (Flux-dev's set-up: see the README).
 """
 from __future__ import annotations
 
