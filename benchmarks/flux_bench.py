@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import torch
 
 from fusion_pass.bench.environment import environment, environment_line
-from fusion_pass.bench.profiling import _init_cupti, _profile, _profile_text
+from fusion_pass.bench.profiling import _init_cupti, _profile, _profile_text, write_cprofile
 from fusion_pass.bench.timing import percentile, rel_err, time_calls
 from reference_models.diffusers_tiny import cast_inputs
 
@@ -74,6 +74,10 @@ def main(argv=None) -> int:
                         help="optimize modes: also time the first call (and the step) at a smaller image grid")
     parser.add_argument("--profile", action="store_true",
                         help="also write flux_profile.txt: each mode's kernels by total time (one step)")
+    parser.add_argument("--cprofile", type=int, default=0, metavar="N",
+                        help="also write flux_setup_cprofile.txt: the N costliest functions of the first optimize "
+                             "mode's set-up (optimize() + its first call, main thread; its set-up time then "
+                             "includes cProfile's overhead)")
     args = parser.parse_args(argv)
     from diffusers import FluxTransformer2DModel
 
@@ -113,6 +117,12 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
+        profiler = None
+        if args.cprofile and mode.startswith("optimize") and not any(m.startswith("optimize") for m in results["modes"]):
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
         start = time.perf_counter()
         report = None
         if mode == "eager":
@@ -132,6 +142,9 @@ def main(argv=None) -> int:
         out = target(**inputs)[0]
         sync()
         setup_s = time.perf_counter() - start
+        if profiler is not None:
+            profiler.disable()
+            write_cprofile(profiler, args.out / "flux_setup_cprofile.txt", args.cprofile)
         err = rel_err(out, ref32)
         del out
         times = time_calls(lambda: target(**inputs), args.repeat, cuda, warmup=args.warmup)

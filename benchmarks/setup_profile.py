@@ -33,6 +33,13 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--no-precompile", action="store_true",
                         help="FUSION_PASS_PRECOMPILE=0: no parallel dry run on the first call (fusion_pass/precompile.py)")
+    parser.add_argument("--eager-first", action="store_true",
+                        help="call the model eagerly twice before optimize(), as a pipeline that ran eagerly would: "
+                             "CUDA's, cuBLAS's and cuDNN's own first-use costs are then outside optimize()'s")
+    parser.add_argument("--cprofile", type=int, default=0, metavar="N",
+                        help="also write setup_cprofile.txt: the N costliest functions (cumulative and own time) "
+                             "of optimize() + the first call, main thread only; the timings then include "
+                             "cProfile's overhead")
     args = parser.parse_args(argv)
     if args.no_precompile:
         os.environ["FUSION_PASS_PRECOMPILE"] = "0"
@@ -66,6 +73,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     import fusion_pass
     from fusion_pass.bench.environment import environment, environment_line
+    from fusion_pass.bench.profiling import write_cprofile
 
     import_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -82,6 +90,18 @@ def main(argv=None) -> int:
     sync()
     timings = {"import torch + triton s": import_torch_s, "import fusion_pass s": import_s,
                "import reference_models (hy3dgen) s": reference_s}
+    if args.eager_first:
+        for name in ("eager first call s", "eager second call s"):
+            start = time.perf_counter()
+            inputs.call(model)
+            sync()
+            timings[name] = time.perf_counter() - start
+    profiler = None
+    if args.cprofile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     start = time.perf_counter()
     fusion_pass.optimize(model)
     timings["optimize() s"] = time.perf_counter() - start
@@ -89,6 +109,9 @@ def main(argv=None) -> int:
     inputs.call(model)
     sync()
     timings["first call s"] = time.perf_counter() - start
+    if profiler is not None:
+        profiler.disable()
+        write_cprofile(profiler, args.out / "setup_cprofile.txt", args.cprofile)
     timings["  of which capture + fuse (report.seconds, optimize() included) s"] = fusion_pass.report(model).seconds
     start = time.perf_counter()
     inputs.call(model)
@@ -119,12 +142,16 @@ def main(argv=None) -> int:
         return time.perf_counter() - began
 
     replay = {"serial s": recompile_all(1), f"{args.threads} threads s": recompile_all(args.threads)} if compiles else {}
-    result = {"config": args.config, "dtype": str(dtype), "precompile": not args.no_precompile, "environment": environment(cuda), "compiles": len(compiles),
+    result = {"config": args.config, "dtype": str(dtype), "precompile": not args.no_precompile,
+              "eager_first": args.eager_first, "cprofile": bool(args.cprofile),
+              "environment": environment(cuda), "compiles": len(compiles),
               "timings": timings, "seconds_per_kernel": dict(per_kernel.most_common()), "replay": replay}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "setup_profile.json").write_text(json.dumps(result, indent=2, default=str))
     lines = [f"# optimize() set-up on an empty Triton cache, {args.config} {dtype}, "
-             f"precompile {'off' if args.no_precompile else 'on'}", "",
+             f"precompile {'off' if args.no_precompile else 'on'}"
+             + (", after two eager calls" if args.eager_first else "")
+             + (", under cProfile" if args.cprofile else ""), "",
              f"environment: {environment_line(result['environment'])}", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {name} | {seconds:.3f} |" for name, seconds in timings.items()]
     lines += ["", f"{len(compiles)} Triton compiles; seconds per kernel: "
