@@ -353,12 +353,12 @@ def _random_state_kept():
 def _guard_after_side_effects(graph: fx.Graph, module: nn.Module) -> tuple[fx.Node, fx.Node] | None:
     """The first ``(guard, node)`` where ``node``, before ``guard``, may modify state (a failed
     guard there could not fall back to the original forward exactly); None when there is none."""
-    for guard in guards.guards_in(graph):
-        for node in graph.nodes:
-            if node is guard:
-                break
-            if mutates(node, module):
-                return guard, node
+    first_write = None  # one pass: the first guard after the first node that may write
+    for node in graph.nodes:
+        if first_write is None and mutates(node, module):
+            first_write = node
+        elif first_write is not None and node.op == "call_function" and node.target is guards.assume:
+            return node, first_write
     return None
 
 
