@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,6 +25,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from fusion_pass.bench.timing import kernel_us
 
 
 @triton.jit
@@ -109,23 +110,6 @@ def triton_attention(q, k, v, *, block_m, block_n, num_warps, num_stages, exp16=
     return o
 
 
-def time_us(fn, reps=30, rounds=5):
-    """Median over rounds of the mean of `reps` back-to-back calls, CUDA events, after a warm-up."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    per = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        per.append(start.elapsed_time(end) * 1000 / reps)
-    return statistics.median(per)
-
-
 CONFIGS = [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
            (128, 128, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3), (256, 64, 8, 3), (256, 128, 8, 2)]
 
@@ -141,7 +125,7 @@ def probe(shape, dtype, variants, rows):
     hs = slice(0, 2)
     exact = F.scaled_dot_product_attention(q[:, hs].double(), k[:, hs].double(), v[:, hs].double())
     sdpa_err = (ref[:, hs].double() - exact).abs().max().item()
-    sdpa_us = time_us(lambda: F.scaled_dot_product_attention(q, k, v))
+    sdpa_us = kernel_us(lambda: F.scaled_dot_product_attention(q, k, v))
     rows.append(dict(shape=list(shape), dtype=str(dtype), variant="sdpa-default", config=None, us=sdpa_us,
                      tflops=flops / sdpa_us / 1e6, x_sdpa=1.0, err_fp64=sdpa_err, diff_sdpa=0.0))
     print(f"{shape} {dtype} sdpa {sdpa_us:.1f} us {flops / sdpa_us / 1e6:.0f} TFLOP/s err {sdpa_err:.2e}",
@@ -153,7 +137,7 @@ def probe(shape, dtype, variants, rows):
             try:
                 out = triton_attention(q, k, v, **kw)
                 torch.cuda.synchronize()
-                us = time_us(lambda: triton_attention(q, k, v, **kw))
+                us = kernel_us(lambda: triton_attention(q, k, v, **kw))
             except Exception as exc:  # a config this Triton cannot build: recorded, not fatal
                 print(f"  {name} {cfg}: failed: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
                 rows.append(dict(shape=list(shape), dtype=str(dtype), variant=name, config=cfg,

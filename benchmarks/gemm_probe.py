@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,6 +25,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from fusion_pass.bench.timing import kernel_us
 
 
 @triton.jit
@@ -73,22 +74,6 @@ def gemm_gate(h, w, b, x, gate, cfg):
     return out
 
 
-def time_us(fn, reps=20, rounds=5):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    per = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        per.append(start.elapsed_time(end) * 1000 / reps)
-    return statistics.median(per)
-
-
 # (name, rows, K, N, calls per step, gated)
 SHAPES = [("double img qkv", 6144, 1024, 3072, 16, False), ("double img proj", 6144, 1024, 1024, 16, True),
           ("double img fc1", 6144, 1024, 4096, 16, False), ("double img fc2", 6144, 4096, 1024, 16, True),
@@ -113,7 +98,7 @@ def main(argv=None):
         h = torch.randn(M, K, device="cuda", dtype=dtype, generator=gen)
         w = torch.randn(N, K, device="cuda", dtype=dtype, generator=gen) / K ** 0.5
         b = torch.randn(N, device="cuda", dtype=dtype, generator=gen) * 0.1
-        lin_us = time_us(lambda: F.linear(h, w, b))
+        lin_us = kernel_us(lambda: F.linear(h, w, b))
         flops = 2 * M * K * N
         row = dict(name=name, M=M, K=K, N=N, calls=calls, linear_us=lin_us, tflops=flops / lin_us / 1e6,
                    step_ms=lin_us * calls / 1000)
@@ -125,13 +110,13 @@ def main(argv=None):
             x3, h3 = x.view(2, M // 2, N), h.view(2, M // 2, K)
             exact = x3.double() + gate3.double() * (h3.double() @ w.double().T + b.double())
             two = lambda: residual_gate(x3, F.linear(h3, w, b), gate3)  # noqa: E731
-            row["cublas_plus_gate_us"] = time_us(two)
+            row["cublas_plus_gate_us"] = kernel_us(two)
             row["cublas_plus_gate_err"] = (two().double() - exact).abs().max().item()
             best = None
             for cfg in CONFIGS:
                 try:
                     out = gemm_gate(h, w, b, x, gate, cfg)
-                    us = time_us(lambda: gemm_gate(h, w, b, x, gate, cfg))
+                    us = kernel_us(lambda: gemm_gate(h, w, b, x, gate, cfg))
                 except Exception as exc:  # a tile this Triton cannot build: recorded, not fatal
                     print(f"{name} {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
                     continue

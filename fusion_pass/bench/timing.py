@@ -43,6 +43,24 @@ def time_calls(call, repeat: int, cuda: bool, warmup: int = 0) -> list[float]:
     return [start.elapsed_time(end) for start, end in zip(starts, ends)]
 
 
+def kernel_us(call, reps: int = 20, rounds: int = 5, warmup: int = 3) -> float:
+    """Microseconds per ``call()`` on the GPU: the median over ``rounds`` of CUDA events around
+    ``reps`` back-to-back calls, after ``warmup`` calls (the ops and kernel probes in ``benchmarks/``)."""
+    for _ in range(warmup):
+        call()
+    torch.cuda.synchronize()
+    per = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            call()
+        end.record()
+        torch.cuda.synchronize()
+        per.append(start.elapsed_time(end) * 1000 / reps)
+    return percentile(per, 0.5)
+
+
 def _summary(times: list[float], timer: str) -> dict[str, Any]:
     return {"median": round(percentile(times, 0.5), 4), "p10": round(percentile(times, 0.1), 4),
             "p90": round(percentile(times, 0.9), 4), "n": len(times), "timer": timer}
