@@ -7,6 +7,7 @@ from torch import nn
 
 from fusion_pass.cuda_graphs import new_pool
 from fusion_pass.install import restore as _restore
+from fusion_pass.precompile import warm_triton
 from fusion_pass.report import ReferenceRun, Report
 from fusion_pass.session import Session
 
@@ -38,6 +39,7 @@ def optimize(
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() expects a torch.nn.Module, got {type(model).__name__}")
     families = _select(patterns)
+    warm_triton(model)
     pool = new_pool() if cuda_graphs else None
     session = model.__dict__.get(_REPORT_ATTR)
     if isinstance(session, Session):

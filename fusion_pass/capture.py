@@ -141,6 +141,7 @@ class _LeafOnFailureTracer(fx.Tracer):
         self._counted_chunks: set[fx.Node] = set()  # chunks whose number of pieces is assumed
         self.signature = signature
         self.metadata: dict[tuple[str, str], HeldMetadata] = {}  # (get_attr target, attr) -> value read
+        self._parameter_names: tuple = (None, {})  # (root, {id(parameter): qualified name})
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         """Trace ``forward`` with placeholders for its required parameters only; the others
@@ -214,6 +215,19 @@ class _LeafOnFailureTracer(fx.Tracer):
                 and a not in self.tensor_attrs and not any(a is b for b in self.root.buffers())):
             return constant_node(self.graph, a)
         return super().create_arg(a)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        """A parameter read in a forward becomes FX's ``get_attr`` node, found by identity in a
+        table made once per trace (FX's own lookup walks ``named_parameters()`` on each read)."""
+        if isinstance(attr_val, nn.Parameter):
+            if self._parameter_names[0] is not self.root:
+                self._parameter_names = (self.root, {id(p): n for n, p in self.root.named_parameters()})
+            name = self._parameter_names[1].get(id(attr_val))
+            if name is not None:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def call_module(self, m, forward, args, kwargs):
         path = self.path_of_module(m)

@@ -4,22 +4,31 @@ On an empty Triton cache (a freshly started machine), each fused kernel speciali
 when the first call reaches it, one after the other. :func:`precompile` runs the graph once
 first as a *dry run*: every fused op allocates its output and, instead of launching its kernel,
 hands the launch to ``JITFunction.warmup`` inside Triton's ``AsyncCompileMode`` with a thread
-pool, so the compiles of all the call's kernels are submitted together and awaited once, and
-then loads them (binary and launcher, which Triton otherwise does at each kernel's first launch)
-from the same pool; the real call finds them ready. Everything else in the graph (GEMMs, attention) runs as
-usual on values the dry run leaves unwritten, whose results are discarded.
+pool, so the compiles of all the call's kernels are submitted together and awaited once; each
+kernel loads (binary and launcher, which Triton otherwise does at its first launch) in the thread
+that compiled it, as soon as it is compiled; the real call finds them ready. Everything else in
+the graph (GEMMs, attention) runs as usual on values the dry run leaves unwritten, whose results
+are discarded.
 
 Exactness: the dry run must leave no trace. It runs only for graphs that write in place into
 nothing but tensors they made themselves (``aliasing.written_aliases``: no input, parameter or
 buffer can change), on CUDA, with autograd off and the random state restored afterwards; an
 exception inside it is dropped (the real call then compiles what is left as before). Where
 Triton has no ``AsyncCompileMode`` (before 3.5) it does nothing.
+
+Before that, while ``optimize()`` captures (pure Python), :func:`warm_triton` does Triton's own
+first-use work in a background thread: its CUDA driver object, whose utility module Triton builds
+with the host C compiler on an empty cache, and the hash of Triton's sources that keys every
+compile (``triton_key``). ``precompile`` waits for it before compiling. A first kernel launch made
+without a dry run can meet the thread still working: Triton then makes a second driver object,
+the same as the first (its ``DriverConfig`` keeps one), at worst repeating that work.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -70,29 +79,65 @@ def _reads_values(node: fx.Node) -> bool:
     return False
 
 
+_WARM_UP: list[threading.Thread] = []  # the process's one warm-up thread, once started
+
+
+def warm_triton(module: nn.Module) -> None:
+    """Start Triton's first-use work in a background thread, once per process, when ``module``
+    holds a CUDA parameter or buffer (see the module docstring)."""
+    if _WARM_UP or not ENABLED:
+        return
+    tensors = (t for part in (module.parameters(), module.buffers()) for t in part)
+    if not any(t.is_cuda for t in tensors):
+        return
+    thread = threading.Thread(target=_warm_triton, name="fusion_pass triton warm-up", daemon=True)
+    _WARM_UP.append(thread)
+    thread.start()
+
+
+def _warm_triton() -> None:
+    with contextlib.suppress(Exception):
+        from triton.runtime.driver import driver
+
+        driver.active  # noqa: B018 - the property creates the driver (and builds its utility module)
+    with contextlib.suppress(Exception):
+        from triton.runtime.cache import triton_key
+
+        triton_key()  # functools.lru_cache'd: every later compile reads it
+
+
+def wait_for_warm_up() -> None:
+    for thread in _WARM_UP:
+        thread.join()
+
+
 def precompile(run: Callable[[], Any], values: tuple) -> None:
     """Dry-run ``run()`` (the graph on the call's ``values``) with its Triton compiles in
     parallel; see the module docstring for when it does nothing."""
+    wait_for_warm_up()
     mode = _async_compile_mode()
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
     if not (ENABLED and mode is not None and tensors and all(t.is_cuda for t in tensors)
             and not torch.is_grad_enabled()):
         return
     devices = sorted({t.device.index or 0 for t in tensors})
+    load = functools.partial(_load, torch.cuda.current_device())
+    # the pool's exit waits for every compile and every load (a done callback runs inside its work item)
     with contextlib.suppress(Exception), torch.random.fork_rng(devices=devices), ThreadPoolExecutor(THREADS) as pool:
         with mode(pool) as compiling, dry_run():
             run()
-        # each compiled kernel loads its binary and builds its launcher on its first launch: now, in parallel
-        kernels = [future.kernel for future in compiling.future_kernels.values() if future.kernel is not None]
-        list(pool.map(functools.partial(_load, torch.cuda.current_device()), kernels))
+            # a compiled kernel loads its binary and builds its launcher (which Triton does at its first
+            # launch) in the thread that compiled it, while the other kernels still compile
+            for future in list(compiling.raw_futures):
+                future.add_done_callback(load)
 
 
-def _load(device: int, kernel) -> None:
-    """``CompiledKernel._init_handles`` (module load, launcher) in a worker thread; on failure the
-    first launch does it again, as without a precompile."""
+def _load(device: int, compiled) -> None:
+    """``CompiledKernel._init_handles`` (module load, launcher) for a finished compile future; on
+    failure the first launch does it again, as without a precompile."""
     with contextlib.suppress(Exception):
         torch.cuda.set_device(device)
-        kernel._init_handles()
+        compiled.result()._init_handles()
 
 
 def _async_compile_mode():

@@ -44,17 +44,23 @@ def time_calls(call, repeat: int, cuda: bool, warmup: int = 0) -> list[float]:
 
 
 def kernel_us(call, reps: int = 20, rounds: int = 5, warmup: int = 3) -> float:
-    """Microseconds per ``call()`` on the GPU: the median over ``rounds`` of CUDA events around
-    ``reps`` back-to-back calls, after ``warmup`` calls (the ops and kernel probes in ``benchmarks/``)."""
+    """Microseconds of GPU time per ``call()``: ``reps`` calls captured in one CUDA graph (no host
+    time between kernels), replayed ``rounds`` times between CUDA events after ``warmup`` calls;
+    the median (the ops and kernel probes in ``benchmarks/``)."""
     for _ in range(warmup):
         call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            call()
+    graph.replay()
     torch.cuda.synchronize()
     per = []
     for _ in range(rounds):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(reps):
-            call()
+        graph.replay()
         end.record()
         torch.cuda.synchronize()
         per.append(start.elapsed_time(end) * 1000 / reps)
