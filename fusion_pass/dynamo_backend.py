@@ -23,6 +23,7 @@ from torch import fx
 
 from fusion_pass.ops.direct import call_directly
 from fusion_pass.pipeline import empty_report, fuse_graph, record
+from fusion_pass.precompile import dry_run_is_safe, precompiling
 from fusion_pass.report import Report
 
 INNER_COMPILERS = ("inductor", "eager", "aot_eager")
@@ -71,6 +72,8 @@ class FusionBackend:
         if self.inner == "eager":
             call_directly(gm.graph)  # the graph runs eagerly: fused ops skip the dispatcher where they can
             gm.recompile()
+            if dry_run_is_safe(gm.graph, gm):  # its first call compiles its kernels in parallel first
+                return precompiling(gm.forward)
             return gm.forward
         if self.inner == "aot_eager":
             from torch._dynamo.backends.registry import lookup_backend

@@ -14,7 +14,9 @@ Exactness: the dry run must leave no trace. It runs only for graphs that write i
 nothing but tensors they made themselves (``aliasing.written_aliases``: no input, parameter or
 buffer can change), on CUDA, with autograd off and the random state restored afterwards; an
 exception inside it is dropped (the real call then compiles what is left as before). Where
-Triton has no ``AsyncCompileMode`` (before 3.5) it does nothing.
+Triton has no ``AsyncCompileMode`` (before 3.5) it does nothing. The blocks Dynamo compiles with
+the eager inner compiler (``regional.py``) take the same dry run on their graph's first call
+(:func:`precompiling`).
 
 Before that, while ``optimize()`` captures (pure Python), :func:`warm_triton` does Triton's own
 first-use work in a background thread: its CUDA driver object, whose utility module Triton builds
@@ -118,8 +120,8 @@ def precompile(run: Callable[[], Any], values: tuple) -> None:
     mode = _async_compile_mode()
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
     if not (ENABLED and mode is not None and tensors and all(t.is_cuda for t in tensors)
-            and not torch.is_grad_enabled()):
-        return
+            and not torch.is_grad_enabled() and not torch.cuda.is_current_stream_capturing()):
+        return  # (inside a CUDA-graph capture the dry run's launches would join the graph)
     devices = sorted({t.device.index or 0 for t in tensors})
     load = functools.partial(_load, torch.cuda.current_device())
     # the pool's exit waits for every compile and every load (a done callback runs inside its work item)
@@ -130,6 +132,20 @@ def precompile(run: Callable[[], Any], values: tuple) -> None:
             # launch) in the thread that compiled it, while the other kernels still compile
             for future in list(compiling.raw_futures):
                 future.add_done_callback(load)
+
+
+def precompiling(forward: Callable) -> Callable:
+    """``forward`` (a Dynamo graph's, run eagerly) whose first call is preceded by a dry run of
+    itself (:func:`precompile`); later calls go straight to it."""
+    pending = [True]
+
+    def first_call_precompiles(*args):
+        if pending:
+            pending.clear()
+            precompile(lambda: forward(*args), args)
+        return forward(*args)
+
+    return first_call_precompiles
 
 
 def _load(device: int, compiled) -> None:

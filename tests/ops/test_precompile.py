@@ -109,3 +109,41 @@ def sizes_from_values() -> fx.Graph:
                          ids=["indices", "sizes"])
 def test_no_dry_run_for_a_graph_that_reads_values_as_indices_or_sizes(make_graph):
     assert not precompile.dry_run_is_safe(make_graph(), nn.Module())
+
+
+def test_precompiling_passes_calls_through_and_dry_runs_only_the_first(monkeypatch):
+    dry_runs, calls = [], []
+    monkeypatch.setattr(precompile, "precompile", lambda run, values: dry_runs.append(values))
+    forward = precompile.precompiling(lambda *args: calls.append(args) or len(calls))
+    assert [forward(1, 2), forward(3)] == [1, 2]
+    assert calls == [(1, 2), (3,)] and dry_runs == [(1, 2)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_dynamo_graph_run_eagerly_dry_runs_once_and_is_bit_identical(monkeypatch):
+    """The backend with the eager inner compiler (the regional blocks' path): its graph's first
+    call dry-runs (compiles in parallel); outputs, inputs and the random state are as without."""
+    from fusion_pass.dynamo_backend import make_backend
+    from reference_models import example_inputs, load_official
+
+    torch.manual_seed(0)
+    model = load_official("tiny").eval().cuda().half()
+    inputs = example_inputs("tiny", seed=0, device="cuda", dtype=torch.float16)
+    real, dry_runs, results = precompile.precompile, [], []
+    monkeypatch.setattr(precompile, "precompile", lambda run, values: dry_runs.append(1) or real(run, values))
+    for enabled in (True, False):
+        monkeypatch.setattr(precompile, "ENABLED", enabled)
+        torch._dynamo.reset()
+        compiled = torch.compile(copy.deepcopy(model), backend=make_backend("eager"))
+        before = [t.clone() for t in tensors(inputs)]
+        rng = torch.cuda.get_rng_state()
+        dry_runs.clear()
+        with torch.no_grad():
+            results.append(inputs.call(compiled))
+            first = len(dry_runs)
+            inputs.call(compiled)
+        assert first >= 1 and len(dry_runs) == first  # each graph's first call only
+        assert torch.equal(rng, torch.cuda.get_rng_state())
+        assert all(torch.equal(b, a) for b, a in zip(before, tensors(inputs), strict=True))
+    assert torch.equal(results[0], results[1])
