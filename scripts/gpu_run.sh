@@ -7,7 +7,7 @@
 # time-boxed so that the whole run ends inside 9.5 minutes:
 #   tests  python3 -m pytest -q -m gpu tests            -> $OUT/gpu_tests.txt
 #   ops    python3 benchmarks/ops_bench.py               -> $OUT/ops_bench.json, $OUT/ops_bench.md
-#   setup  python3 benchmarks/setup_profile.py (twice)  -> setup_profile.md
+#   setup  python3 benchmarks/setup_profile.py (3 runs) -> setup_profile.md
 #   flux   python3 benchmarks/flux_bench.py              -> flux_bench.json, flux_bench.md
 #   shapevae python3 benchmarks/shapevae_bench.py        -> shapevae_bench.json, shapevae_bench.md
 #   bench  python3 -m fusion_pass.cli bench --out $OUT   -> bench.json, bench.md, bench.png,
@@ -100,10 +100,10 @@ fi
 # --- stage setup: cold set-up (empty Triton cache, fresh process) with and without the first
 # call's parallel precompile; one file, setup_profile.md ------------------------------------
 if has_stage setup; then
-  banner "setup: benchmarks/setup_profile.py (precompile on, then off)"
+  banner "setup: benchmarks/setup_profile.py (precompile on; on after two eager calls; off)"
   start=$SECONDS
   SETUP_OUT=$(mktemp -d /tmp/setup_profile.XXXXXX)
-  for flag in "" "--no-precompile"; do
+  for flag in "" "--eager-first" "--no-precompile"; do
     timeout -k 10 "$(box 150)" python3 benchmarks/setup_profile.py --out "$SETUP_OUT/run${flag}" $flag 2>&1 | tail -16
     cat "$SETUP_OUT/run${flag}/setup_profile.md" >> "$OUT/setup_profile.md" 2>/dev/null
   done
