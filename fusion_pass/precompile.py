@@ -5,7 +5,7 @@ when the first call reaches it, one after the other. :func:`precompile` runs the
 first as a *dry run*: every fused op allocates its output and, instead of launching its kernel,
 hands the launch to ``JITFunction.warmup`` inside Triton's ``AsyncCompileMode`` with a thread
 pool, so the compiles of all the call's kernels are submitted together and awaited once; each
-kernel loads (binary and launcher, which Triton otherwise does at its first launch) in the thread
+kernel loads (binary and launcher, which Triton otherwise does at its first launch) in the job
 that compiled it, as soon as it is compiled; the real call finds them ready. Everything else in
 the graph (GEMMs, attention) runs as usual on values the dry run leaves unwritten, whose results
 are discarded.
@@ -28,7 +28,6 @@ the same as the first (its ``DriverConfig`` keeps one), at worst repeating that 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -54,17 +53,33 @@ VALUE_READING = frozenset({
     "histc", "multinomial", "repeat_interleave", "searchsorted", "bucketize", "gather", "scatter", "scatter_add",
     "scatter_reduce", "index_select", "index_add", "index_copy", "index_fill", "index_put", "take",
     "take_along_dim", "embedding", "embedding_bag", "one_hot", "__index__", "__int__", "__float__", "__bool__",
+    # Dynamo spells a tensor `assert` as these (a failed device-side assert breaks the CUDA context)
+    "_assert", "_assert_async", "_assert_scalar", "nll_loss", "nll_loss_nd", "cross_entropy", "ctc_loss",
+    "multi_margin_loss", "multilabel_margin_loss",
 })
+
+#: Names of calls that change process state a Dynamo graph can hold (grad mode, autocast, streams,
+#: devices, random seeds): a dry run stopped by an exception between such a call and its undoing
+#: would leave that state changed for the real call, so a graph holding any gets no dry run.
+_STATE_CHANGING = ("set_", "_enter", "_exit", "autocast", "seed", "rng_state")
 
 
 def dry_run_is_safe(graph: fx.Graph, root: nn.Module) -> bool:
     """Whether running ``graph`` with garbage in its fused ops' outputs can change nothing
     outside it and cannot fail on values: every in-place write lands in a tensor the graph made
-    itself, no op reads values as indices or sizes (``VALUE_READING``, tensor subscripts)."""
+    itself, no op reads values as indices or sizes (``VALUE_READING``, tensor subscripts), none
+    changes grad mode, autocast or other process state (``_STATE_CHANGING``: Dynamo graphs)."""
     aliases = written_aliases(graph, root)
     if aliases is None or any(node.op in ("placeholder", "get_attr") for node in aliases):
         return False
-    return not any(_reads_values(node) for node in graph.nodes)
+    return not any(_reads_values(node) or _changes_state(node) for node in graph.nodes)
+
+
+def _changes_state(node: fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    name = getattr(node.target, "__name__", "")
+    return any(part in name for part in _STATE_CHANGING)
 
 
 def _reads_values(node: fx.Node) -> bool:
@@ -103,8 +118,10 @@ def _warm_triton() -> None:
 
         driver.active  # noqa: B018 - the property creates the driver (and builds its utility module)
     with contextlib.suppress(Exception):
-        from triton.runtime.cache import triton_key
-
+        try:
+            from triton.runtime.cache import triton_key
+        except ImportError:  # (older Triton)
+            from triton.compiler.compiler import triton_key
         triton_key()  # functools.lru_cache'd: every later compile reads it
 
 
@@ -123,15 +140,9 @@ def precompile(run: Callable[[], Any], values: tuple) -> None:
             and not torch.is_grad_enabled() and not torch.cuda.is_current_stream_capturing()):
         return  # (inside a CUDA-graph capture the dry run's launches would join the graph)
     devices = sorted({t.device.index or 0 for t in tensors})
-    load = functools.partial(_load, torch.cuda.current_device())
-    # the pool's exit waits for every compile and every load (a done callback runs inside its work item)
     with contextlib.suppress(Exception), torch.random.fork_rng(devices=devices), ThreadPoolExecutor(THREADS) as pool:
-        with mode(pool) as compiling, dry_run():
+        with _compile_mode(mode, _CompileThenLoad(pool, torch.cuda.current_device())), dry_run():
             run()
-            # a compiled kernel loads its binary and builds its launcher (which Triton does at its first
-            # launch) in the thread that compiled it, while the other kernels still compile
-            for future in list(compiling.raw_futures):
-                future.add_done_callback(load)
 
 
 def precompiling(forward: Callable) -> Callable:
@@ -148,12 +159,34 @@ def precompiling(forward: Callable) -> Callable:
     return first_call_precompiles
 
 
-def _load(device: int, compiled) -> None:
-    """``CompiledKernel._init_handles`` (module load, launcher) for a finished compile future; on
-    failure the first launch does it again, as without a precompile."""
-    with contextlib.suppress(Exception):
-        torch.cuda.set_device(device)
-        compiled.result()._init_handles()
+class _CompileThenLoad:
+    """The executor handed to ``AsyncCompileMode`` (which only calls ``submit``): each job compiles
+    a kernel, then, in the same worker, loads its binary and builds its launcher
+    (``CompiledKernel._init_handles``, which Triton otherwise does at the kernel's first launch), while
+    the other kernels still compile. A failed load is left to the first launch, as without a dry run."""
+
+    def __init__(self, pool: ThreadPoolExecutor, device: int):
+        self.pool = pool
+        self.device = device
+
+    def submit(self, compile_kernel: Callable[[], Any]):
+        return self.pool.submit(self._compile_then_load, compile_kernel)
+
+    def _compile_then_load(self, compile_kernel: Callable[[], Any]):
+        kernel = compile_kernel()
+        with contextlib.suppress(Exception):
+            torch.cuda.set_device(self.device)
+            kernel._init_handles()
+        return kernel
+
+
+def _compile_mode(mode, executor):
+    """``AsyncCompileMode(executor, ignore_errors=True)``: a kernel that fails to compile leaves the
+    mode (and the other kernels) as they are, and the real call meets its error."""
+    try:
+        return mode(executor, ignore_errors=True)
+    except TypeError:  # (a Triton without the option)
+        return mode(executor)
 
 
 def _async_compile_mode():

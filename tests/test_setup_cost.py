@@ -2,12 +2,15 @@
 the garbage collector paused only while it captures (``session._gc_paused``), and Triton's first-use
 work started in one background thread for CUDA models only (``precompile.warm_triton``)."""
 import gc
+import threading
+import time
 
 import pytest
 import torch
 from torch import nn
 
 import fusion_pass
+import fusion_pass.api
 from fusion_pass import precompile
 
 
@@ -39,16 +42,36 @@ def test_the_collector_is_paused_during_capture_and_left_as_it_was(enabled_befor
     assert fusion_pass.report(model).totals()["layernorm_modulate"] == 1  # and captured: one modulation
 
 
-def test_a_cpu_model_starts_no_triton_warm_up(monkeypatch):
+def test_optimize_starts_the_warm_up_and_a_cpu_model_starts_no_thread(monkeypatch):
+    given = []
+    monkeypatch.setattr(fusion_pass.api, "warm_triton", given.append)
+    model = fusion_pass.optimize(RecordsTheCollector())
+    assert given == [model]
     threads: list = []
     monkeypatch.setattr(precompile, "_WARM_UP", threads)
-    fusion_pass.optimize(RecordsTheCollector())
+    monkeypatch.setattr(precompile, "ENABLED", True)
+    precompile.warm_triton(model)  # its parameters are on the CPU
     assert threads == []
+
+
+def test_the_first_calls_dry_run_waits_for_the_warm_up(monkeypatch):
+    order: list[str] = []
+
+    def slow_warm_up():
+        time.sleep(0.2)
+        order.append("warm-up")
+
+    thread = threading.Thread(target=slow_warm_up)
+    monkeypatch.setattr(precompile, "_WARM_UP", [thread])
+    monkeypatch.setattr(precompile, "_async_compile_mode", lambda: order.append("dry run"))
+    thread.start()
+    precompile.precompile(lambda: None, (torch.randn(2),))
+    assert order == ["warm-up", "dry run"]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_a_cuda_model_starts_one_warm_up_that_the_first_call_waits_for(monkeypatch):
+def test_a_cuda_model_starts_one_warm_up_thread_and_computes_the_same(monkeypatch):
     threads: list = []
     monkeypatch.setattr(precompile, "_WARM_UP", threads)
     for _ in range(2):  # a second optimize() in the process starts no second thread
@@ -58,7 +81,6 @@ def test_a_cuda_model_starts_one_warm_up_that_the_first_call_waits_for(monkeypat
     shift, scale = (torch.randn(2, 1, 8, device="cuda", dtype=torch.float16) for _ in range(2))
     with torch.no_grad():
         out = model(x, shift, scale)
-    assert not threads[0].is_alive()
     expected = RecordsTheCollector().cuda().half()
     expected.load_state_dict(model.state_dict())
     with torch.no_grad():

@@ -147,3 +147,46 @@ def test_a_dynamo_graph_run_eagerly_dry_runs_once_and_is_bit_identical(monkeypat
         assert torch.equal(rng, torch.cuda.get_rng_state())
         assert all(torch.equal(b, a) for b, a in zip(before, tensors(inputs), strict=True))
     assert torch.equal(results[0], results[1])
+
+
+def dynamo_graph(fn, *args) -> fx.GraphModule:
+    """The graph Dynamo hands a backend for ``fn(*args)``."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return graphs[0]
+
+
+def grad_region(x):
+    with torch.enable_grad():
+        y = x * 2
+    return y + 1
+
+
+def autocast_region(x):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = x @ x
+    return y.float() + 1
+
+
+def tensor_assert(x):
+    y = x * 2
+    torch._assert_async((y > -1e9).all())
+    return y + 1
+
+
+@pytest.mark.parametrize("fn", [grad_region, autocast_region, tensor_assert], ids=["grad", "autocast", "assert"])
+def test_no_dry_run_for_a_dynamo_graph_that_changes_global_state_or_asserts_on_values(fn):
+    """A dry run stopped between `_enter_autocast` and `_exit_autocast` (or a grad-mode switch and
+    its undoing) would leave that state for the real call; a device-side assert on unwritten values
+    would break the CUDA context."""
+    with torch.no_grad():
+        gm = dynamo_graph(fn, torch.randn(4, 4))
+    assert not precompile.dry_run_is_safe(gm.graph, gm)
+    plain = dynamo_graph(lambda x: x * 2 + 1, torch.randn(4, 4))
+    assert precompile.dry_run_is_safe(plain.graph, plain)  # (the same check passes a plain graph)
