@@ -139,10 +139,15 @@ def precompile(run: Callable[[], Any], values: tuple) -> None:
     if not (ENABLED and mode is not None and tensors and all(t.is_cuda for t in tensors)
             and not torch.is_grad_enabled() and not torch.cuda.is_current_stream_capturing()):
         return  # (inside a CUDA-graph capture the dry run's launches would join the graph)
+    if _active_compile_mode() is not None:
+        return  # (someone else's: compiles already go where they chose)
     devices = sorted({t.device.index or 0 for t in tensors})
-    with contextlib.suppress(Exception), torch.random.fork_rng(devices=devices), ThreadPoolExecutor(THREADS) as pool:
-        with _compile_mode(mode, _CompileThenLoad(pool, torch.cuda.current_device())), dry_run():
-            run()
+    try:
+        with contextlib.suppress(Exception), torch.random.fork_rng(devices=devices), ThreadPoolExecutor(THREADS) as pool:
+            with _compile_mode(mode, _CompileThenLoad(pool, torch.cuda.current_device())), dry_run():
+                run()
+    finally:
+        _leave_compile_mode()
 
 
 def precompiling(forward: Callable) -> Callable:
@@ -187,6 +192,24 @@ def _compile_mode(mode, executor):
         return mode(executor, ignore_errors=True)
     except TypeError:  # (a Triton without the option)
         return mode(executor)
+
+
+def _active_compile_mode():
+    try:
+        from triton.runtime._async_compile import active_mode
+    except ImportError:
+        return None
+    return active_mode.get()
+
+
+def _leave_compile_mode() -> None:
+    """No ``AsyncCompileMode`` left active after a dry run (none was before it; one whose exit
+    raised, in a Triton that resets it last, would send every later compile of this thread to
+    the closed pool)."""
+    with contextlib.suppress(Exception):
+        from triton.runtime._async_compile import active_mode
+
+        active_mode.set(None)
 
 
 def _async_compile_mode():

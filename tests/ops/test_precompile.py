@@ -1,6 +1,7 @@
 """The first call's dry run (`fusion_pass.precompile`): which graphs may take it, that inside
 `launch.dry_run()` kernels are compiled and never launched, and (on the GPU) that a model's
 outputs, inputs and random state are exactly as without it."""
+import contextlib
 import copy
 import operator
 
@@ -190,3 +191,22 @@ def test_no_dry_run_for_a_dynamo_graph_that_changes_global_state_or_asserts_on_v
     assert not precompile.dry_run_is_safe(gm.graph, gm)
     plain = dynamo_graph(lambda x: x * 2 + 1, torch.randn(4, 4))
     assert precompile.dry_run_is_safe(plain.graph, plain)  # (the same check passes a plain graph)
+
+
+def test_a_dry_run_whose_compile_mode_fails_to_exit_leaves_no_mode_active(monkeypatch):
+    """A Triton whose `AsyncCompileMode.__exit__` raises before resetting the active mode would
+    otherwise send every later compile of the thread to the dry run's closed pool."""
+    from triton.runtime import _async_compile
+
+    class ExitRaises(_async_compile.AsyncCompileMode):
+        def __exit__(self, *exc):
+            raise RuntimeError("a compile failed")
+
+    cuda_tensor = type("CudaTensor", (torch.Tensor,), {"is_cuda": property(lambda self: True)})
+    monkeypatch.setattr(precompile, "_async_compile_mode", lambda: ExitRaises)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.random, "fork_rng", lambda devices: contextlib.nullcontext())
+    with torch.no_grad():
+        precompile.precompile(lambda: None, (torch.randn(2).as_subclass(cuda_tensor),))
+    assert _async_compile.active_mode.get() is None
