@@ -31,9 +31,9 @@ def kernel_events(step, steps: int = 3):
     events = prof.events()
     marks = sorted((e for e in events if e.name.startswith("step") and e.device_type.name == "CPU"),
                    key=lambda e: e.time_range.start)
-    # (a kernel can be listed twice, as its launch's child and on its own: counted once)
+    # (the step markers have a GPU range of their own, spanning the step: not a kernel)
     kernels = sorted({(e.name, e.time_range.start, e.time_range.end) for e in events
-                      if e.device_type.name == "CUDA"}, key=lambda k: k[1])
+                      if e.device_type.name == "CUDA" and not e.name.startswith("step")}, key=lambda k: k[1])
     if len(marks) < 2:
         return kernels
     # the kernels launched after the middle step began and before the next one began

@@ -28,6 +28,9 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default="hunyuan3d-2")
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--collector-off", action="store_true",
+                        help="the garbage collector disabled around each optimize() by this script (the explicit "
+                             "collections after it still run): what collections during optimize() cost")
     args = parser.parse_args(argv)
     import fusion_pass
     import fusion_pass.ops  # noqa: F401 - imported here, not timed
@@ -41,17 +44,22 @@ def main(argv=None) -> int:
     fusion_pass.restore(model)
     seconds = []
     for _ in range(args.repeat):
+        if args.collector_off:
+            gc.disable()
         start = time.perf_counter()
         fusion_pass.optimize(model)
+        gc.enable()
         gc.collect(0)
         gc.collect(1)
         seconds.append(time.perf_counter() - start)
         fusion_pass.restore(model)
-    result = {"config": args.config, "device": args.device, "environment": environment(args.device == "cuda"),
+    result = {"config": args.config, "device": args.device, "collector_off": args.collector_off,
+              "environment": environment(args.device == "cuda"),
               "median_s": round(statistics.median(seconds), 3), "seconds": [round(s, 3) for s in seconds]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "optimize_time.json").write_text(json.dumps(result, indent=1))
-    text = (f"# optimize() host time, {args.config} on {args.device}\n\nenvironment: "
+    text = (f"# optimize() host time, {args.config} on {args.device}"
+            f"{', the collector disabled around it' if args.collector_off else ''}\n\nenvironment: "
             f"{environment_line(result['environment'])}\n\nmedian {result['median_s']} s over {args.repeat} "
             f"(each with the young-generation collections after it): {result['seconds']}\n")
     (args.out / "optimize_time.md").write_text(text)

@@ -300,9 +300,9 @@ class _Pattern:
 @contextlib.contextmanager
 def _gc_paused():
     """Python's cyclic garbage collector off for the duration (then back on if it was on): a
-    capture makes tens of thousands of FX objects, and the collections they trigger cost a
-    quarter of Hunyuan3D-2's ``optimize()`` (0.73 -> 0.55 s on the 2-core CPU,
-    docs/bench/run24-session7). Nested calls leave it to the outermost."""
+    capture makes tens of thousands of FX objects, and the collections they trigger cost 13 % of
+    Hunyuan3D-2's ``optimize()``, the collections left for after it included (0.94 -> 0.82 s on the
+    2-core CPU, docs/bench/run24-session7). Nested calls leave it to the outermost."""
     if not gc.isenabled():
         yield
         return
