@@ -10,6 +10,8 @@
 #   setup  python3 benchmarks/setup_profile.py (3 runs) -> setup_profile.md
 #   flux   python3 benchmarks/flux_bench.py              -> flux_bench.json, flux_bench.md
 #   shapevae python3 benchmarks/shapevae_bench.py        -> shapevae_bench.json, shapevae_bench.md
+#   gaps   python3 benchmarks/gap_profile.py             -> gap_profile.json, gap_profile.md
+#   gemm   python3 benchmarks/gemm_probe.py              -> gemm_probe.json, gemm_probe.md
 #   bench  python3 -m fusion_pass.cli bench --out $OUT   -> bench.json, bench.md, bench.png,
 #                                                           profile_eager.txt, profile_optimize.txt
 # Pick stages so that at most 8 files come back (the most $OUT returns). The bench gets the
@@ -117,6 +119,17 @@ for stage in flux shapevae; do
     start=$SECONDS
     extra=(); [[ $stage == flux ]] && read -ra extra <<< "${GPU_RUN_FLUX_ARGS:-}"
     timeout -k 10 "$(box 300)" python3 benchmarks/${stage}_bench.py --out "$OUT" "${extra[@]}" 2>&1 | grep -v "should be kept in float32"
+    SUMMARY+=("$stage rc=${PIPESTATUS[0]} ($((SECONDS - start)) s)")
+  fi
+done
+
+# --- stages gaps, gemm: the step's idle time between kernels, and the GEMM probe (two files each) --
+for stage in gaps gemm; do
+  if has_stage $stage; then
+    script=$([[ $stage == gaps ]] && echo gap_profile || echo gemm_probe)
+    banner "$stage: benchmarks/$script.py"
+    start=$SECONDS
+    timeout -k 10 "$(box 150)" python3 benchmarks/$script.py --out "$OUT" 2>&1 | tail -4
     SUMMARY+=("$stage rc=${PIPESTATUS[0]} ($((SECONDS - start)) s)")
   fi
 done
