@@ -134,20 +134,24 @@ def precompile(run: Callable[[], Any], values: tuple) -> None:
     """Dry-run ``run()`` (the graph on the call's ``values``) with its Triton compiles in
     parallel; see the module docstring for when it does nothing."""
     wait_for_warm_up()
-    mode = _async_compile_mode()
+    triton_async = _async_compile()
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
-    if not (ENABLED and mode is not None and tensors and all(t.is_cuda for t in tensors)
+    if not (ENABLED and triton_async is not None and tensors and all(t.is_cuda for t in tensors)
             and not torch.is_grad_enabled() and not torch.cuda.is_current_stream_capturing()):
         return  # (inside a CUDA-graph capture the dry run's launches would join the graph)
-    if _active_compile_mode() is not None:
+    if triton_async.active_mode.get() is not None:
         return  # (someone else's: compiles already go where they chose)
     devices = sorted({t.device.index or 0 for t in tensors})
     try:
-        with contextlib.suppress(Exception), torch.random.fork_rng(devices=devices), ThreadPoolExecutor(THREADS) as pool:
-            with _compile_mode(mode, _CompileThenLoad(pool, torch.cuda.current_device())), dry_run():
-                run()
+        with contextlib.suppress(Exception), torch.random.fork_rng(devices=devices):
+            with ThreadPoolExecutor(THREADS) as pool:  # (its exit waits for every compile and load)
+                loading = _CompileThenLoad(pool, torch.cuda.current_device())
+                with _compile_mode(triton_async.AsyncCompileMode, loading), dry_run():
+                    run()
     finally:
-        _leave_compile_mode()
+        # no mode left active (none was before: one whose exit raised, in a Triton that resets it
+        # last, would send every later compile of this thread to the closed pool)
+        triton_async.active_mode.set(None)
 
 
 def precompiling(forward: Callable) -> Callable:
@@ -194,27 +198,11 @@ def _compile_mode(mode, executor):
         return mode(executor)
 
 
-def _active_compile_mode():
+def _async_compile():
+    """Triton's ``runtime._async_compile`` module (``AsyncCompileMode``, ``active_mode``; Triton 3.5
+    and later), or None."""
     try:
-        from triton.runtime._async_compile import active_mode
+        from triton.runtime import _async_compile
     except ImportError:
         return None
-    return active_mode.get()
-
-
-def _leave_compile_mode() -> None:
-    """No ``AsyncCompileMode`` left active after a dry run (none was before it; one whose exit
-    raised, in a Triton that resets it last, would send every later compile of this thread to
-    the closed pool)."""
-    with contextlib.suppress(Exception):
-        from triton.runtime._async_compile import active_mode
-
-        active_mode.set(None)
-
-
-def _async_compile_mode():
-    try:
-        from triton.runtime._async_compile import AsyncCompileMode
-    except ImportError:
-        return None
-    return AsyncCompileMode
+    return _async_compile

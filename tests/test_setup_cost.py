@@ -63,7 +63,7 @@ def test_the_first_calls_dry_run_waits_for_the_warm_up(monkeypatch):
 
     thread = threading.Thread(target=slow_warm_up)
     monkeypatch.setattr(precompile, "_WARM_UP", [thread])
-    monkeypatch.setattr(precompile, "_async_compile_mode", lambda: order.append("dry run"))
+    monkeypatch.setattr(precompile, "_async_compile", lambda: order.append("dry run"))
     thread.start()
     precompile.precompile(lambda: None, (torch.randn(2),))
     assert order == ["warm-up", "dry run"]

@@ -4,6 +4,7 @@ outputs, inputs and random state are exactly as without it."""
 import contextlib
 import copy
 import operator
+import types
 
 import pytest
 import torch
@@ -203,7 +204,8 @@ def test_a_dry_run_whose_compile_mode_fails_to_exit_leaves_no_mode_active(monkey
             raise RuntimeError("a compile failed")
 
     cuda_tensor = type("CudaTensor", (torch.Tensor,), {"is_cuda": property(lambda self: True)})
-    monkeypatch.setattr(precompile, "_async_compile_mode", lambda: ExitRaises)
+    triton_async = types.SimpleNamespace(AsyncCompileMode=ExitRaises, active_mode=_async_compile.active_mode)
+    monkeypatch.setattr(precompile, "_async_compile", lambda: triton_async)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.random, "fork_rng", lambda devices: contextlib.nullcontext())
