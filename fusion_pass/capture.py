@@ -45,10 +45,15 @@ Invariants (relied on by ``install.py`` and the tests):
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
+import dis
+import functools
 import importlib
 import math
 import operator
+import sys
+import types
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Callable
@@ -246,6 +251,29 @@ class _PiecesProxy(fx.Proxy):
     def __len__(self) -> int:
         count = self.tracer.pieces(self)
         return super().__len__() if count is None else count
+
+    def __iter__(self):
+        """FX's ``Proxy.__iter__``: ``a, b = proxy`` (an ``UNPACK_SEQUENCE`` at the caller's
+        current instruction) gives one ``proxy[i]`` per name, anything else the tracer's ``iter``.
+        The same reading of the caller's bytecode, disassembled once per code object instead of
+        on every unpacking (15 % of ``optimize()`` on Hunyuan3D-2, 2-core CPU)."""
+        caller = sys._getframe(1)
+        offsets, instructions = _instructions(caller.f_code)
+        if sys.version_info >= (3, 11):
+            index = bisect.bisect_left(offsets, caller.f_lasti)
+        else:
+            index = caller.f_lasti // 2
+        instruction = instructions[index]
+        if instruction.opname == "UNPACK_SEQUENCE":
+            return (self[i] for i in range(instruction.argval))
+        return self.tracer.iter(self)
+
+
+@functools.lru_cache(maxsize=512)
+def _instructions(code: types.CodeType) -> tuple[list[int], list[dis.Instruction]]:
+    """The instructions of ``code`` and their offsets (``dis.get_instructions``)."""
+    instructions = list(dis.get_instructions(code))
+    return [i.offset for i in instructions], instructions
 
 
 class _HeldTensorProxy(_PiecesProxy):

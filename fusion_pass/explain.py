@@ -129,5 +129,4 @@ def _inputs_of(node: fx.Node) -> list[str]:
         if current.op in ("placeholder", "get_attr"):
             found.append(current)
         stack.extend(current.all_input_nodes)
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
-    return [_spelled(n, 0) for n in sorted(found, key=order.__getitem__)]
+    return [_spelled(n, 0) for n in sorted(found)]  # (FX's node order: Node.__lt__)

@@ -86,19 +86,9 @@ class MatchContext:
     path: str = ""
     root: Any = None  # nn.Module | None
     erased: set = field(default_factory=set)
-    _positions: dict = field(default_factory=dict)
 
     def live(self, node: fx.Node) -> bool:
         return node not in self.erased
-
-    def positions(self, graph: fx.Graph) -> dict[fx.Node, int]:
-        """Topological index of every node, recomputed after each rewrite."""
-        if not self._positions:
-            self._positions.update((node, i) for i, node in enumerate(graph.nodes))
-        return self._positions
-
-    def graph_changed(self) -> None:
-        self._positions.clear()
 
     def where(self, node: fx.Node) -> str:
         """The module path a node came from (innermost module on its stack)."""
@@ -209,15 +199,16 @@ def describe(node: Any) -> str:
     return f"{node.name} ({target})"
 
 
-def depends_on(node: fx.Node, ancestor: fx.Node, order: dict[fx.Node, int]) -> bool:
-    """True when ``ancestor`` is (transitively) an input of ``node``."""
-    limit = order[ancestor]
+def depends_on(node: fx.Node, ancestor: fx.Node) -> bool:
+    """True when ``ancestor`` is (transitively) an input of ``node``. The search stops at nodes
+    before ``ancestor`` in the graph (FX's node order, ``Node.__lt__``, kept up to date by every
+    insertion: an input always comes before its users)."""
     stack, seen = [node], set()
     while stack:
         current = stack.pop()
         if current is ancestor:
             return True
-        if current in seen or order.get(current, -1) < limit:
+        if current in seen or current < ancestor:
             continue
         seen.add(current)
         stack.extend(current.all_input_nodes)

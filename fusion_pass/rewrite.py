@@ -52,7 +52,6 @@ def rewrite(graph: fx.Graph, families: Iterable[PatternFamily], ctx: MatchContex
                 result.near_misses.append(item)
                 continue
             outcome = apply_match(graph, item, ctx)
-            ctx.graph_changed()
             if isinstance(outcome, str):
                 result.near_misses.append(NearMiss(item.family, item.where, outcome))
                 continue
@@ -70,17 +69,16 @@ def rewrite(graph: fx.Graph, families: Iterable[PatternFamily], ctx: MatchContex
 
 def apply_match(graph: fx.Graph, match: Match, ctx: MatchContext) -> fx.Node | str:
     """Apply ``match`` and return its fused call; return a reason instead when no valid
-    insertion point exists."""
-    order = {node: i for i, node in enumerate(graph.nodes)}
-    nodes = list(graph.nodes)
+    insertion point exists. The call goes right after the last of its inputs, or right before
+    the first anchor when that is later (node positions: FX's node order, ``Node.__lt__``)."""
     inputs = [a for a in _flatten(match.args) if isinstance(a, fx.Node)]
     matched = set(match.anchors) | set(match.internal)
-    point = max([order[a] for a in inputs] + [min(order[a] for a in match.anchors) - 1])
+    point = max([*inputs, min(match.anchors).prev])
     outside_users = [u for a in match.anchors for u in a.users if u not in matched]
-    if outside_users and min(order[u] for u in outside_users) <= point:
+    if outside_users and min(outside_users) <= point:
         return "ordering conflict: a result is used before all inputs of the fused op exist"
     fused_op = FUSED_OPS[match.op_key]
-    with graph.inserting_after(nodes[point]):
+    with graph.inserting_after(point):
         fused = graph.call_function(fused_op.op, tuple(match.args))
     fused.meta = _meta_for(fused, dict(match.anchors[-1].meta))
     cursor = parts = fused
@@ -104,7 +102,7 @@ def apply_match(graph: fx.Graph, match: Match, ctx: MatchContext) -> fx.Node | s
         if cast_to is not None and not _known_same_dtype(value, cast_to):
             value, cursor = _cast_like(graph, value, cast_to, cursor, anchor)
         anchor.replace_all_uses_with(value)
-    _erase_unused(graph, match, order, ctx)
+    _erase_unused(graph, match, ctx)
     return fused
 
 
@@ -126,8 +124,8 @@ def _cast_like(graph, value: fx.Node, like: fx.Node, cursor: fx.Node, anchor: fx
     return cast, cast
 
 
-def _erase_unused(graph: fx.Graph, match: Match, order: dict, ctx: MatchContext) -> None:
-    for node in sorted(set(match.anchors) | set(match.internal), key=order.__getitem__, reverse=True):
+def _erase_unused(graph: fx.Graph, match: Match, ctx: MatchContext) -> None:
+    for node in sorted(set(match.anchors) | set(match.internal), reverse=True):
         if not node.users and node.op not in ("placeholder", "output"):
             graph.erase_node(node)
             ctx.erased.add(node)

@@ -41,7 +41,7 @@ class ResidualGateSite:
     y: fx.Node
 
 
-def match_site(node: fx.Node, ctx: MatchContext, order: dict[fx.Node, int]) -> ResidualGateSite | NearMiss | None:
+def match_site(node: fx.Node, ctx: MatchContext) -> ResidualGateSite | NearMiss | None:
     """Match a gated residual whose final ``+`` is ``node`` (None: not a candidate)."""
     if not is_call(node, canon.ADD):
         return None
@@ -56,9 +56,9 @@ def match_site(node: fx.Node, ctx: MatchContext, order: dict[fx.Node, int]) -> R
     reasons = []
     for residual, product in candidates:
         roots = _stream_roots(residual)
-        branches = [b for b in product.args if any(depends_on(b, root, order) for root in roots)]
+        branches = [b for b in product.args if any(depends_on(b, root) for root in roots)]
         if not branches:
-            if not is_call(residual, canon.MUL) and any(depends_on(residual, producer(operand), order)
+            if not is_call(residual, canon.MUL) and any(depends_on(residual, producer(operand))
                                                         for operand in product.args):
                 reasons.append("the gate multiplies the residual, not the branch computed from it")
             continue  # otherwise a + b * c with no residual structure: not a candidate
@@ -99,7 +99,7 @@ class ResidualGate:
     covers = ()
 
     def find(self, graph: fx.Graph, ctx: MatchContext) -> Iterator[Match | NearMiss]:
-        for site in scan(graph, ctx, lambda node: match_site(node, ctx, ctx.positions(graph))):
+        for site in scan(graph, ctx, lambda node: match_site(node, ctx)):
             yield site if isinstance(site, NearMiss) else self.to_match(site, ctx)
 
     def to_match(self, site: ResidualGateSite, ctx: MatchContext) -> Match:

@@ -28,7 +28,7 @@ from fusion_pass.match import (
 NAME = "residual_layernorm"
 
 
-def match_site(norm: fx.Node, ctx: MatchContext, order: dict[fx.Node, int]) -> Match | NearMiss | None:
+def match_site(norm: fx.Node, ctx: MatchContext) -> Match | NearMiss | None:
     """The residual add feeding the LayerNorm ``norm`` (None: not a candidate)."""
     if not is_call(norm, canon.LAYER_NORM) or not is_call(norm.args[0], canon.ADD):
         return None
@@ -38,9 +38,9 @@ def match_site(norm: fx.Node, ctx: MatchContext, order: dict[fx.Node, int]) -> M
         return None
     if any(is_call(operand, canon.MUL) for operand in (a, b)) or is_number(a) or is_number(b):
         return None  # x + gate * y is the gate family's
-    if depends_on(b, producer(a), order):
+    if depends_on(b, producer(a)):
         x, y = a, b
-    elif depends_on(a, producer(b), order):
+    elif depends_on(a, producer(b)):
         x, y = b, a
     else:
         return None
@@ -75,4 +75,4 @@ class ResidualLayerNorm:
     covers = ()
 
     def find(self, graph: fx.Graph, ctx: MatchContext) -> Iterator[Match | NearMiss]:
-        yield from scan(graph, ctx, lambda node: match_site(node, ctx, ctx.positions(graph)))
+        yield from scan(graph, ctx, lambda node: match_site(node, ctx))

@@ -34,7 +34,7 @@ class ResidualNormChain:
         for norm_site in scan(graph, ctx, lambda node: layernorm_modulate.match_site(node, ctx)):
             if not isinstance(norm_site, layernorm_modulate.LayerNormModulateSite) or norm_site.rms:
                 continue  # the chained op normalizes with LayerNorm only
-            gate_site = residual_gate.match_site(norm_site.x, ctx, ctx.positions(graph))
+            gate_site = residual_gate.match_site(norm_site.x, ctx)
             if isinstance(gate_site, residual_gate.ResidualGateSite):
                 yield self.to_match(gate_site, norm_site, ctx)
 

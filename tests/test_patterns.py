@@ -144,6 +144,26 @@ def test_gate_product_used_elsewhere_is_not_fused():
     assert any("also used by" in r for r in reasons(fusion_pass.report(module), "residual_gate"))
 
 
+def test_dependence_follows_the_graph_order_through_inserted_nodes():
+    # depends_on prunes by FX's node order, which must hold for nodes a rewrite inserts mid-graph
+    from torch import fx
+
+    from fusion_pass.match import depends_on
+
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    a = graph.call_function(torch.relu, (x,))
+    c = graph.call_function(torch.add, (a, x))
+    graph.output(c)
+    with graph.inserting_after(x):
+        b = graph.call_function(torch.neg, (x,))  # between x and a
+    with graph.inserting_after(a):
+        d = graph.call_function(torch.mul, (b, a))  # between a and c
+    c.args = (d, x)
+    assert depends_on(c, b) and depends_on(c, a) and depends_on(d, b) and depends_on(c, x)
+    assert not depends_on(a, b) and not depends_on(b, a) and not depends_on(d, c)
+
+
 def test_unrelated_a_plus_b_times_c_is_not_a_candidate():
     report = run(lambda s, x, m: chunks(m)[0] + chunks(m)[1] * chunks(m)[2])
     assert report.total == 0 and not reasons(report, "residual_gate")

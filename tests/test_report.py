@@ -32,6 +32,22 @@ class Unpacks(nn.Module):
         return torch.maximum(*x.unbind(-1))  # star-unpacking a traced value of unknown length: FX cannot follow it
 
 
+class UnpacksIntoNames(nn.Module):
+    """Unpacks traced tensors into names twice in one forward, with different counts: FX follows
+    ``a, b = t`` (one ``t[i]`` per name); ``for`` over a traced tensor it cannot."""
+
+    def __init__(self, iterate: bool = False):
+        super().__init__()
+        self.iterate = iterate
+
+    def forward(self, x):
+        a, b = x
+        c, d, e = x.transpose(0, 1)
+        if self.iterate:
+            return sum(row for row in x)
+        return a * b, c - d * e
+
+
 class BranchesOnValue(nn.Module):
     def forward(self, x):
         if x.sum() > 0:
@@ -84,6 +100,18 @@ def test_an_unpacking_forward_is_explained_with_its_class_and_line():
     assert re.search(r"\(Unpacks\.forward, test_report\.py:\d+\)", reason)
     assert "Proxy" not in str(report) and "TraceError" not in str(report)
     assert report.to_dict()["uncaptured"][0]["error"].startswith("TraceError: Proxy object cannot be iterated")
+
+
+def test_unpacking_into_names_is_traced_at_each_site_and_iterating_is_refused():
+    x = torch.randn(2, 3, D)
+    module = UnpacksIntoNames()
+    expected = module(x)
+    report = optimized_report(module)
+    assert not report.uncaptured
+    for got, want in zip(module(x), expected, strict=True):
+        assert torch.equal(got, want)
+    [(_, reason)] = optimized_report(UnpacksIntoNames(iterate=True)).uncaptured
+    assert "unpacks a tensor into Python values" in reason
 
 
 def test_a_branch_on_a_tensor_value_is_explained_as_data_dependent_control_flow():
