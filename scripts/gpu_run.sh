@@ -12,9 +12,11 @@
 #   shapevae python3 benchmarks/shapevae_bench.py        -> shapevae_bench.json, shapevae_bench.md
 #   gaps   python3 benchmarks/gap_profile.py             -> gap_profile.json, gap_profile.md
 #   gemm   python3 benchmarks/gemm_probe.py              -> gemm_probe.json, gemm_probe.md
+#   compile python3 benchmarks/compile_parallel_probe.py and kernel_compile_times.py, 16 workers (the
+#          host's CPU only: threads vs processes at 16 cores) -> compile_parallel_probe.*, kernel_compile_times.*
 #   bench  python3 -m fusion_pass.cli bench --out $OUT   -> bench.json, bench.md, bench.png,
 #                                                           profile_eager.txt, profile_optimize.txt
-# Pick stages so that at most 8 files come back (the most $OUT returns). The bench gets the
+# At most 8 files come back from $OUT: past 8, everything is packed into $OUT/run.tgz at the end. The bench gets the
 # time the first two stages left (--time-budget) and drops its most expendable compile modes to
 # fit; for the whole default bench alone: GPU_RUN_STAGES=bench bash scripts/gpu_run.sh "$OUT".
 # Environment: GPU_RUN_STAGES (default tests,ops,bench), GPU_RUN_DEADLINE (seconds, default 560),
@@ -134,6 +136,15 @@ for stage in gaps gemm; do
   fi
 done
 
+# --- stage compile: Triton compile times on this host's CPU (no GPU use), 16 workers ------------
+if has_stage compile; then
+  banner "compile: benchmarks/compile_parallel_probe.py, benchmarks/kernel_compile_times.py"
+  start=$SECONDS
+  timeout -k 10 "$(box 90)" python3 benchmarks/compile_parallel_probe.py --out "$OUT" --n 16 --workers 16 2>&1 | tail -8
+  timeout -k 10 "$(box 150)" python3 benchmarks/kernel_compile_times.py --out "$OUT" --workers 16 2>&1 | tail -12
+  SUMMARY+=("compile ($((SECONDS - start)) s)")
+fi
+
 # --- stage 3: the bench (its summary tables are the last thing printed) -----------------------
 if has_stage bench; then
   # python start-up and writing the files come on top of the budget the bench plans with
@@ -157,4 +168,8 @@ if has_stage bench; then
 fi
 
 n=$(find "$OUT" -type f | wc -l)
-echo "gpu_run: ${SUMMARY[*]:-nothing run}; total ${SECONDS} s; $n files in \$OUT$( (( n > 8 )) && echo ' (MORE THAN 8: some will not come back)')"
+if (( n > 8 )); then  # the device call returns 8 files at most: one archive instead
+  tar -czf /tmp/run.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/run.tgz "$OUT/run.tgz"
+  echo "gpu_run: $n files packed into \$OUT/run.tgz"
+fi
+echo "gpu_run: ${SUMMARY[*]:-nothing run}; total ${SECONDS} s; $(find "$OUT" -type f | wc -l) files in \$OUT"

@@ -120,13 +120,29 @@ def _qk_rmsnorm_cat_kernel(
     kw1_sc: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,  # rows per program
     BLOCK_D: tl.constexpr,  # next_power_of_2(max(Dq, Dk, Dv))
+    ONE_BODY: tl.constexpr,  # the streams' q (k, v, weights) share dtype and column stride
 ):
-    """BLOCK_ROWS rows of one stream per program: q and k normed, v copied, into the joint outputs."""
+    """BLOCK_ROWS rows of one stream per program: q and k normed, v copied, into the joint outputs.
+    ONE_BODY: one tile body for both streams, each argument picked per program (`tl.where` on a
+    program-uniform condition), which halves the code to compile (the first call's longest compile);
+    else one body per stream."""
     program = tl.program_id(0).to(tl.int64)
     outer = program // group_programs
     program = program % group_programs
     total = length0 + length1
-    if program < stream0_programs:
+    if ONE_BODY:
+        first = program < stream0_programs
+        _stream_tile(tl.where(first, program, program - stream0_programs) * BLOCK_ROWS, outer, n_inner,
+                     tl.where(first, length0, length1), tl.where(first, 0, length0), total,
+                     tl.where(first, Q0, Q1), tl.where(first, q0_sa, q1_sa), tl.where(first, q0_sj, q1_sj),
+                     tl.where(first, q0_sl, q1_sl), q0_sc, tl.where(first, QW0, QW1), qw0_sc, Q_OUT, q_cols,
+                     tl.where(first, q0_eps, q1_eps),
+                     tl.where(first, K0, K1), tl.where(first, k0_sa, k1_sa), tl.where(first, k0_sj, k1_sj),
+                     tl.where(first, k0_sl, k1_sl), k0_sc, tl.where(first, KW0, KW1), kw0_sc, K_OUT, k_cols,
+                     tl.where(first, k0_eps, k1_eps),
+                     tl.where(first, V0, V1), tl.where(first, v0_sa, v1_sa), tl.where(first, v0_sj, v1_sj),
+                     tl.where(first, v0_sl, v1_sl), v0_sc, V_OUT, v_cols, BLOCK_ROWS, BLOCK_D)
+    elif program < stream0_programs:
         _stream_tile(program * BLOCK_ROWS, outer, n_inner, length0, 0, total,
                      Q0, q0_sa, q0_sj, q0_sl, q0_sc, QW0, qw0_sc, Q_OUT, q_cols, q0_eps,
                      K0, k0_sa, k0_sj, k0_sl, k0_sc, KW0, kw0_sc, K_OUT, k_cols, k0_eps,
@@ -224,7 +240,10 @@ def _launch_plan(
     settings = row_settings(n_cols, max(dtype.itemsize for dtype in (*out_dtypes, *(x.dtype for x in inputs))))
     stream0_programs, stream1_programs = (settings.programs(layout.n_inner * length) for length in lengths)
     group_programs = stream0_programs + stream1_programs
-    constexprs |= dict(BLOCK_ROWS=settings.block_rows, BLOCK_D=settings.block_size)
+    pairs = tuple(zip((*inputs[:3], *weights[:2]), (*inputs[3:], *weights[2:])))  # stream 0's, stream 1's
+    one_body = all(a.dtype == b.dtype for a, b in pairs) and all(
+        constexprs[f"{name}0_sc"] == constexprs[f"{name}1_sc"] for name in ("q", "k", "v", "qw", "kw"))
+    constexprs |= dict(BLOCK_ROWS=settings.block_rows, BLOCK_D=settings.block_size, ONE_BODY=one_body)
     call = KernelCall(layout.n_outer * group_programs, (group_programs, stream0_programs, *args), constexprs,
                       settings.num_warps)
     return _LaunchPlan(out_shapes, out_dtypes, call)

@@ -11,6 +11,7 @@ from einops import rearrange
 
 import fusion_pass.ops as ops
 from fusion_pass.ops import MAX_BLOCK
+from fusion_pass.ops.launch import tensor_key
 from ops_testing import FLOAT_DTYPES, assert_accurate, assert_inductor_launches_the_kernel, randn, rmsnorm_float64
 
 qk_rmsnorm_cat_module = import_module("fusion_pass.ops.qk_rmsnorm_cat")
@@ -156,6 +157,20 @@ def test_nan_and_inf_propagate_like_unfused(interpreted):
     for fused, expected in zip(ops.qk_rmsnorm_cat(*args), ops.reference_qk_rmsnorm_cat(*args)):
         assert torch.equal(fused.isnan(), expected.isnan()) and torch.equal(fused.isinf(), expected.isinf())
         torch.testing.assert_close(fused, expected, equal_nan=True)
+    assert interpreted.count == 1
+
+
+@pytest.mark.parametrize("case", ["alike", "dtypes differ", "a weight's column stride differs"])
+def test_streams_alike_share_one_kernel_body_with_the_same_values(interpreted, case):
+    # one tile body for both streams (ONE_BODY, half the code to compile) exactly when the streams'
+    # q, k, v and weights pairwise share dtype and column stride; one body per stream otherwise
+    dtypes = (torch.float16, torch.bfloat16) if case == "dtypes differ" else None
+    args = list(joint_args((2, 3), torch.float16, dtypes=dtypes))
+    if case == "a weight's column stride differs":
+        args[6] = randn(2 * 64, dtype=torch.float16, scale=0.5, mean=1.0)[::2]  # stream 0's q weight
+    plan = qk_rmsnorm_cat_module._launch_plan(True, *map(tensor_key, args[:10]), *args[10:])
+    assert plan.call.constexprs["ONE_BODY"] is (case == "alike")
+    assert_joint_accurate(args, torch.bfloat16 if dtypes else torch.float16)
     assert interpreted.count == 1
 
 
