@@ -86,18 +86,20 @@ def main(argv=None) -> int:
     if failed:
         raise SystemExit(f"compiles failed: {failed}")
     serial, threaded = ([r["seconds"] for r in runs[way]["results"]] for way in ("serial", "threads"))
-    rows = sorted(zip(launches, serial, threaded), key=lambda r: -r[1])
+    rows = sorted(zip(launches, serial, threaded, runs["serial"]["results"]), key=lambda r: -r[1])
     data = {"environment": environment(False), "config": args.config, "workers": args.workers,
             "one_body": args.one_body, "launches": launches, "serial_s": serial, "threads_s": threaded,
-            "serial_wall_s": runs["serial"]["wall_s"], "threads_wall_s": runs["threads"]["wall_s"]}
+            "serial_wall_s": runs["serial"]["wall_s"], "threads_wall_s": runs["threads"]["wall_s"],
+            "ptx": [{k: r[k] for k in ("ptx_lines", "vector_loads", "vector_stores")} for r in runs["serial"]["results"]]}
     lines = [f"# Compile time of each Triton kernel of a first optimized {args.config} call (fp16), for sm_90, "
              "on this host's CPU", "", f"environment: {environment_line(data['environment'])}", "",
              f"{len(launches)} distinct specialisations; one after the other {data['serial_wall_s']:.2f} s, "
              f"{args.workers} threads {data['threads_wall_s']:.2f} s (after triton_key); qk_rmsnorm_cat's one tile "
              f"body for both streams: {args.one_body}.", "",
-             "| kernel | constexprs | warps | compile s (serial) | compile s (in threads) |", "|---|---|---|---|---|"]
-    lines += [f"| {launch['name']} | {_switches(launch['constexprs'])} | {launch['num_warps']} | {s:.3f} | {t:.3f} |"
-              for launch, s, t in rows]
+             "| kernel | constexprs | warps | compile s (serial) | compile s (in threads) | PTX lines | vector loads / stores |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {launch['name']} | {_switches(launch['constexprs'])} | {launch['num_warps']} | {s:.3f} | {t:.3f} | "
+              f"{r['ptx_lines']} | {r['vector_loads']} / {r['vector_stores']} |" for launch, s, t, r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

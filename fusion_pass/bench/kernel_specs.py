@@ -13,9 +13,9 @@ compiler rejects. Two steps, in two processes:
 - :func:`compile_launches` (no interpreter: :func:`compile_in_subprocess` starts that process): each
   launch as Triton's ``ASTSource``, compiled for the target: the seconds it took, or the error.
 
-Triton's specialisation, as its ``JITFunction`` makes it: None and integers equal to 1 are constants;
-tensors count as 16-byte aligned (torch's allocations, and the views the models take of them at
-multiples of 16 bytes, are) and integers divisible by 16 carry the divisibility attribute.
+Triton's specialisation, as its ``JITFunction`` makes it: None and integers equal to 1 are constants; an
+integer is i32 or i64 by its range; tensors whose data is 16-byte aligned and integers divisible by 16 carry
+the divisibility attribute (recorded on the CPU call: its tensors' alignment is the real one).
 """
 from __future__ import annotations
 
@@ -43,12 +43,12 @@ def record_launches(call: Callable[[], Any]) -> list[dict]:
 
     def describe(value) -> list:
         if isinstance(value, torch.Tensor):
-            return ["tensor", str(value.dtype)]
+            return ["tensor", str(value.dtype), value.data_ptr() % 16 == 0]
         return [type(value).__name__, value]
 
     def recorder(kernel, kernel_call, args, *, traced=False):
         launch = {"module": kernel.fn.__module__, "name": kernel.fn.__name__,
-                  "args": [describe(a) for a in (*args, *kernel_call.tail)],
+                  "args": [describe(a) for a in (*args, *kernel_call.tail)],  # [kind, value] or [tensor, dtype, aligned]
                   "constexprs": dict(kernel_call.constexprs), "num_warps": kernel_call.num_warps}
         launches.setdefault(json.dumps(_specialisation(launch), sort_keys=True, default=str), launch)
 
@@ -69,14 +69,19 @@ def record_launches(call: Callable[[], Any]) -> list[dict]:
 
 
 def _specialisation(launch: dict) -> dict:
-    """What a launch compiles to: its values replaced by their specialisation (kind; None and 1 kept, and
-    an integer's divisibility by 16)."""
-    def key(kind, value):
+    """What a launch compiles to: its integers replaced by their specialisation (1, or the type and the
+    divisibility by 16), floats by their kind."""
+    def key(arg):
+        kind, value = arg[:2]
         if kind == "int":
-            return [kind, value if value == 1 else value % 16 == 0]
-        return [kind, value if kind in ("tensor", "NoneType") else None]
+            return [kind, value if value == 1 else [_int_type(value), value % 16 == 0]]
+        return arg if kind in ("tensor", "NoneType", "bool") else [kind]
 
-    return {**launch, "args": [key(kind, value) for kind, value in launch["args"]]}
+    return {**launch, "args": [key(arg) for arg in launch["args"]]}
+
+
+def _int_type(value: int) -> str:
+    return "i32" if -2**31 <= value < 2**31 else "i64"
 
 
 def ast_source(kernel, launch: dict):
@@ -86,19 +91,24 @@ def ast_source(kernel, launch: dict):
 
     divisible = CUDABackend(triton.backends.compiler.GPUTarget(*H200)).parse_attr("D")  # by 16
     signature, constexprs, attrs = {}, {}, {}
-    for index, (name, (kind, value)) in enumerate(zip(kernel.arg_names, launch["args"])):
+    for index, (name, arg) in enumerate(zip(kernel.arg_names, launch["args"])):
+        kind, value = arg[:2]
         if kind == "tensor":
-            signature[name], attrs[(index,)] = "*" + _DTYPES[value], divisible
+            signature[name] = "*" + _DTYPES[value]
+            if arg[2]:  # 16-byte aligned
+                attrs[(index,)] = divisible
         elif kind == "NoneType" or (kind == "int" and value == 1):
             signature[name], constexprs[name] = "constexpr", value
         elif kind == "bool":
-            signature[name] = "i1"
+            signature[name] = "u1"
         elif kind == "int":
-            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            signature[name] = _int_type(value)
             if value % 16 == 0:
                 attrs[(index,)] = divisible
-        else:
+        elif kind == "float":
             signature[name] = "fp32"
+        else:
+            raise TypeError(f"{launch['name']}: argument {name} of type {kind}, which Triton does not take")
     for name, value in launch["constexprs"].items():
         signature[name], constexprs[name] = "constexpr", value
     return triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -107,7 +117,8 @@ def ast_source(kernel, launch: dict):
 def compile_launches(launches: list[dict], workers: int = 1, target: tuple = H200) -> list[dict]:
     """Compile each launch for ``target`` (in this process, which must not run the interpreter), one after
     the other (``workers`` 1) or in a pool of threads, after Triton's source hash (``triton_key``, once per
-    process): per launch ``{"seconds": ...}`` or ``{"error": ...}``, and the PTX's line count."""
+    process): per launch ``{"seconds": ...}`` (with the PTX's lines and vectorised global loads and stores)
+    or ``{"error": ...}``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.runtime.cache import triton_key
@@ -123,7 +134,9 @@ def compile_launches(launches: list[dict], workers: int = 1, target: tuple = H20
                                       options={"num_warps": launches[index]["num_warps"]})
         except Exception as exc:  # noqa: BLE001 - reported per launch
             return {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-        return {"seconds": time.perf_counter() - start, "ptx_lines": compiled.asm["ptx"].count("\n")}
+        ptx = compiled.asm["ptx"]
+        return {"seconds": time.perf_counter() - start, "ptx_lines": ptx.count("\n"),
+                "vector_loads": ptx.count("ld.global.v"), "vector_stores": ptx.count("st.global.v")}
 
     if workers == 1:
         return [compile_one(i) for i in range(len(launches))]

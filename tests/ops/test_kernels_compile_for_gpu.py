@@ -37,8 +37,10 @@ def _flux_dev_widths(dtype):
         model = diffusers.FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=True)
     model = model.to(dtype).to_empty(device="cpu").eval()
     image, text = 16, 8
-    inputs = dict(hidden_states=torch.randn(1, image, 64, dtype=dtype), encoder_hidden_states=torch.randn(1, text, 4096, dtype=dtype),
-                  pooled_projections=torch.randn(1, 768, dtype=dtype), timestep=torch.tensor([0.5], dtype=dtype),
+    gen = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, image, 64, generator=gen).to(dtype),
+                  encoder_hidden_states=torch.randn(1, text, 4096, generator=gen).to(dtype),
+                  pooled_projections=torch.randn(1, 768, generator=gen).to(dtype), timestep=torch.tensor([0.5], dtype=dtype),
                   guidance=torch.tensor([3.5], dtype=dtype), img_ids=torch.zeros(image, 3), txt_ids=torch.zeros(text, 3),
                   return_dict=False)
     return model, lambda m: m(**inputs)
@@ -71,9 +73,15 @@ def launches() -> list[dict]:
 
 
 def test_every_recorded_specialisation_compiles_for_sm90(launches, tmp_path):
-    results = compile_in_subprocess(launches, workers=2, cache_dir=str(tmp_path))["results"]
+    # and qk_rmsnorm_cat's one-body-per-stream form (ONE_BODY False: streams of different dtypes or column
+    # strides), which the models' streams, alike, never take
+    two_bodies = [{**launch, "constexprs": {**launch["constexprs"], "ONE_BODY": False}}
+                  for launch in launches if launch["constexprs"].get("ONE_BODY")]
+    assert two_bodies
+    compiled = [*launches, *two_bodies]
+    results = compile_in_subprocess(compiled, workers=2, cache_dir=str(tmp_path))["results"]
     failed = [(launch["name"], launch["constexprs"], result["error"])
-              for launch, result in zip(launches, results) if "error" in result]
+              for launch, result in zip(compiled, results) if "error" in result]
     assert not failed
     assert all(result["ptx_lines"] > 0 for result in results)
 
