@@ -7,9 +7,10 @@ compiler rejects. Two steps, in two processes:
 - :func:`record_launches` (``TRITON_INTERPRET=1``, set before Triton is imported): runs a model call
   with every fused op's ``launch_kernel`` replaced by a recorder, inside ``interpret_on_cpu()`` so CPU
   tensors take the kernel path; nothing launches (outputs stay unwritten). A launch is a JSON-able dict:
-  the kernel's module and name, each argument's kind (``["tensor", dtype]`` or ``[type, value]``), the
-  constexprs and the warps; one per specialisation (arguments that Triton does not specialise on, such
-  as a row count, are compared only by kind, except None and 1, which become constants).
+  the kernel's module and name, each argument (``["tensor", dtype, 16-byte aligned]`` or ``[type,
+  value]``), the constexprs and the warps; one per specialisation (launches that differ only in what
+  Triton does not specialise on, such as a row count's value beyond its type and divisibility by 16,
+  count as one).
 - :func:`compile_launches` (no interpreter: :func:`compile_in_subprocess` starts that process): each
   launch as Triton's ``ASTSource``, compiled for the target: the seconds it took, or the error.
 
